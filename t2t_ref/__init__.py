@@ -1,0 +1,17 @@
+"""t2t_ref: a reference T2T-ViT with hand-written forward and backward passes.
+
+    import t2t_ref
+    model = t2t_ref.create_model("t2t_vit_7", img_size=64, num_classes=10)
+    logits = model.forward(images)        # (B, 10)
+    loss, dlogits = t2t_ref.cross_entropy(logits, labels, smoothing=0.1)
+    model.backward(dlogits)               # fills model.grads
+"""
+
+from .backend import get_namespace, to_device, to_numpy
+from .model import T2TViT, create_model
+from .ops.cross_entropy import cross_entropy
+from .variants import list_models
+
+__all__ = ["T2TViT", "create_model", "list_models", "cross_entropy", "get_namespace",
+           "to_device", "to_numpy"]
+__version__ = "0.1.0"

@@ -1,0 +1,98 @@
+"""Choosing the array namespace ("backend") by name.
+
+All compute code in t2t_ref is written once against the array API standard and takes its
+namespace from its inputs:
+
+    xp = array_namespace(x)          # numpy, cupy or array_api_strict, as x is
+    y = xp.sum(x * x, axis=-1)
+
+This module is the only place that maps a *name* ("numpy", "cupy", "array_api_strict") to a
+namespace and a device, and the only place that moves arrays between host and device.
+"""
+
+import numpy as np
+from array_api_compat import array_namespace, device as device_of  # noqa: F401 (re-exported)
+
+BACKENDS = ("numpy", "cupy", "array_api_strict")
+DTYPES = ("float32", "float64")
+
+
+class BackendError(ValueError):
+    """A backend that was asked for cannot be used here (unknown name, CuPy or GPU missing)."""
+
+
+def get_namespace(name):
+    """Return (xp, device) for a backend name.
+
+    numpy            -> array_api_compat.numpy on the CPU
+    cupy             -> array_api_compat.cupy on the current CUDA device
+    array_api_strict -> array_api_strict on its 'device1': a second, fake device, so any hidden
+                        host transfer (mixing with CPU arrays, np.asarray) fails loudly in tests.
+    """
+    if name == "numpy":
+        import array_api_compat.numpy as xp
+        return xp, "cpu"
+    if name == "cupy":
+        try:
+            import cupy
+        except ImportError:
+            raise BackendError(
+                "backend 'cupy' needs CuPy, which is not installed: "
+                "pip install 't2t_ref[gpu]' on a machine with an NVIDIA GPU, or use --backend numpy"
+            ) from None
+        try:
+            n_gpus = cupy.cuda.runtime.getDeviceCount()
+        except Exception:  # no driver, no runtime: CuPy raises its own CUDA errors
+            n_gpus = 0
+        if n_gpus == 0:
+            raise BackendError("backend 'cupy' needs a CUDA GPU, and none was found: "
+                               "use backend 'numpy' on this machine")
+        import array_api_compat.cupy as xp
+        return xp, cupy.cuda.Device()
+    if name == "array_api_strict":
+        try:
+            import array_api_strict as xp
+        except ImportError:
+            raise BackendError("backend 'array_api_strict' needs the array-api-strict package: "
+                               "pip install array-api-strict") from None
+        return xp, xp.Device("device1")
+    raise BackendError(f"unknown backend {name!r}: choose one of {', '.join(BACKENDS)}")
+
+
+def get_dtype(xp, name):
+    """The namespace's float dtype for 'float32' or 'float64'."""
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}: choose float32 or float64")
+    return getattr(xp, name)
+
+
+def backend_name(xp):
+    """The backend name of a namespace, the inverse of get_namespace."""
+    module = xp.__name__
+    for name in BACKENDS:
+        if name in module:
+            return name
+    raise BackendError(f"unsupported array namespace {module}")
+
+
+def to_device(array, xp, device):
+    """Host (NumPy or anything np.asarray takes) -> an array of namespace xp on device."""
+    host = np.asarray(array)
+    if backend_name(xp) == "cupy":
+        import cupy
+        with device:
+            return xp.asarray(cupy.asarray(host))
+    return xp.asarray(host, device=device)
+
+
+def to_numpy(array):
+    """Any backend's array -> a host NumPy array (an explicit, deliberate host transfer)."""
+    if isinstance(array, np.ndarray):
+        return array
+    xp = array_namespace(array)
+    name = backend_name(xp)
+    if name == "cupy":
+        return array.get()
+    if name == "array_api_strict":
+        return np.asarray(array.to_device(xp.Device("CPU_DEVICE")))
+    return np.asarray(array)

@@ -1,0 +1,37 @@
+"""Softmax cross-entropy with label smoothing, mean over the batch, as
+torch.nn.functional.cross_entropy(logits, target, label_smoothing=eps).
+
+The smoothed target puts 1 - eps + eps/K on the true class and eps/K on every other class.
+Targets may also be given as probabilities (B, K), as mixup and cutmix make them.
+"""
+
+from ..backend import array_namespace, device_of
+
+
+def smoothed_targets(labels, num_classes, smoothing, dtype):
+    """labels (B,) integer class indices -> target probabilities (B, K)."""
+    xp = array_namespace(labels)
+    classes = xp.arange(num_classes, device=device_of(labels))  # (K,)
+    one_hot = xp.astype(labels[:, None] == classes[None, :], dtype)  # (B, K)
+    return one_hot * (1.0 - smoothing) + smoothing / num_classes
+
+
+def cross_entropy(logits, targets, smoothing=0.0):
+    """logits (B, K); targets (B,) class indices or (B, K) probabilities.
+
+    Returns (loss, dlogits): loss a 0-d array (mean over the batch), dlogits (B, K).
+    The backward is short enough to live here: with p = softmax(logits) and t the target
+    distribution, d(loss)/d(logits) = (p - t) / B.
+    """
+    xp = array_namespace(logits)
+    B, K = logits.shape
+    if targets.ndim == 1:
+        targets = smoothed_targets(targets, K, smoothing, logits.dtype)  # (B, K)
+    elif smoothing:
+        targets = targets * (1.0 - smoothing) + smoothing / K
+    shifted = logits - xp.max(logits, axis=-1, keepdims=True)  # (B, K) avoids exp overflow
+    log_norm = xp.log(xp.sum(xp.exp(shifted), axis=-1, keepdims=True))  # (B, 1)
+    log_probs = shifted - log_norm  # (B, K)
+    loss = -xp.sum(targets * log_probs) / B  # ()
+    dlogits = (xp.exp(log_probs) - targets) / B  # (B, K)
+    return loss, dlogits

@@ -1,0 +1,45 @@
+"""Dropout (per element) and drop path (per sample: stochastic depth), inverted scaling.
+
+Both act only in training and only when p > 0; otherwise they are the identity and cache None.
+The kept values are scaled by 1/(1-p) so the expected output equals the input, as PyTorch does.
+"""
+
+from ..backend import array_namespace, device_of
+from ..gaps import uniform
+
+
+def _keep_mask(xp, rng, shape, p, dtype, device):
+    """1/(1-p) where kept (probability 1-p), 0 where dropped."""
+    keep = uniform(xp, rng, shape, dtype, device) >= p
+    return xp.astype(keep, dtype) * (1.0 / (1.0 - p))
+
+
+def dropout_forward(x, p, rng, training):
+    """x (any shape) -> y (same). cache = the scaled keep mask, or None when inactive."""
+    if not training or p == 0.0:
+        return x, None
+    xp = array_namespace(x)
+    mask = _keep_mask(xp, rng, x.shape, p, x.dtype, device_of(x))  # (same as x)
+    return x * mask, mask
+
+
+def dropout_backward(dy, cache):
+    """forward was y = x * mask, so dx = dy * mask."""
+    mask = cache
+    return dy if mask is None else dy * mask
+
+
+def drop_path_forward(x, p, rng, training):
+    """x (B, ...) -> y: each sample's whole residual branch is kept or dropped together.
+
+    cache = the scaled per-sample mask (B, 1, ..., 1), or None when inactive.
+    """
+    if not training or p == 0.0:
+        return x, None
+    xp = array_namespace(x)
+    shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+    mask = _keep_mask(xp, rng, shape, p, x.dtype, device_of(x))  # (B, 1, ..., 1)
+    return x * mask, mask
+
+
+drop_path_backward = dropout_backward  # the same y = x * mask, only the mask's shape differs

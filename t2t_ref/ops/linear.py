@@ -1,0 +1,31 @@
+"""Linear layer: y = x W^T + b, with W stored (out, in) as in PyTorch."""
+
+from ..backend import array_namespace
+
+
+def linear_forward(x, weight, bias=None):
+    """x (..., Din), weight (Dout, Din), bias (Dout,) or None -> y (..., Dout).
+
+    cache = (x, weight, has_bias)
+    """
+    xp = array_namespace(x)
+    y = xp.matmul(x, xp.matrix_transpose(weight))  # (..., Dout)
+    if bias is not None:
+        y = y + bias
+    return y, (x, weight, bias is not None)
+
+
+def linear_backward(dy, cache):
+    """dy (..., Dout) -> (dx (..., Din), dweight (Dout, Din), dbias (Dout,) or None).
+
+    forward was y = x W^T + b, so dx = dy W, dW = sum over all rows of dy^T x, db = sum of dy.
+    """
+    x, weight, has_bias = cache
+    xp = array_namespace(dy)
+    dx = xp.matmul(dy, weight)  # (..., Din)
+    d_out, d_in = weight.shape
+    dy_rows = xp.reshape(dy, (-1, d_out))  # (M, Dout), M = all leading dims
+    x_rows = xp.reshape(x, (-1, d_in))  # (M, Din)
+    dweight = xp.matmul(xp.matrix_transpose(dy_rows), x_rows)  # (Dout, Din)
+    dbias = xp.sum(dy_rows, axis=0) if has_bias else None  # (Dout,)
+    return dx, dweight, dbias

@@ -1,0 +1,76 @@
+"""Performer attention: softmax attention approximated with positive random features.
+
+The softmax kernel exp(q . k) is approximated by phi(q) . phi(k) with m random features
+    phi(z) = exp(z W^T - |z|^2 / 2) / sqrt(m),   W (m, d) fixed (orthogonal rows * sqrt(m)).
+Then attention needs no N x N map: with kp = phi(k), qp = phi(q) (B, N, m),
+    y = qp (kp^T v) / (qp . sum_t kp_t + eps)
+costs O(N m d) instead of O(N^2 d). This mirrors the official Token_performer.single_attn,
+whose random-feature step it calls prm_exp.
+"""
+
+import math
+
+from ..backend import array_namespace
+
+EPS = 1e-8  # the official code's epsilon, "for stable in division"
+
+
+def random_features_forward(z, w):
+    """z (B, N, d), w (m, d) -> phi (B, N, m). cache = (z, w, phi)."""
+    xp = array_namespace(z)
+    m = w.shape[0]
+    half_sq_norm = xp.sum(z * z, axis=-1, keepdims=True) * 0.5  # (B, N, 1)
+    wz = xp.matmul(z, xp.matrix_transpose(w))  # (B, N, m)
+    phi = xp.exp(wz - half_sq_norm) * (1.0 / math.sqrt(m))  # (B, N, m)
+    return phi, (z, w, phi)
+
+
+def random_features_backward(dphi, cache):
+    """dphi (B, N, m) -> dz (B, N, d). W is fixed and gets no gradient.
+
+    forward was phi = exp(z W^T - |z|^2/2) / sqrt(m); with g = dphi * phi (the gradient at the
+    exponent), dz = g W - sum_m(g) z, since d(|z|^2/2)/dz = z.
+    """
+    z, w, phi = cache
+    xp = array_namespace(dphi)
+    g = dphi * phi  # (B, N, m)
+    return xp.matmul(g, w) - xp.sum(g, axis=-1, keepdims=True) * z  # (B, N, d)
+
+
+def performer_attention_forward(q, k, v, w, eps=EPS):
+    """q, k (B, N, d), v (B, N, e), w (m, d) -> y (B, N, e).
+
+    cache = the random-feature caches and the intermediates named below.
+    """
+    xp = array_namespace(q)
+    kp, kp_cache = random_features_forward(k, w)  # (B, N, m)
+    qp, qp_cache = random_features_forward(q, w)  # (B, N, m)
+    kp_sum = xp.sum(kp, axis=1)  # (B, m)
+    denom = xp.matmul(qp, kp_sum[:, :, None]) + eps  # (B, N, 1) qp . sum_t kp_t
+    kptv = xp.matmul(xp.matrix_transpose(v), kp)  # (B, e, m) sum_t v_t kp_t^T
+    numer = xp.matmul(qp, xp.matrix_transpose(kptv))  # (B, N, e)
+    y = numer / denom  # (B, N, e)
+    return y, (kp_cache, qp_cache, v, kp, qp, kp_sum, denom, kptv, y)
+
+
+def performer_attention_backward(dy, cache):
+    """dy (B, N, e) -> (dq, dk, dv).
+
+    forward was y = numer / denom with numer = qp kptv^T, kptv = v^T kp, denom = qp kp_sum + eps:
+      dnumer = dy / denom;  ddenom = -sum_e(dy * y) / denom
+      dqp = dnumer kptv + ddenom kp_sum;  dkptv = dnumer^T qp
+      dv = kp dkptv^T;  dkp = v dkptv + (sum_t ddenom_t qp_t) broadcast over tokens
+    and kp, qp flow back through the random features.
+    """
+    kp_cache, qp_cache, v, kp, qp, kp_sum, denom, kptv, y = cache
+    xp = array_namespace(dy)
+    dnumer = dy / denom  # (B, N, e)
+    ddenom = -xp.sum(dy * y, axis=-1, keepdims=True) / denom  # (B, N, 1)
+    dqp = xp.matmul(dnumer, kptv) + ddenom * kp_sum[:, None, :]  # (B, N, m)
+    dkptv = xp.matmul(xp.matrix_transpose(dnumer), qp)  # (B, e, m)
+    dv = xp.matmul(kp, xp.matrix_transpose(dkptv))  # (B, N, e)
+    dkp_sum = xp.sum(ddenom * qp, axis=1)  # (B, m)
+    dkp = xp.matmul(v, dkptv) + dkp_sum[:, None, :]  # (B, N, m)
+    dq = random_features_backward(dqp, qp_cache)
+    dk = random_features_backward(dkp, kp_cache)
+    return dq, dk, dv
