@@ -1,0 +1,52 @@
+"""python -m t2t_ref: build a T2T-ViT, run one forward and backward pass on random images,
+and print the loss and the largest gradient. A one-minute check that everything works."""
+
+import argparse
+import sys
+import time
+
+import numpy as np
+
+import t2t_ref
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m t2t_ref", description=__doc__,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--model", default="t2t_vit_7", choices=t2t_ref.list_models())
+    parser.add_argument("--img-size", type=int, default=224)
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--num-classes", type=int, default=1000)
+    parser.add_argument("--backend", default="numpy", choices=["numpy", "cupy"])
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    args = parser.parse_args(argv)
+    try:
+        model = t2t_ref.create_model(args.model, num_classes=args.num_classes,
+                                     img_size=args.img_size, backend=args.backend,
+                                     dtype=args.dtype)
+    except ValueError as err:
+        parser.exit(2, f"error: {err}\n")
+    rng = np.random.default_rng(0)
+    S = args.img_size
+    images = rng.normal(size=(args.batch_size, 3, S, S)).astype(args.dtype)
+    labels = rng.integers(0, args.num_classes, size=args.batch_size)
+    xp, device = model.xp, model.device
+    images = t2t_ref.to_device(images, xp, device)
+    labels = t2t_ref.to_device(labels, xp, device)
+
+    start = time.perf_counter()
+    logits = model.train().forward(images)  # (B, num_classes)
+    loss, dlogits = t2t_ref.cross_entropy(logits, labels, smoothing=0.1)
+    model.backward(dlogits)
+    seconds = time.perf_counter() - start
+    name, grad = max(model.grads.items(), key=lambda kv: float(xp.max(xp.abs(kv[1]))))
+    print(f"{args.model} at {S}x{S}, batch {args.batch_size}, {args.backend}/{args.dtype}: "
+          f"{model.num_parameters():,} parameters ({model.num_parameters(True):,} trainable)")
+    print(f"loss {float(loss):.4f} (ln {args.num_classes} = {np.log(args.num_classes):.4f})")
+    print(f"largest gradient |{name}| = {float(xp.max(xp.abs(grad))):.4e}")
+    print(f"forward + backward took {seconds:.2f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
