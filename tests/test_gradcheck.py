@@ -43,7 +43,8 @@ def numeric_grad(f, x):
 
 def check(forward, backward, inputs, names, seed=0):
     """forward(*inputs) -> (out, cache); backward(g, cache) -> a sequence of grads, one for each
-    name ('i' for inputs[i], 'i.key' for inputs[i][key] of a parameter dict). Checks each named input's gradient numerically."""
+    name ('i' for inputs[i], 'i.key' for inputs[i][key] of a parameter dict). Checks each
+    named input's gradient numerically."""
     rng = np.random.default_rng(seed)
     out, cache = forward(*inputs)
     g = rng.standard_normal(np.shape(out))

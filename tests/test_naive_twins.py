@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from conftest import assert_close
 from t2t_ref.naive import attention_loops, fold_loops, unfold_loops
 from t2t_ref.ops.attention import scaled_dot_product_attention_forward
-from t2t_ref.ops.soft_split import fold, output_size, soft_split_backward, soft_split_forward, unfold
+from t2t_ref.ops.soft_split import (fold, output_size, soft_split_backward, soft_split_forward,
+                                   unfold)
 
 # (B, C, H, W, kernel, stride, padding): the T2T geometries and the corners
 SPLITS = [

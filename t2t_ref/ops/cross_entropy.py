@@ -20,8 +20,9 @@ def cross_entropy(logits, targets, smoothing=0.0):
     """logits (B, K); targets (B,) class indices or (B, K) probabilities.
 
     Returns (loss, dlogits): loss a 0-d array (mean over the batch), dlogits (B, K).
-    The backward is short enough to live here: with p = softmax(logits) and t the target
-    distribution, d(loss)/d(logits) = (p - t) / B.
+    The backward is short enough to live here: with p = softmax(logits) and targets t,
+    loss = -sum(t * log p) / B gives d(loss)/d(logits) = (p * sum(t) - t) / B, which is
+    (p - t) / B when each row of t sums to 1 (always, for labels, mixup and cutmix).
     """
     xp = array_namespace(logits)
     B, K = logits.shape
@@ -33,5 +34,6 @@ def cross_entropy(logits, targets, smoothing=0.0):
     log_norm = xp.log(xp.sum(xp.exp(shifted), axis=-1, keepdims=True))  # (B, 1)
     log_probs = shifted - log_norm  # (B, K)
     loss = -xp.sum(targets * log_probs) / B  # ()
-    dlogits = (xp.exp(log_probs) - targets) / B  # (B, K)
+    row_mass = xp.sum(targets, axis=-1, keepdims=True)  # (B, 1), 1 for distributions
+    dlogits = (xp.exp(log_probs) * row_mass - targets) / B  # (B, K)
     return loss, dlogits

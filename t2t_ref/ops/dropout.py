@@ -10,6 +10,8 @@ from ..gaps import uniform
 
 def _keep_mask(xp, rng, shape, p, dtype, device):
     """1/(1-p) where kept (probability 1-p), 0 where dropped."""
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout probability must be in [0, 1), got {p}")
     keep = uniform(xp, rng, shape, dtype, device) >= p
     return xp.astype(keep, dtype) * (1.0 / (1.0 - p))
 
