@@ -1,0 +1,180 @@
+"""AdamW (decoupled weight decay) as torch.optim.AdamW, and gradient-norm clipping, as
+torch.nn.utils.clip_grad_norm_, on any array-API backend.
+
+Names: p a parameter, g its gradient, m the first moment (torch's exp_avg), v the second
+moment (exp_avg_sq), t the number of updates so far including this one (1 on the first),
+lr the learning rate of this step (the schedule's, see t2t_ref.schedule), wd the weight decay.
+
+One AdamW update of one parameter, in torch's order (torch.optim.adam._single_tensor_adam
+with decoupled_weight_decay=True):
+
+    p = p * (1 - lr * wd)                          weight decay, decoupled: before the Adam
+                                                   step and only where decays(name, shape)
+    m = beta1 * m + (1 - beta1) * g                torch writes m.lerp_(g, 1 - beta1)
+    v = beta2 * v + (1 - beta2) * g * g
+    denom = sqrt(v) / sqrt(1 - beta2^t) + eps      eps after the bias correction of v (torch's
+                                                   way; not sqrt(v_hat + eps))
+    p = p - lr / (1 - beta1^t) * (m / denom)       the bias correction of m in the step size
+
+The optimizer keeps only m, v and t. The parameters live in the model's dict; `step` reads
+them and puts the updated arrays back under the same keys (the array API has no in-place
+update that every backend supports). Everything runs on the parameters' device: lr, the
+betas and the bias corrections are Python floats, so a step makes no host transfer.
+
+    opt = AdamW(model.params, weight_decay=0.05)
+    for s in range(total_steps):
+        loss, dlogits = cross_entropy(model.forward(x), y, smoothing=0.1)
+        model.backward(dlogits)
+        clip_grad_norm(model.grads, max_norm=1.0)        # optional
+        opt.step(model.params, model.grads, lr=lr_at(s, base_lr=5e-4, ...))
+"""
+
+import math
+
+import numpy as np
+
+from .backend import array_namespace, device_of, to_device, to_numpy
+
+# The official model's no_weight_decay(): the class token. (pos_embed is fixed, not trained.)
+NO_WEIGHT_DECAY = frozenset({"cls_token"})
+
+
+def decays(name, shape, no_weight_decay=NO_WEIGHT_DECAY):
+    """Does the parameter `name` of this shape get weight decay?
+
+    The official recipe's rule (timm's add_weight_decay with the model's no_weight_decay()):
+    no decay for 1-D tensors (every bias and every LayerNorm weight), for any name ending in
+    '.bias', and for the names in no_weight_decay (the class token); decay for the rest, i.e.
+    the weight matrices of the linear layers.
+    """
+    return not (len(shape) <= 1 or name.endswith(".bias") or name in no_weight_decay)
+
+
+class AdamW:
+    """AdamW over a dict of parameters {name: array}, all on one backend and device.
+
+    The parameters passed here fix the names, shapes, dtypes and device of the state (m and v
+    start at zero, as in torch); `step` must then get arrays of the same names and shapes.
+    """
+
+    def __init__(self, params, *, weight_decay=0.05, betas=(0.9, 0.999), eps=1e-8,
+                 no_weight_decay=NO_WEIGHT_DECAY):
+        if not params:
+            raise ValueError("AdamW needs at least one parameter")
+        if not 0.0 <= betas[0] < 1.0 or not 0.0 <= betas[1] < 1.0:
+            raise ValueError(f"betas must lie in [0, 1), got {betas!r}")
+        if eps < 0.0 or weight_decay < 0.0:
+            raise ValueError(f"eps and weight_decay must be >= 0, got {eps!r}, {weight_decay!r}")
+        self.xp = array_namespace(*params.values())
+        self.device = device_of(next(iter(params.values())))
+        self.weight_decay, self.betas, self.eps = float(weight_decay), tuple(betas), float(eps)
+        self.no_weight_decay = frozenset(no_weight_decay)
+        self.shapes = {name: tuple(p.shape) for name, p in params.items()}
+        self.dtypes = {name: p.dtype for name, p in params.items()}
+        self.decay = {name: decays(name, shape, self.no_weight_decay)
+                      for name, shape in self.shapes.items()}
+        self.step_count = 0  # t: updates made so far
+        self.exp_avg = {name: self.xp.zeros_like(p) for name, p in params.items()}  # m
+        self.exp_avg_sq = {name: self.xp.zeros_like(p) for name, p in params.items()}  # v
+
+    def step(self, params, grads, lr):
+        """One update of every parameter: params[name] is replaced by its updated array.
+
+        lr is a Python float (the schedule's value for this step), not a device array.
+        """
+        self._check(params, "params")
+        self._check(grads, "grads")
+        xp = self.xp
+        (beta1, beta2), eps, lr = self.betas, self.eps, float(lr)
+        self.step_count += 1
+        t = self.step_count
+        step_size = lr / (1.0 - beta1 ** t)  # lr / bias correction of m
+        bias_correction2_sqrt = math.sqrt(1.0 - beta2 ** t)
+        for name in self.shapes:
+            p, g = params[name], grads[name]
+            if self.decay[name] and self.weight_decay != 0.0:
+                p = p * (1.0 - lr * self.weight_decay)  # decoupled weight decay
+            m = beta1 * self.exp_avg[name] + (1.0 - beta1) * g
+            v = beta2 * self.exp_avg_sq[name] + (1.0 - beta2) * g * g
+            denom = xp.sqrt(v) / bias_correction2_sqrt + eps
+            params[name] = p - step_size * (m / denom)
+            self.exp_avg[name], self.exp_avg_sq[name] = m, v
+
+    def _check(self, arrays, what):
+        missing = [k for k in self.shapes if k not in arrays]
+        unexpected = [k for k in arrays if k not in self.shapes]
+        wrong = [f"{k} {tuple(arrays[k].shape)} (optimizer has {self.shapes[k]})"
+                 for k in self.shapes if k in arrays and tuple(arrays[k].shape) != self.shapes[k]]
+        if missing or unexpected or wrong:
+            raise ValueError(f"{what} do not match the optimizer's parameters: "
+                             f"missing {missing}, unexpected {unexpected}, wrong shape {wrong}")
+
+    # ---- checkpoints ------------------------------------------------------------------------
+
+    def state_dict(self):
+        """The state as host data, for a checkpoint: the step count, the hyperparameters, and
+        {name: NumPy array} for m ('exp_avg') and v ('exp_avg_sq'). A deliberate host transfer."""
+        return {
+            "step": self.step_count,
+            "weight_decay": self.weight_decay,
+            "betas": self.betas,
+            "eps": self.eps,
+            "no_weight_decay": sorted(self.no_weight_decay),
+            "exp_avg": {name: to_numpy(m).copy() for name, m in self.exp_avg.items()},
+            "exp_avg_sq": {name: to_numpy(v).copy() for name, v in self.exp_avg_sq.items()},
+        }
+
+    def load_state_dict(self, state):
+        """Restore a state_dict() (host NumPy arrays or anything np.asarray takes), moving m
+        and v to this optimizer's device and dtypes. Raises ValueError naming every key or
+        shape that does not fit this optimizer's parameters."""
+        problems = []
+        for part in ("exp_avg", "exp_avg_sq"):
+            arrays = state[part]
+            missing = [k for k in self.shapes if k not in arrays]
+            unexpected = [k for k in arrays if k not in self.shapes]
+            wrong = [f"{k} {tuple(np.shape(arrays[k]))} (parameter {self.shapes[k]})"
+                     for k in self.shapes if k in arrays
+                     and tuple(np.shape(arrays[k])) != self.shapes[k]]
+            if missing or unexpected or wrong:
+                problems.append(f"{part}: missing {missing}, unexpected {unexpected}, "
+                                f"wrong shape {wrong}")
+        if problems:
+            raise ValueError("optimizer state does not fit these parameters: "
+                             + " | ".join(problems))
+        xp, device = self.xp, self.device
+        for part, target in (("exp_avg", self.exp_avg), ("exp_avg_sq", self.exp_avg_sq)):
+            for name in self.shapes:
+                array = to_device(np.asarray(state[part][name]), xp, device)
+                target[name] = xp.astype(array, self.dtypes[name])
+        self.step_count = int(state["step"])
+        self.weight_decay, self.eps = float(state["weight_decay"]), float(state["eps"])
+        self.betas = tuple(float(b) for b in state["betas"])
+        self.no_weight_decay = frozenset(state["no_weight_decay"])
+        self.decay = {name: decays(name, shape, self.no_weight_decay)
+                      for name, shape in self.shapes.items()}
+
+
+def clip_grad_norm(grads, max_norm):
+    """Scale all gradients together so their global L2 norm is at most max_norm, as
+    torch.nn.utils.clip_grad_norm_(parameters, max_norm) (norm_type 2). Returns the norm
+    *before* clipping, a 0-d array on the gradients' device; grads[name] are replaced.
+
+        total_norm = sqrt(sum over tensors of sum(g * g))
+        g = g * min(1, max_norm / (total_norm + 1e-6))
+
+    No host transfer: the scale stays on the device and every gradient is multiplied by it,
+    clipped or not (by exactly 1 when the norm is already small), as torch does, instead of
+    branching on the norm in Python. Reading the returned norm (float(total_norm), for a log)
+    is the one transfer, and it is the caller's. A NaN or inf norm is not an error (torch's
+    default error_if_nonfinite=False): it spreads into the gradients.
+    """
+    if not grads:
+        raise ValueError("clip_grad_norm needs at least one gradient")
+    xp = array_namespace(*grads.values())
+    squares = xp.stack([xp.sum(g * g) for g in grads.values()])  # (number of tensors,)
+    total_norm = xp.sqrt(xp.sum(squares))  # ()
+    scale = xp.clip(max_norm / (total_norm + 1e-6), max=1.0)  # ()
+    for name, g in grads.items():
+        grads[name] = g * scale
+    return total_norm
