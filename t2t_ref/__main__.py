@@ -8,11 +8,12 @@ import time
 import numpy as np
 
 import t2t_ref
+from t2t_ref.cli import HelpFormatter, user_error
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m t2t_ref", description=__doc__,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--model", default="t2t_vit_7", choices=t2t_ref.list_models())
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--batch-size", type=int, default=2)
@@ -25,7 +26,7 @@ def main(argv=None):
                                      img_size=args.img_size, backend=args.backend,
                                      dtype=args.dtype)
     except ValueError as err:
-        parser.exit(2, f"error: {err}\n")
+        return user_error(err)
     rng = np.random.default_rng(0)
     S = args.img_size
     images = rng.normal(size=(args.batch_size, 3, S, S)).astype(args.dtype)

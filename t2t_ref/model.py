@@ -166,7 +166,9 @@ class T2TViT:
                              + " | ".join(problems))
         for name in expected:
             if name in state_dict:
-                value = np.asarray(state_dict[name], dtype=np.float64)
+                # C order always: a layout that depends on where the weights came from would
+                # change BLAS's summation order, and so the last bits of every result
+                value = np.ascontiguousarray(state_dict[name], dtype=np.float64)
                 array = self.xp.astype(to_device(value, self.xp, self.device), self.dtype)
                 (self.buffers if self._is_fixed(name) else self.params)[name] = array
         return IncompatibleKeys(missing, unexpected)

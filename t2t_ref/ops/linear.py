@@ -9,7 +9,11 @@ def linear_forward(x, weight, bias=None):
     cache = (x, weight, has_bias)
     """
     xp = array_namespace(x)
-    y = xp.matmul(x, xp.matrix_transpose(weight))  # (..., Dout)
+    # One (M, Din) @ (Din, Dout) product over all leading dims at once: a single BLAS call.
+    # (A batched (B, N, Din) @ (Din, Dout) makes NumPy loop over B, slowly when W^T is a view.)
+    rows = xp.reshape(x, (-1, x.shape[-1]))  # (M, Din)
+    y = xp.reshape(xp.matmul(rows, xp.matrix_transpose(weight)),
+                   (*x.shape[:-1], weight.shape[0]))  # (..., Dout)
     if bias is not None:
         y = y + bias
     return y, (x, weight, bias is not None)
@@ -22,10 +26,10 @@ def linear_backward(dy, cache):
     """
     x, weight, has_bias = cache
     xp = array_namespace(dy)
-    dx = xp.matmul(dy, weight)  # (..., Din)
     d_out, d_in = weight.shape
     dy_rows = xp.reshape(dy, (-1, d_out))  # (M, Dout), M = all leading dims
     x_rows = xp.reshape(x, (-1, d_in))  # (M, Din)
+    dx = xp.reshape(xp.matmul(dy_rows, weight), x.shape)  # (..., Din)
     dweight = xp.matmul(xp.matrix_transpose(dy_rows), x_rows)  # (Dout, Din)
     dbias = xp.sum(dy_rows, axis=0) if has_bias else None  # (Dout,)
     return dx, dweight, dbias

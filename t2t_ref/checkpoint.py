@@ -1,0 +1,117 @@
+"""Training checkpoints: one safetensors file, written atomically.
+
+Layout of a checkpoint file (readable by any safetensors reader, e.g. safetensors.numpy):
+- tensors under the official T2T-ViT keys (`cls_token`, `blocks.0.attn.qkv.weight`, ...) are the
+  model weights, so `load_file(path)` filtered to those keys is an ordinary state dict;
+- tensors under `optimizer/...` hold the optimizer state, under `ema/...` the EMA weights;
+- the header's metadata holds one JSON document under "t2t_ref": model name, class names,
+  the resolved configuration, the schedule position (epoch, step, batch within the epoch) and
+  the best accuracy so far. Random numbers in training are derived from (seed, step), so the
+  position is the whole RNG state.
+
+Writing goes to a temporary file in the same folder, flushed to disk, then renamed over the
+target: a kill at any moment leaves either the old file or the new one, never half of one.
+"""
+
+import json
+import os
+import tempfile
+
+import numpy as np
+from safetensors import SafetensorError
+from safetensors.numpy import load_file, save_file
+
+META_KEY = "t2t_ref"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A file that is not a readable t2t_ref checkpoint."""
+
+
+def flatten(tree, prefix=""):
+    """{'a': {'b': array}} -> {'a/b': array}; non-array leaves are returned separately."""
+    arrays, scalars = {}, {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            sub_arrays, sub_scalars = flatten(value, name + "/")
+            arrays.update(sub_arrays)
+            scalars.update(sub_scalars)
+        elif isinstance(value, np.ndarray):
+            arrays[name] = value
+        else:
+            scalars[name] = value
+    return arrays, scalars
+
+
+def unflatten(arrays, scalars=None):
+    """The inverse of flatten."""
+    tree = {}
+    for name, value in list(arrays.items()) + list((scalars or {}).items()):
+        *parents, leaf = name.split("/")
+        node = tree
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        node[leaf] = value
+    return tree
+
+
+def atomic_save(tensors, path, metadata):
+    """Write a safetensors file via temp file + fsync + rename."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=folder)
+    os.close(fd)
+    try:
+        save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, tmp, metadata)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save_checkpoint(path, weights, meta, optimizer=None, ema=None):
+    """weights {key: host array}; meta a JSON-able dict; optimizer a nested dict whose array
+    leaves become tensors and whose other leaves go to the metadata; ema {key: host array}."""
+    tensors = dict(weights)
+    meta = dict(meta, format_version=FORMAT_VERSION)
+    if optimizer is not None:
+        arrays, scalars = flatten(optimizer, "optimizer/")
+        tensors.update(arrays)
+        meta["optimizer_scalars"] = scalars
+    if ema is not None:
+        tensors.update({f"ema/{k}": v for k, v in ema.items()})
+    atomic_save(tensors, path, {META_KEY: json.dumps(meta)})
+
+
+def load_checkpoint(path):
+    """-> (weights, meta, optimizer or None, ema or None), all on the host."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint {path} does not exist: check the path")
+    try:
+        from safetensors import safe_open
+        with safe_open(path, framework="numpy") as f:
+            header = f.metadata() or {}
+        tensors = load_file(path)
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{path} is not a readable safetensors checkpoint ({err})") \
+            from None
+    if META_KEY not in header:
+        raise CheckpointError(f"{path} is a safetensors file but not a t2t_ref training "
+                              f"checkpoint (no '{META_KEY}' metadata)")
+    meta = json.loads(header[META_KEY])
+    weights = {k: v for k, v in tensors.items() if "/" not in k}
+    optimizer_arrays = {k[len("optimizer/"):]: v for k, v in tensors.items()
+                        if k.startswith("optimizer/")}
+    ema = {k[len("ema/"):]: v for k, v in tensors.items() if k.startswith("ema/")} or None
+    optimizer = None
+    if optimizer_arrays or meta.get("optimizer_scalars"):
+        scalars = {k[len("optimizer/"):]: v for k, v in meta.pop("optimizer_scalars", {}).items()}
+        optimizer = unflatten(optimizer_arrays, scalars)
+    return weights, meta, optimizer, ema

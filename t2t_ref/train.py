@@ -1,0 +1,418 @@
+"""Train T2T-ViT on an ImageNet-style folder, or on the built-in shapes when no --data is given.
+
+    python -m t2t_ref.train                                   # built-in shapes, a few minutes
+    python -m t2t_ref.train --data imagenette2-320 --img-size 224 --epochs 100 --backend cupy
+    python -m t2t_ref.train --resume runs/t2t/last.safetensors
+
+Each epoch writes to --out: metrics.jsonl (one line per epoch), curves.png, and the
+checkpoints last.safetensors and best.safetensors (see checkpoint.py). Ctrl-C saves `last`
+(mid-epoch, exactly where it stopped) and --resume continues as if never interrupted:
+every random number is a function of (seed, epoch, step), never of the clock.
+"""
+
+import argparse
+import json
+import math
+import os
+import signal
+import sys
+import time
+
+import numpy as np
+from tqdm import tqdm
+
+from .backend import BackendError, to_device, to_numpy
+from .cli import HelpFormatter, user_error
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .data import (SYNTHETIC_CROP_SCALE, ArrayDataset, DataError, FileDataset, Loader,
+                   find_splits, make_shapes_splits)
+from .ema import WeightEMA
+from .evaluate import evaluate
+from .gaps import make_rng
+from .mixup import mix_batch
+from .model import PATCH, create_model
+from .ops.cross_entropy import cross_entropy
+from .optim import AdamW, clip_grad_norm
+from .schedule import CosineSchedule
+from .variants import list_models
+
+USER_ERRORS = (DataError, CheckpointError, BackendError)
+# Flags that may differ when resuming: where the run is, not what it computes.
+RESUME_MAY_CHANGE = ("data", "workers", "backend", "out", "resume", "stop_after")
+
+
+class UsageError(ValueError):
+    """A command line that cannot work; the message says what to change."""
+
+
+class Interrupted(Exception):
+    """Raised between two training steps when Ctrl-C was pressed."""
+
+
+class CtrlC:
+    """While active, the first Ctrl-C only sets `pressed`: the loop stops between two steps,
+    so the saved state is exactly that of a finished step. A second Ctrl-C stops at once
+    (without saving: the last checkpoint stays as it was)."""
+
+    def __init__(self):
+        self.pressed = False
+
+    def _handle(self, signum, frame):
+        if self.pressed:
+            raise KeyboardInterrupt
+        self.pressed = True
+        print("\nCtrl-C: stopping after this step to save a checkpoint "
+              "(press again to quit without saving)", file=sys.stderr)
+
+    def __enter__(self):
+        self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGINT, self._previous)
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="python -m t2t_ref.train", description=__doc__,
+                                formatter_class=HelpFormatter)
+    add = p.add_argument
+    add("--data", default=None, help="ImageNet-style folder: DIR/train/<class>/*, optional "
+        "DIR/val/<class>/*; default: the built-in procedurally generated shapes")
+    add("--model", default="t2t_vit_7", choices=list_models(), metavar="NAME",
+        help="T2T-ViT variant: " + ", ".join(list_models()))
+    add("--img-size", type=int, default=None,
+        help="image side, a multiple of 16 (default: 32 for the built-in shapes, else 224)")
+    add("--epochs", type=int, default=15, help="passes over the training set")
+    add("--batch-size", type=int, default=64, help="images per optimizer step")
+    add("--lr", type=float, default=1e-3, help="peak learning rate, after warmup")
+    add("--weight-decay", type=float, default=0.05,
+        help="AdamW's decoupled decay; none on biases, norm weights and the class token")
+    add("--warmup-epochs", type=float, default=1.0,
+        help="linear warmup from --warmup-lr to --lr, per step")
+    add("--warmup-lr", type=float, default=1e-6, help="learning rate at the first step")
+    add("--min-lr", type=float, default=1e-5, help="the cosine schedule's floor")
+    add("--label-smoothing", type=float, default=0.1, help="weight spread over all classes")
+    add("--clip-grad", type=float, default=None, help="clip the gradients' global L2 norm")
+    add("--drop", type=float, default=0.0, help="dropout rate of the backbone")
+    add("--drop-path", type=float, default=0.1, help="stochastic depth rate of the last block")
+    add("--mixup", type=float, default=0.0, help="mixup alpha (official recipe: 0.8)")
+    add("--cutmix", type=float, default=0.0, help="cutmix alpha (official recipe: 1.0)")
+    add("--ema-decay", type=float, default=0.0,
+        help="weight EMA decay, 0 = off (official: 0.99996, far too slow for short runs)")
+    add("--crop-scale", type=float, nargs=2, default=None, metavar=("MIN", "MAX"),
+        help="random resized crop area range (default: 0.08 1.0, the official one; "
+        f"{SYNTHETIC_CROP_SCALE[0]} {SYNTHETIC_CROP_SCALE[1]} for the built-in shapes)")
+    add("--crop-ratio", type=float, nargs=2, default=(3 / 4, 4 / 3), metavar=("MIN", "MAX"),
+        help="random resized crop aspect-ratio range")
+    add("--val-fraction", type=float, default=0.1,
+        help="part of train/ held out for validation when DIR has no val/")
+    add("--synthetic-train", type=int, default=10_000, help="built-in set: training images")
+    add("--synthetic-val", type=int, default=2_000, help="built-in set: validation images")
+    add("--synthetic-classes", type=int, default=10, help="built-in set: classes (2-10)")
+    add("--workers", type=int, default=2, help="background processes decoding images")
+    add("--backend", default="numpy", choices=["numpy", "cupy"],
+        help="numpy on the CPU, cupy on an NVIDIA GPU")
+    add("--dtype", default="float32", choices=["float32", "float64"], help="compute precision")
+    add("--seed", type=int, default=0,
+        help="seeds the weights, data order, augmentation, dropout and the built-in set")
+    add("--out", default="runs/t2t", help="folder for checkpoints, metrics and plots")
+    add("--resume", default=None, metavar="PATH", help="continue from a checkpoint")
+    add("--stop-after", type=int, default=None, metavar="STEPS", help=argparse.SUPPRESS)
+    return p
+
+
+def resolve_config(args):
+    """The run's full configuration as a dict: the flags, with 'auto' defaults filled in."""
+    config = vars(args).copy()
+    builtin = config["data"] is None
+    if config["img_size"] is None:
+        config["img_size"] = 32 if builtin else 224
+    if config["crop_scale"] is None:
+        config["crop_scale"] = list(SYNTHETIC_CROP_SCALE if builtin else (0.08, 1.0))
+    config["crop_ratio"] = list(config["crop_ratio"])
+    S = config["img_size"]
+    if S < PATCH or S % PATCH:
+        raise UsageError(f"--img-size {S} is not a multiple of {PATCH}: T2T-ViT's three soft "
+                         f"splits shrink the image 16x; try {max(PATCH, S // PATCH * PATCH)}")
+    for flag in ("epochs", "batch_size"):
+        if config[flag] < 1:
+            raise UsageError(f"--{flag.replace('_', '-')} must be at least 1")
+    for flag in ("drop", "drop_path", "label_smoothing"):
+        if not 0.0 <= config[flag] < 1.0:
+            raise UsageError(f"--{flag.replace('_', '-')} must be in [0, 1)")
+    return config
+
+
+def resumed_config(flags, meta, parser):
+    """The checkpoint's configuration. Flags given now must agree with it, apart from where
+    the run is (data path, workers, backend, out), else the run would not continue as it was.
+    --out defaults to the checkpoint's folder."""
+    saved = meta["config"]
+    defaults = vars(parser.parse_args([]))
+    given = {k: v for k, v in flags.items() if v != defaults[k]}
+    conflicts = [f"--{k.replace('_', '-')} {v} (checkpoint: {saved.get(k)})"
+                 for k, v in given.items() if k not in RESUME_MAY_CHANGE
+                 and _listify(v) != _listify(saved.get(k))]
+    if conflicts:
+        raise UsageError("a resumed run continues with its checkpoint's settings, but "
+                         + ", ".join(conflicts) + " differ: drop these flags, or start a new "
+                         "run with another --out")
+    if (flags["data"] is None) != (saved["data"] is None):
+        raise UsageError("the checkpoint was trained on "
+                         + ("the built-in shapes" if saved["data"] is None else saved["data"])
+                         + ": resume with the same --data")
+    config = {**saved, **{k: flags[k] for k in RESUME_MAY_CHANGE}}
+    if "out" not in given:
+        config["out"] = os.path.dirname(os.path.abspath(flags["resume"]))
+    return config
+
+
+def _listify(value):
+    return list(value) if isinstance(value, (tuple, list)) else value
+
+
+def load_data(config):
+    """-> (class_names, train dataset, val dataset) for the configured source."""
+    if config["data"] is None:
+        (tx, ty), (vx, vy), names = make_shapes_splits(
+            config["synthetic_train"], config["synthetic_val"], config["img_size"],
+            config["seed"], config["synthetic_classes"])
+        return names, ArrayDataset(tx, ty), ArrayDataset(vx, vy)
+    names, train, val = find_splits(config["data"], config["val_fraction"], config["seed"])
+    if not val:
+        raise DataError(f"{config['data']} has no validation images: add val/<class>/ "
+                        "folders or use --val-fraction > 0")
+    return names, FileDataset(train), FileDataset(val)
+
+
+def step_seed(seed, step):
+    """The seed of one step's dropout masks and mixup draws: a function of (seed, step) only."""
+    return int(np.random.SeedSequence(seed, spawn_key=(step, 2)).generate_state(1)[0])
+
+
+def save_run_state(path, model, optimizer, ema, config, class_names, position):
+    """Write a checkpoint with everything needed to continue exactly from `position`."""
+    meta = {"model": config["model"], "class_names": class_names, "config": config,
+            **position}
+    save_checkpoint(path, model.state_dict(), meta, optimizer=optimizer.state_dict(),
+                    ema=None if ema is None else {k: to_numpy(v) for k, v in ema.params.items()})
+
+
+def plot_curves(history, path):
+    """Loss and accuracy per epoch, as curves.png."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    ax_loss.plot(epochs, [h["train_loss"] for h in history], "o-", label="train")
+    ax_loss.plot(epochs, [h["val_loss"] for h in history], "o-", label="validation")
+    ax_loss.set(xlabel="epoch", ylabel="cross-entropy loss", title="Loss")
+    ax_acc.plot(epochs, [h["val_top1"] for h in history], "o-", label="top-1")
+    ax_acc.plot(epochs, [h["val_top5"] for h in history], "o-", label="top-5")
+    if any("val_top1_ema" in h for h in history):
+        ax_acc.plot(epochs, [h.get("val_top1_ema") for h in history], "o--", label="top-1 EMA")
+    ax_acc.set(xlabel="epoch", ylabel="validation accuracy (%)", title="Accuracy", ylim=(0, 100))
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def read_history(path):
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def train(config, resume=None):
+    """Run (or continue) training as configured. Returns the metrics history."""
+    out = config["out"]
+    last_path, best_path = os.path.join(out, "last.safetensors"), os.path.join(out, "best.safetensors")
+    metrics_path = os.path.join(out, "metrics.jsonl")
+    if resume is None and os.path.exists(last_path):
+        raise UsageError(f"{out} already holds a run: continue it with --resume {last_path}, "
+                         "or choose another --out")
+
+    class_names, train_set, val_set = load_data(config)
+    model = create_model(config["model"], num_classes=len(class_names),
+                         img_size=config["img_size"], backend=config["backend"],
+                         dtype=config["dtype"], seed=config["seed"], drop_rate=config["drop"],
+                         drop_path_rate=config["drop_path"])
+    xp, device = model.xp, model.device
+    optimizer = AdamW(model.params, weight_decay=config["weight_decay"])
+    ema = WeightEMA(model.params, config["ema_decay"]) if config["ema_decay"] > 0 else None
+    position = {"epoch": 0, "batch": 0, "step": 0, "best_top1": -1.0,
+                "epoch_loss_sum": 0.0, "epoch_images": 0, "epoch_seconds": 0.0}
+
+    if resume is not None:
+        weights, meta, optimizer_state, ema_weights = resume
+        if meta["class_names"] != class_names:
+            raise DataError(f"the data's classes differ from the checkpoint's "
+                            f"({len(class_names)} vs {len(meta['class_names'])}): resume on "
+                            "the dataset the run was started with")
+        try:
+            model.load_state_dict(weights)
+            optimizer.load_state_dict(optimizer_state)
+            if ema is not None:
+                ema.params = {k: xp.astype(to_device(v, xp, device), model.dtype)
+                              for k, v in ema_weights.items()}
+        except (ValueError, TypeError, AttributeError) as err:
+            raise CheckpointError(f"the checkpoint does not fit {config['model']}: {err}") \
+                from None
+        position = {k: meta[k] for k in position}
+
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    history = read_history(metrics_path)[:position["epoch"]]
+
+    loader = Loader(train_set, config["batch_size"], config["img_size"], train=True,
+                    seed=config["seed"], workers=config["workers"],
+                    scale=config["crop_scale"], ratio=config["crop_ratio"])
+    val_loader = Loader(val_set, config["batch_size"], config["img_size"], train=False,
+                        workers=config["workers"])
+    steps_per_epoch = len(loader)
+    schedule = CosineSchedule(config["lr"], config["epochs"] * steps_per_epoch,
+                              warmup_steps=round(config["warmup_epochs"] * steps_per_epoch),
+                              warmup_lr=config["warmup_lr"], min_lr=config["min_lr"])
+    K = len(class_names)
+    mixing = config["mixup"] > 0 or config["cutmix"] > 0
+    print(f"{config['model']}: {model.num_parameters(True):,} trainable parameters, "
+          f"{len(train_set)} training and {len(val_set)} validation images of {K} classes, "
+          f"{config['img_size']}x{config['img_size']}, {config['backend']}/{config['dtype']}, "
+          f"{steps_per_epoch} steps per epoch")
+
+    bar = None
+    loss_sum = 0.0
+    try:
+        with loader, val_loader, CtrlC() as ctrl_c:
+            for epoch in range(position["epoch"], config["epochs"]):
+                model.train()
+                bar = tqdm(total=steps_per_epoch, initial=position["batch"],
+                           desc=f"epoch {epoch + 1}/{config['epochs']}", dynamic_ncols=True)
+                loss_sum = 0.0  # on the device until the bar needs it
+                started = time.perf_counter() - position["epoch_seconds"]
+                for images, labels in loader.epoch_batches(epoch, position["batch"]):
+                    step = position["step"]
+                    if ctrl_c.pressed or (config["stop_after"] is not None
+                                          and step >= config["stop_after"]):
+                        raise Interrupted  # between two steps: the state is consistent
+                    lr = schedule(step)
+                    step_rng = np.random.default_rng(step_seed(config["seed"], step))
+                    targets = labels
+                    if mixing:
+                        images, targets = mix_batch(images, labels, K, step_rng,
+                                                    config["mixup"], config["cutmix"])
+                    x = xp.astype(to_device(images, xp, device), model.dtype)
+                    t = to_device(targets, xp, device)
+                    if mixing:
+                        t = xp.astype(t, model.dtype)
+                    model.rng = make_rng(xp, step_seed(config["seed"], step))
+                    logits = model.forward(x)
+                    loss, dlogits = cross_entropy(logits, t, config["label_smoothing"])
+                    model.backward(dlogits)
+                    if config["clip_grad"] is not None:
+                        clip_grad_norm(model.grads, config["clip_grad"])
+                    optimizer.step(model.params, model.grads, lr)
+                    if ema is not None:
+                        ema.update(model.params)
+                    model.grads = {}
+
+                    loss_sum = loss_sum + loss * len(labels)
+                    position["step"] += 1
+                    position["batch"] += 1
+                    position["epoch_images"] += len(labels)
+                    bar.update(1)
+                    if position["batch"] % 10 == 0 or position["batch"] == steps_per_epoch:
+                        position["epoch_loss_sum"] += float(loss_sum)  # one sync per 10 steps
+                        loss_sum = 0.0
+                        seconds = time.perf_counter() - started
+                        bar.set_postfix(loss=f"{float(loss):.3f}", lr=f"{lr:.2e}",
+                                        img_s=f"{position['epoch_images'] / seconds:.0f}")
+                    position["epoch_seconds"] = time.perf_counter() - started
+                position["epoch_loss_sum"] += float(loss_sum)
+                bar.close()
+                train_seconds = time.perf_counter() - started
+
+                record = epoch_record(model, ema, val_loader, position, epoch, schedule,
+                                      train_seconds)
+                history.append(record)
+                is_best = record["val_top1"] > position["best_top1"]
+                position.update(epoch=epoch + 1, batch=0, epoch_loss_sum=0.0, epoch_images=0,
+                                epoch_seconds=0.0,
+                                best_top1=max(position["best_top1"], record["val_top1"]))
+                save_run_state(last_path, model, optimizer, ema, config, class_names, position)
+                if is_best:
+                    save_run_state(best_path, model, optimizer, ema, config, class_names,
+                                   position)
+                with open(metrics_path, "w") as f:
+                    f.writelines(json.dumps(h) + "\n" for h in history)
+                plot_curves(history, os.path.join(out, "curves.png"))
+                print(f"epoch {epoch + 1}: train loss {record['train_loss']:.4f}, val loss "
+                      f"{record['val_loss']:.4f}, top-1 {record['val_top1']:.2f}%, top-5 "
+                      f"{record['val_top5']:.2f}%"
+                      + (f", EMA top-1 {record['val_top1_ema']:.2f}%" if ema else "")
+                      + f" ({record['images_per_sec']:.0f} img/s)")
+    except Interrupted:
+        if bar is not None:
+            bar.close()
+        position["epoch_loss_sum"] += float(loss_sum)
+        save_run_state(last_path, model, optimizer, ema, config, class_names, position)
+        print(f"\ninterrupted at step {position['step']}: saved {last_path}; continue with "
+              f"--resume {last_path}", file=sys.stderr)
+        raise KeyboardInterrupt from None
+    finally:
+        if loader.bad_files:
+            print(f"skipped {len(loader.bad_files)} unreadable training images",
+                  file=sys.stderr)
+    print(f"done: best validation top-1 {position['best_top1']:.2f}%; checkpoints in {out}")
+    return history
+
+
+def epoch_record(model, ema, val_loader, position, epoch, schedule, train_seconds):
+    """Evaluate and assemble one line of metrics.jsonl."""
+    images = max(position["epoch_images"], 1)
+    started = time.perf_counter()
+    result = evaluate(model, val_loader, desc="validation")
+    record = {"epoch": epoch + 1, "step": position["step"],
+              "lr": schedule(max(position["step"] - 1, 0)),
+              "train_loss": position["epoch_loss_sum"] / images,
+              "val_loss": result["loss"], "val_top1": result["top1"], "val_top5": result["top5"],
+              "images_per_sec": position["epoch_images"] / max(train_seconds, 1e-9)}
+    if ema is not None:
+        ema.swap_into(model)
+        ema_result = evaluate(model, val_loader, desc="validation (EMA)")
+        ema.swap_into(model)
+        record.update(val_loss_ema=ema_result["loss"], val_top1_ema=ema_result["top1"],
+                      val_top5_ema=ema_result["top5"])
+    record["seconds"] = train_seconds + time.perf_counter() - started
+    return record
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        resume = None
+        if args.resume is None:
+            config = resolve_config(args)
+        else:
+            resume = load_checkpoint(args.resume)
+            config = resumed_config(vars(args), resume[1], parser)
+        train(config, resume)
+    except (UsageError, *USER_ERRORS) as err:
+        return user_error(err)
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
