@@ -109,7 +109,7 @@ def build_parser():
     add("--synthetic-train", type=int, default=10_000, help="built-in set: training images")
     add("--synthetic-val", type=int, default=2_000, help="built-in set: validation images")
     add("--synthetic-classes", type=int, default=10, help="built-in set: classes (2-10)")
-    add("--workers", type=int, default=2, help="background processes decoding images")
+    add("--workers", type=int, default=2, help="background threads decoding and augmenting images (0: in the main thread)")
     add("--backend", default="numpy", choices=["numpy", "cupy"],
         help="numpy on the CPU, cupy on an NVIDIA GPU")
     add("--dtype", default="float32", choices=["float32", "float64"], help="compute precision")
@@ -301,6 +301,10 @@ def train(config, resume=None):
                 started = time.perf_counter() - position["epoch_seconds"]
                 for images, labels in loader.epoch_batches(epoch, position["batch"]):
                     step = position["step"]
+                    if len(labels) == 0:  # every file of this batch was unreadable
+                        position["batch"] += 1
+                        bar.update(1)
+                        continue
                     if ctrl_c.pressed or (config["stop_after"] is not None
                                           and step >= config["stop_after"]):
                         raise Interrupted  # between two steps: the state is consistent

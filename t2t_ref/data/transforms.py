@@ -24,7 +24,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 EVAL_CROP_FRACTION = 0.9  # eval resizes to int(S / 0.9), then crops S: the centre 90%
 
-_MEAN = np.asarray(IMAGENET_MEAN, dtype=np.float32)  # (3,), broadcast over (H, W, 3)
+_MEAN = np.asarray(IMAGENET_MEAN, dtype=np.float32)  # (3,)
 _STD = np.asarray(IMAGENET_STD, dtype=np.float32)
 
 
@@ -112,8 +112,14 @@ def eval_transform(img, size):
 def to_normalized_chw(img):
     """RGB PIL image (H, W) -> (3, H, W) float32, (x / 255 - mean) / std per channel.
 
-    In float32 and in this order, as torchvision's ToTensor then Normalize.
+    Elementwise the same float32 operations in the same order as torchvision's ToTensor then
+    Normalize. The uint8 pixels are made channel-first *before* the float arithmetic: NumPy's
+    loops run far faster along a long contiguous last axis than along an axis of 3.
     """
-    x = np.asarray(img, dtype=np.float32) / 255.0    # (H, W, 3) in [0, 1]
-    x = (x - _MEAN) / _STD                           # (H, W, 3)
-    return np.ascontiguousarray(x.transpose(2, 0, 1))  # (3, H, W)
+    x = np.asarray(img)                                   # (H, W, 3) uint8
+    x = np.ascontiguousarray(x.transpose(2, 0, 1))        # (3, H, W) uint8
+    x = x.astype(np.float32)
+    x /= 255.0                                            # in [0, 1]
+    x -= _MEAN[:, None, None]
+    x /= _STD[:, None, None]
+    return x                                              # (3, H, W) float32
