@@ -1,13 +1,12 @@
 """The whole model against the PyTorch oracle (tests/torch_t2t.py), and its API and errors."""
 
-import math
 
 import numpy as np
 import pytest
 import torch
 
 import t2t_ref
-from t2t_ref.backend import get_namespace, to_numpy
+from t2t_ref.backend import get_namespace
 from t2t_ref.gaps import make_rng
 from conftest import assert_close, on, rel_error
 from torch_t2t import create_torch_model, get_sinusoid_encoding
@@ -214,7 +213,8 @@ def test_initialisation_follows_the_official_code():
         elif "norm" in key and key.endswith(".weight"):
             assert (value == 1).all(), key
     weights = np.concatenate([v.ravel() for k, v in state.items()
-                              if k.endswith(".weight") and v.ndim == 2] + [state["cls_token"].ravel()])
+                              if k.endswith(".weight") and v.ndim == 2]
+                             + [state["cls_token"].ravel()])
     assert abs(weights.std() - 0.02) < 2e-4 and abs(weights.mean()) < 2e-4
     w = state["tokens_to_token.attention1.w"].astype(np.float64)  # (32, 64)
     assert np.allclose(w @ w.T, 32 * np.eye(32), atol=1e-4), "performer w rows not orthogonal"

@@ -2,7 +2,7 @@
 
     x (B, N, Din) -> u = LN1(x) -> k, q, v = split(Linear(u))     (k, q, v order!)
     x1 = v + Dropout(proj(performer_attention(q, k, v)))          (skip through v: Din != E)
-    out = x1 + MLP(LN2(x1))                                        MLP: Linear, GELU, Linear, Dropout
+    out = x1 + MLP(LN2(x1))                     MLP: Linear, GELU, Linear, Dropout
 Its two dropouts are 0.1 in the official code, whatever the model's drop_rate.
 """
 
@@ -35,7 +35,9 @@ def token_performer_forward(x, params, *, rng=None, training=False):
 
 
 def token_performer_backward(dout, cache):
-    """dout (B, N, E) -> (dx (B, N, Din), grads under the params' names; 'w' is fixed and gets none)."""
+    """dout (B, N, E) -> (dx (B, N, Din), grads under the params' names).
+
+    'w' is fixed and gets no gradient."""
     xp = array_namespace(dout)
     ln1_cache, kqv_cache, perf_cache, proj_cache, drop_cache, ln2_cache, mlp_cache = cache
     g = {}

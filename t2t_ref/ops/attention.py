@@ -75,7 +75,6 @@ def self_attention_forward(x, params, num_heads, scale, *, value_skip=False,
     width Din differs from E, so x itself cannot be the residual.
     cache = (qkv, heads, attention, merged, proj, drop) caches.
     """
-    xp = array_namespace(x)
     qkv, qkv_cache = linear_forward(x, params["qkv.weight"], params.get("qkv.bias"))  # (B, N, 3E)
     q, k, v = split_heads(qkv, num_heads)  # (B, h, N, d) each
     attended, attn_cache = scaled_dot_product_attention_forward(q, k, v, scale)  # (B, h, N, d)
