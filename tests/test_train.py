@@ -1,7 +1,6 @@
 """The training workflow end to end: outputs, exact resume, evaluation and bad input."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
