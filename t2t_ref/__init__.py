@@ -5,13 +5,15 @@
     logits = model.forward(images)        # (B, 10)
     loss, dlogits = t2t_ref.cross_entropy(logits, labels, smoothing=0.1)
     model.backward(dlogits)               # fills model.grads
+    model = t2t_ref.load_pretrained("71.7_T2T_ViT_7.pth.tar", "t2t_vit_7")  # official weights
 """
 
 from .backend import get_namespace, to_device, to_numpy
 from .model import T2TViT, create_model
 from .ops.cross_entropy import cross_entropy
+from .pretrained import load_pretrained
 from .variants import list_models
 
 __all__ = ["T2TViT", "create_model", "list_models", "cross_entropy", "get_namespace",
-           "to_device", "to_numpy"]
+           "to_device", "to_numpy", "load_pretrained"]
 __version__ = "0.1.0"
