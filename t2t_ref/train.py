@@ -3,6 +3,7 @@
     python -m t2t_ref.train                                   # built-in shapes, a few minutes
     python -m t2t_ref.train --data imagenette2-320 --img-size 224 --epochs 100 --backend cupy
     python -m t2t_ref.train --resume runs/t2t/last.safetensors
+    python -m t2t_ref.train --data flowers --model t2t_vit_14 --init-from 81.5_T2T_ViT_14.pth.tar
 
 Each epoch writes to --out: metrics.jsonl (one line per epoch), curves.png, and the
 checkpoints last.safetensors and best.safetensors (see checkpoint.py). Ctrl-C saves `last`
@@ -12,7 +13,6 @@ every random number is a function of (seed, epoch, step), never of the clock.
 
 import argparse
 import json
-import math
 import os
 import signal
 import sys
@@ -24,7 +24,7 @@ from tqdm import tqdm
 from .backend import BackendError, to_device, to_numpy
 from .cli import HelpFormatter, user_error
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from .data import (SYNTHETIC_CROP_SCALE, ArrayDataset, DataError, FileDataset, Loader,
+from .data import (ArrayDataset, DataError, FileDataset, Loader,
                    find_splits, make_shapes_splits)
 from .ema import WeightEMA
 from .evaluate import evaluate
@@ -33,10 +33,11 @@ from .mixup import mix_batch
 from .model import PATCH, create_model
 from .ops.cross_entropy import cross_entropy
 from .optim import AdamW, clip_grad_norm
+from .pretrained import PretrainedError, load_weights_into
 from .schedule import CosineSchedule
 from .variants import list_models
 
-USER_ERRORS = (DataError, CheckpointError, BackendError)
+USER_ERRORS = (DataError, CheckpointError, BackendError, PretrainedError)
 # Flags that may differ when resuming: where the run is, not what it computes.
 RESUME_MAY_CHANGE = ("data", "workers", "backend", "out", "resume", "stop_after")
 
@@ -82,34 +83,36 @@ def build_parser():
         help="T2T-ViT variant: " + ", ".join(list_models()))
     add("--img-size", type=int, default=None,
         help="image side, a multiple of 16 (default: 32 for the built-in shapes, else 224)")
-    add("--epochs", type=int, default=15, help="passes over the training set")
+    add("--epochs", type=int, default=3, help="passes over the training set")
     add("--batch-size", type=int, default=64, help="images per optimizer step")
-    add("--lr", type=float, default=1e-3, help="peak learning rate, after warmup")
+    add("--lr", type=float, default=5e-4, help="peak learning rate, after warmup")
     add("--weight-decay", type=float, default=0.05,
         help="AdamW's decoupled decay; none on biases, norm weights and the class token")
-    add("--warmup-epochs", type=float, default=1.0,
+    add("--warmup-epochs", type=float, default=0.3,
         help="linear warmup from --warmup-lr to --lr, per step")
     add("--warmup-lr", type=float, default=1e-6, help="learning rate at the first step")
     add("--min-lr", type=float, default=1e-5, help="the cosine schedule's floor")
     add("--label-smoothing", type=float, default=0.1, help="weight spread over all classes")
     add("--clip-grad", type=float, default=None, help="clip the gradients' global L2 norm")
     add("--drop", type=float, default=0.0, help="dropout rate of the backbone")
-    add("--drop-path", type=float, default=0.1, help="stochastic depth rate of the last block")
+    add("--drop-path", type=float, default=0.0,
+        help="stochastic depth rate of the last block (official recipe: 0.1)")
     add("--mixup", type=float, default=0.0, help="mixup alpha (official recipe: 0.8)")
     add("--cutmix", type=float, default=0.0, help="cutmix alpha (official recipe: 1.0)")
     add("--ema-decay", type=float, default=0.0,
         help="weight EMA decay, 0 = off (official: 0.99996, far too slow for short runs)")
     add("--crop-scale", type=float, nargs=2, default=None, metavar=("MIN", "MAX"),
-        help="random resized crop area range (default: 0.08 1.0, the official one; "
-        f"{SYNTHETIC_CROP_SCALE[0]} {SYNTHETIC_CROP_SCALE[1]} for the built-in shapes)")
-    add("--crop-ratio", type=float, nargs=2, default=(3 / 4, 4 / 3), metavar=("MIN", "MAX"),
-        help="random resized crop aspect-ratio range")
+        help="random resized crop area range (default: 0.08 1.0, the official one; 1 1, no "
+        "crop, for the built-in shapes: every image is new and already randomly placed)")
+    add("--crop-ratio", type=float, nargs=2, default=None, metavar=("MIN", "MAX"),
+        help="random resized crop aspect-ratio range (default: 0.75 1.333; 1 1 built-in)")
     add("--val-fraction", type=float, default=0.1,
         help="part of train/ held out for validation when DIR has no val/")
-    add("--synthetic-train", type=int, default=10_000, help="built-in set: training images")
+    add("--synthetic-train", type=int, default=40_000, help="built-in set: training images")
     add("--synthetic-val", type=int, default=2_000, help="built-in set: validation images")
     add("--synthetic-classes", type=int, default=10, help="built-in set: classes (2-10)")
-    add("--workers", type=int, default=2, help="background threads decoding and augmenting images (0: in the main thread)")
+    add("--workers", type=int, default=2,
+        help="background threads decoding and augmenting images (0: none)")
     add("--backend", default="numpy", choices=["numpy", "cupy"],
         help="numpy on the CPU, cupy on an NVIDIA GPU")
     add("--dtype", default="float32", choices=["float32", "float64"], help="compute precision")
@@ -117,6 +120,10 @@ def build_parser():
         help="seeds the weights, data order, augmentation, dropout and the built-in set")
     add("--out", default="runs/t2t", help="folder for checkpoints, metrics and plots")
     add("--resume", default=None, metavar="PATH", help="continue from a checkpoint")
+    add("--init-from", default=None, metavar="FILE",
+        help="start from these weights (official .pth.tar or t2t_ref .safetensors; EMA ones "
+        "where present): new head if the class count differs, position table resized if the "
+        "image size does")
     add("--stop-after", type=int, default=None, metavar="STEPS", help=argparse.SUPPRESS)
     return p
 
@@ -128,8 +135,11 @@ def resolve_config(args):
     if config["img_size"] is None:
         config["img_size"] = 32 if builtin else 224
     if config["crop_scale"] is None:
-        config["crop_scale"] = list(SYNTHETIC_CROP_SCALE if builtin else (0.08, 1.0))
-    config["crop_ratio"] = list(config["crop_ratio"])
+        config["crop_scale"] = [1.0, 1.0] if builtin else [0.08, 1.0]
+    if config["crop_ratio"] is None:
+        config["crop_ratio"] = [1.0, 1.0] if builtin else [3 / 4, 4 / 3]
+    config["crop_scale"], config["crop_ratio"] = list(config["crop_scale"]), \
+        list(config["crop_ratio"])
     S = config["img_size"]
     if S < PATCH or S % PATCH:
         raise UsageError(f"--img-size {S} is not a multiple of {PATCH}: T2T-ViT's three soft "
@@ -234,7 +244,8 @@ def read_history(path):
 def train(config, resume=None):
     """Run (or continue) training as configured. Returns the metrics history."""
     out = config["out"]
-    last_path, best_path = os.path.join(out, "last.safetensors"), os.path.join(out, "best.safetensors")
+    last_path = os.path.join(out, "last.safetensors")
+    best_path = os.path.join(out, "best.safetensors")
     metrics_path = os.path.join(out, "metrics.jsonl")
     if resume is None and os.path.exists(last_path):
         raise UsageError(f"{out} already holds a run: continue it with --resume {last_path}, "
@@ -245,6 +256,9 @@ def train(config, resume=None):
                          img_size=config["img_size"], backend=config["backend"],
                          dtype=config["dtype"], seed=config["seed"], drop_rate=config["drop"],
                          drop_path_rate=config["drop_path"])
+    if resume is None and config.get("init_from"):  # before the optimizer and EMA copy them
+        notes = load_weights_into(model, config["init_from"])
+        print(f"initialised from {config['init_from']}" + "".join(f"; {n}" for n in notes))
     xp, device = model.xp, model.device
     optimizer = AdamW(model.params, weight_decay=config["weight_decay"])
     ema = WeightEMA(model.params, config["ema_decay"]) if config["ema_decay"] > 0 else None
@@ -405,10 +419,17 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         resume = None
+        if args.resume is not None and args.init_from is not None:
+            raise UsageError("--resume continues a run with its own weights; --init-from "
+                             "starts a new one: give only one of them")
         if args.resume is None:
             config = resolve_config(args)
         else:
             resume = load_checkpoint(args.resume)
+            if "step" not in resume[1]:
+                raise CheckpointError(f"{args.resume} holds weights only, not a training run "
+                                      f"to continue: start from it with --init-from "
+                                      f"{args.resume}")
             config = resumed_config(vars(args), resume[1], parser)
         train(config, resume)
     except (UsageError, *USER_ERRORS) as err:

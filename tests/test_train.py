@@ -53,7 +53,7 @@ def test_help_shows_every_default(capsys):
         name = flag[1:]  # the split above ate one dash
         assert name in entries, f"{flag} missing from --help"
         assert "(default:" in entries[name], f"{flag} shows no default: {entries[name]}"
-    assert entries["-lr"].endswith("(default: 0.001)")
+    assert entries["-lr"].endswith("(default: 0.0005)")
 
 
 def test_builtin_run_writes_metrics_plot_config_and_checkpoints(tmp_path, capsys):
