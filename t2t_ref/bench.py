@@ -1,0 +1,1009 @@
+"""Time t2t_ref against PyTorch eager on the identical model, and show where t2t_ref's time goes.
+
+    python -m t2t_ref.bench                      # the four standard configurations (--all)
+    python -m t2t_ref.bench --quick              # tiny configurations, a smoke test
+    python -m t2t_ref.bench --config t2t_vit_7-64-b64-train --repeats 9 --json bench.json
+    python -m t2t_ref.bench --markdown           # also a table ready for BENCHMARKS.md
+    python -m t2t_ref.bench --backend cupy       # GPU: CuPy against PyTorch CUDA eager
+
+A configuration is named MODEL-SIZE-bBATCH-MODE, MODE 'train' (one training step: forward,
+cross-entropy with label smoothing 0.1, backward, AdamW update) or 'infer' (one forward; PyTorch
+under torch.no_grad()). Both sides run the same variant with the same weights (t2t_ref's,
+copied into the PyTorch port of the official model, tests/torch_t2t.py), the same batch, in
+float32, with the same number of threads (torch.set_num_threads and, for NumPy's BLAS,
+threadpoolctl). Training runs both models in train mode: the T2T performer layers' two fixed
+0.1 dropouts act on both sides.
+
+What is printed for each configuration:
+  - ms per step: the median of --repeats timed steps (min and max beside it), t2t_ref and
+    PyTorch interleaved step by step (the order alternating every repetition) after --warmup
+    steps of each, so that a change in the machine's load hits both alike (with --pause
+    seconds of idling before each timed step, so that neither starts while the other
+    library's idle threads still spin); images/s; the ratio t2t_ref / PyTorch of the
+    medians, against the target (training <= 1.25x, inference <= 1.15x).
+  - GFLOP/s: the matmul FLOPs counted from the shapes (count_flops; a training step counts 3x
+    the forward's) over the median time, and as % of this machine's float32 matmul rate (a
+    large NumPy matmul, same threads).
+  - peak memory: each side in a fresh subprocess, the growth of the peak resident set (Linux
+    VmHWM, reset through /proc/self/clear_refs) over the process after building the model and
+    the input, across one warm-up and one measured step; the optimizer's state is inside it
+    on both sides. t2t_ref keeps its activation cache also in eval mode: that is in its number
+    (its size is printed). Target: a training step <= 1.5x PyTorch's.
+  - loader: images/s of t2t_ref.data.Loader making training batches of this size and batch
+    from in-memory synthetic images (--workers threads), beside the model's images/s, so the
+    slower of the two shows.
+  - where t2t_ref's time goes: one extra profiled step (not one of the timed ones), with every
+    function of t2t_ref.ops, t2t_ref.layers and t2t_ref.gaps, the model's forward/backward and
+    AdamW.step wrapped in a timer that keeps *exclusive* time (the time of nested wrapped calls
+    subtracted), as ms per step and % of the step.
+
+--backend cupy: t2t_ref on CuPy against PyTorch CUDA eager, timed with CUDA events, TF32 off on
+both; memory is CuPy's memory-pool high-water mark and torch.cuda.max_memory_allocated.
+
+Shapes: B batch, S image side, N tokens, D backbone width, E = 64 the T2T token width, m = 32
+performer features, h heads, K classes.
+"""
+
+import argparse
+import functools
+import gc
+import importlib
+import importlib.util
+import inspect
+import json
+import os
+import pkgutil
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .backend import to_device, to_numpy
+from .cli import HelpFormatter, user_error
+from .model import PATCH, PERFORMER_FEATURES, SOFT_SPLITS, TOKEN_DIM, create_model
+from .ops import cross_entropy as cross_entropy_module  # the module: see Ours.step
+from .optim import AdamW, decays
+from .variants import get_variant, list_models
+
+LR = 5e-4  # the learning rate of the timed AdamW steps (the value does not change the work)
+WEIGHT_DECAY = 0.05
+SMOOTHING = 0.1
+NUM_CLASSES = 1000
+TARGET_RATIO = {"train": 1.25, "infer": 1.15}  # t2t_ref time / PyTorch time, at most
+TARGET_MEMORY_RATIO = 1.5  # peak memory of a training step, t2t_ref / PyTorch, at most
+MIN_REPEATS, MIN_WARMUP = 5, 2
+MATMUL_SIZE = {"numpy": 2048, "cupy": 8192}  # n of the n x n x n float32 matmul for the peak
+QUICK_MATMUL_SIZE = 1024
+LOADER_BATCHES = 12  # batches in the loader's timed epoch (a few times its prefetch)
+ORACLE = Path(__file__).resolve().parent.parent / "tests" / "torch_t2t.py"
+
+
+# ---- configurations -------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Config:
+    model: str
+    img_size: int
+    batch: int
+    mode: str  # 'train' or 'infer'
+
+    @property
+    def name(self):
+        return f"{self.model}-{self.img_size}-b{self.batch}-{self.mode}"
+
+    @property
+    def training(self):
+        return self.mode == "train"
+
+    def describe(self):
+        what = ("training step (forward + backward + AdamW)" if self.training
+                else "inference (forward)")
+        return f"{self.model}, {self.img_size}x{self.img_size}, batch {self.batch}, {what}"
+
+
+def parse_config(name):
+    """'t2t_vit_7-224-b16-train' -> Config; ValueError saying what is wrong."""
+    match = re.fullmatch(r"(?P<model>\w+)-(?P<size>\d+)-b(?P<batch>\d+)-(?P<mode>train|infer)",
+                         name)
+    if match is None:
+        raise ValueError(f"configuration {name!r} is not MODEL-SIZE-bBATCH-MODE, e.g. "
+                         "t2t_vit_7-224-b16-train or t2t_vit_14-224-b8-infer")
+    model, size, batch = match["model"], int(match["size"]), int(match["batch"])
+    if model not in list_models():
+        raise ValueError(f"configuration {name!r}: unknown model {model!r}; choose one of "
+                         f"{', '.join(list_models())}")
+    if size < PATCH or size % PATCH:
+        raise ValueError(f"configuration {name!r}: the image size must be a multiple of {PATCH}")
+    if batch < 1:
+        raise ValueError(f"configuration {name!r}: the batch must be at least 1")
+    return Config(model, size, batch, match["mode"])
+
+
+# The issue's configurations, with the times t2t_ref took when they were set (its anchors).
+STANDARD = [parse_config(n) for n in ("t2t_vit_7-224-b16-train", "t2t_vit_7-64-b64-train",
+                                      "t2t_vit_t_14-64-b32-train", "t2t_vit_14-224-b8-infer")]
+ANCHOR_MS = {"t2t_vit_7-224-b16-train": 1110.0, "t2t_vit_7-64-b64-train": 300.0,
+             "t2t_vit_t_14-64-b32-train": 520.0, "t2t_vit_14-224-b8-infer": 540.0}
+QUICK = [parse_config(n) for n in ("t2t_vit_7-32-b4-train", "t2t_vit_7-32-b4-infer")]
+
+
+# ---- FLOPs, counted from the shapes ---------------------------------------------------------
+
+def count_flops(variant, img_size, batch, training):
+    """Matmul FLOPs (2 * M * N * K per product) of one forward, or x3 for a training step
+    (the backward's two products per forward product). Elementwise work is not counted.
+
+    variant: a name ('t2t_vit_7') or a t2t_ref.variants.Variant.
+    """
+    v = get_variant(variant) if isinstance(variant, str) else variant
+    B, E, m, D = batch, TOKEN_DIM, PERFORMER_FEATURES, v.embed_dim
+    side, d_in = img_size, 3
+    flops = 0
+    for layer, (k, s, p) in enumerate(SOFT_SPLITS):
+        side = (side + 2 * p - k) // s + 1  # the soft split's output grid
+        N, d_in = side * side, d_in * k * k  # tokens (B, N, d_in)
+        if layer == 2:
+            break  # the last split feeds the project linear
+        if v.tokens_type == "performer":
+            flops += 2 * B * N * d_in * 3 * E  # kqv linear          (B, N, 3E)
+            flops += 2 * 2 * B * N * E * m  # random features of k and q (B, N, m) each
+            flops += 2 * B * N * m  # denominator qp . sum_t kp_t     (B, N, 1)
+            flops += 2 * B * E * N * m  # kptv = v^T kp                (B, E, m)
+            flops += 2 * B * N * m * E  # numerator qp kptv^T          (B, N, E)
+        else:
+            flops += 2 * B * N * d_in * 3 * E  # qkv linear, no bias   (B, N, 3E)
+            flops += 2 * 2 * B * N * N * E  # q k^T and attn v (one head)
+        flops += 2 * B * N * E * E  # proj                                 (B, N, E)
+        flops += 2 * 2 * B * N * E * E  # the MLP's two E x E linears
+        d_in = E  # re-structurized to E channels
+    flops += 2 * B * N * d_in * D  # project 576 -> D                     (B, N, D)
+    T, H = N + 1, int(D * v.mlp_ratio)  # tokens with the class token; MLP hidden width
+    per_block = (2 * B * T * D * 3 * D  # qkv                             (B, T, 3D)
+                 + 2 * 2 * B * T * T * D  # q k^T and attn v over all heads (h * T*T*D/h)
+                 + 2 * B * T * D * D  # proj
+                 + 2 * 2 * B * T * D * H)  # fc1 and fc2
+    flops += v.depth * per_block
+    flops += 2 * B * D * NUM_CLASSES  # head on the class token           (B, K)
+    return 3 * flops if training else flops
+
+
+# ---- threads --------------------------------------------------------------------------------
+
+def limit_threads(n):
+    """Use n threads in NumPy's BLAS (and any other thread pool threadpoolctl sees) and in
+    PyTorch if it is imported, until restore_threads(). Returns threadpoolctl's info on the
+    BLAS libraries, NumPy's first."""
+    try:
+        import threadpoolctl
+    except ImportError:
+        raise BenchError("the benchmark sets NumPy's BLAS thread count with threadpoolctl, "
+                         "which is not installed: pip install threadpoolctl") from None
+    restore_threads()
+    torch = sys.modules.get("torch")
+    _limits.append((threadpoolctl.threadpool_limits(limits=n),
+                    torch.get_num_threads() if torch else None))
+    if torch:
+        torch.set_num_threads(n)
+    blas = [info for info in threadpoolctl.threadpool_info() if info["user_api"] == "blas"]
+    # NumPy's own first (SciPy may bring a second OpenBLAS; both are limited)
+    return sorted(blas, key=lambda info: "numpy" not in info["filepath"])
+
+
+_limits = []  # the active (threadpoolctl limiter, PyTorch's thread count before it)
+
+
+def restore_threads():
+    """Undo limit_threads: the thread counts from before it."""
+    while _limits:
+        limiter, torch_threads = _limits.pop()
+        limiter.restore_original_limits()
+        if torch_threads is not None:
+            sys.modules["torch"].set_num_threads(torch_threads)
+
+
+class BenchError(Exception):
+    """Something the user can fix (a missing package, no GPU); main prints it as one line."""
+
+
+def _torch():
+    try:
+        import torch
+    except ImportError:
+        raise BenchError("the benchmark's peer is PyTorch, which is not installed: "
+                         "pip install torch") from None
+    return torch
+
+
+def load_oracle():
+    """The PyTorch port of the official model, tests/torch_t2t.py of the source tree."""
+    _torch()
+    if not ORACLE.is_file():
+        raise BenchError(f"the PyTorch peer model {ORACLE} is missing: run the benchmark from "
+                         "a checkout of the source tree (pip install -e .)")
+    spec = importlib.util.spec_from_file_location("t2t_ref_bench_torch_t2t", ORACLE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# ---- the two sides --------------------------------------------------------------------------
+
+def make_batch(config, seed=0):
+    """Host inputs: images (B, 3, S, S) float32 (like normalized images), labels (B,) int64."""
+    rng = np.random.default_rng(seed)
+    S = config.img_size
+    images = rng.standard_normal((config.batch, 3, S, S), dtype=np.float32)
+    labels = rng.integers(0, NUM_CLASSES, config.batch, dtype=np.int64)
+    return images, labels
+
+
+class Ours:
+    """t2t_ref on a backend: the model, the input on its device, and (training) AdamW."""
+
+    label = "t2t_ref"
+
+    def __init__(self, config, backend, seed=0):
+        self.config, self.backend = config, backend
+        self.model = create_model(config.model, num_classes=NUM_CLASSES,
+                                  img_size=config.img_size, backend=backend, dtype="float32",
+                                  seed=seed)
+        xp, device = self.model.xp, self.model.device
+        images, labels = make_batch(config, seed)
+        self.x = xp.astype(to_device(images, xp, device), self.model.dtype)  # (B, 3, S, S)
+        self.y = to_device(labels, xp, device)  # (B,)
+        self.opt = None
+
+    def prepare(self):
+        """Set the mode; a training step gets its optimizer (m and v allocated here)."""
+        self.model.train(self.config.training)
+        if self.config.training:
+            self.opt = AdamW(self.model.params, weight_decay=WEIGHT_DECAY)
+
+    def step(self):
+        model = self.model
+        if not self.config.training:
+            model.forward(self.x)  # (B, K); the model keeps its activation cache
+            return
+        logits = model.forward(self.x)  # (B, K)
+        # through the module, so that the profiler's patch of its attribute is seen
+        _loss, dlogits = cross_entropy_module.cross_entropy(logits, self.y, SMOOTHING)
+        model.backward(dlogits)
+        self.opt.step(model.params, model.grads, LR)
+
+    def sync(self):
+        if self.backend == "cupy":
+            import cupy
+            cupy.cuda.get_current_stream().synchronize()
+
+    def eval_logits(self):
+        self.model.eval()
+        logits = to_numpy(self.model.forward(self.x))
+        self.model._cache = None  # this check's activations are not the benchmark's
+        return logits
+
+
+class Theirs:
+    """The PyTorch port of the official model, eager, on the CPU or CUDA, with t2t_ref's
+    weights (state=None: its own initialisation, enough for measuring memory)."""
+
+    label = "PyTorch"
+
+    def __init__(self, config, device, state=None, seed=0):
+        torch = _torch()
+        oracle = load_oracle()
+        self.torch, self.config, self.device = torch, config, device
+        model = oracle.create_torch_model(config.model, num_classes=NUM_CLASSES,
+                                          img_size=config.img_size)
+        if state is not None:
+            model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v))
+                                   for k, v in state.items()}, strict=True)
+        self.model = model.to(device=device, dtype=torch.float32)
+        images, labels = make_batch(config, seed)
+        self.x = torch.from_numpy(images).to(device)  # (B, 3, S, S)
+        self.y = torch.from_numpy(labels).to(device)  # (B,)
+        self.opt = None
+
+    def prepare(self):
+        """Mode and optimizer: AdamW with t2t_ref's decay groups (no decay for 1-D tensors,
+        biases and the class token); its state is allocated lazily, at the first step."""
+        torch = self.torch
+        self.model.train(self.config.training)
+        if self.config.training:
+            named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+            decay = [p for n, p in named if decays(n, tuple(p.shape))]
+            no_decay = [p for n, p in named if not decays(n, tuple(p.shape))]
+            self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": WEIGHT_DECAY},
+                                          {"params": no_decay, "weight_decay": 0.0}], lr=LR)
+
+    def step(self):
+        torch = self.torch
+        if not self.config.training:
+            with torch.no_grad():
+                self.model(self.x)
+            return
+        self.opt.zero_grad(set_to_none=True)
+        logits = self.model(self.x)
+        loss = torch.nn.functional.cross_entropy(logits, self.y, label_smoothing=SMOOTHING)
+        loss.backward()
+        self.opt.step()
+
+    def sync(self):
+        if self.device != "cpu":
+            self.torch.cuda.synchronize()
+
+    def eval_logits(self):
+        self.model.eval()
+        with self.torch.no_grad():
+            return self.model(self.x).cpu().numpy()
+
+
+# ---- timing ---------------------------------------------------------------------------------
+
+def make_timer(backend):
+    """timer(side) -> milliseconds of one side.step(): wall clock on the CPU, CUDA events
+    (recorded on the current stream around the step) on the GPU."""
+    if backend == "numpy":
+        def timer(side):
+            side.sync()
+            start = time.perf_counter()
+            side.step()
+            side.sync()
+            return 1e3 * (time.perf_counter() - start)
+        return timer
+
+    def timer(side):
+        if isinstance(side, Ours):
+            import cupy
+            start, end = cupy.cuda.Event(), cupy.cuda.Event()
+            start.record()
+            side.step()
+            end.record()
+            end.synchronize()
+            return cupy.cuda.get_elapsed_time(start, end)
+        torch = side.torch
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        side.step()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    return timer
+
+
+def time_interleaved(sides, timer, warmup, repeats, pause=0.0):
+    """{label: [ms of each timed step]}: warm-up steps of each side, then repeats rounds of
+    one step of each side, the order alternating from round to round.
+
+    pause: seconds of idling before each timed step. After a call, OpenBLAS's worker threads
+    spin for up to ~0.1 s (its thread timeout) before they sleep; without a pause they would
+    take CPU from the PyTorch step that follows a t2t_ref one (measured here: ~60 ms of CPU
+    in the 0.2 s after a 512^3 matmul on 2 threads). A side's own spinning within its step
+    is its own behaviour and stays in.
+    """
+    for _ in range(warmup):
+        for side in sides:
+            side.step()
+            side.sync()
+    times = {side.label: [] for side in sides}
+    for r in range(repeats):
+        for side in (sides if r % 2 == 0 else sides[::-1]):
+            if pause:
+                time.sleep(pause)
+            times[side.label].append(timer(side))
+    return times
+
+
+def summarize(times_ms, flops, batch, peak_gflops):
+    median = statistics.median(times_ms)
+    gflops = flops / (median * 1e-3) / 1e9
+    return {"ms": median, "min_ms": min(times_ms), "max_ms": max(times_ms),
+            "times_ms": list(times_ms), "images_per_s": batch / (median * 1e-3),
+            "gflops": gflops, "peak_pct": 100.0 * gflops / peak_gflops}
+
+
+def matmul_rate(backend, n, repeats=5):
+    """GFLOP/s of an n x n x n float32 matmul (median of repeats, after one warm-up): the
+    machine's single-precision matmul rate, with the threads as limited."""
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((n, n), dtype=np.float32)
+    b = rng.standard_normal((n, n), dtype=np.float32)
+    seconds = []
+    if backend == "numpy":
+        np.matmul(a, b)
+        for _ in range(repeats):
+            start = time.perf_counter()
+            np.matmul(a, b)
+            seconds.append(time.perf_counter() - start)
+    else:
+        import cupy
+        a, b = cupy.asarray(a), cupy.asarray(b)
+        cupy.matmul(a, b)
+        for _ in range(repeats):
+            start, end = cupy.cuda.Event(), cupy.cuda.Event()
+            start.record()
+            cupy.matmul(a, b)
+            end.record()
+            end.synchronize()
+            seconds.append(1e-3 * cupy.cuda.get_elapsed_time(start, end))
+    return 2.0 * n ** 3 / statistics.median(seconds) / 1e9
+
+
+def torch_matmul_rate(device, n, repeats=5):
+    """The same for torch.mm (for the record: its BLAS may differ from NumPy's)."""
+    torch = _torch()
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
+    torch.mm(a, b)
+    seconds = []
+    for _ in range(repeats):
+        if device != "cpu":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        torch.mm(a, b)
+        if device != "cpu":
+            torch.cuda.synchronize()
+        seconds.append(time.perf_counter() - start)
+    return 2.0 * n ** 3 / statistics.median(seconds) / 1e9
+
+
+# ---- peak memory, each side in a fresh process ----------------------------------------------
+
+def _proc_status_kib(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise OSError(f"no {field} in /proc/self/status")
+
+
+def _reset_peak_rss():
+    """Reset VmHWM to the current RSS (Linux >= 4.0); False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _release_free_heap():
+    """Give the C heap's free memory back to the system (glibc's malloc_trim), so that memory
+    freed while building the model is not reused unseen by the measured steps."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _peak_rss_kib():
+    try:
+        return _proc_status_kib("VmHWM")
+    except OSError:
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+
+
+def _base(array):
+    while isinstance(array.base, np.ndarray):
+        array = array.base
+    return array
+
+
+def _array_bytes(obj, seen):
+    """Bytes of the distinct NumPy buffers reachable through tuples, lists and dicts, leaving
+    out those whose id is in seen (and adding the counted ones to it)."""
+    if isinstance(obj, np.ndarray):
+        base = _base(obj)
+        if id(base) in seen:
+            return 0
+        seen.add(id(base))
+        return base.nbytes
+    if isinstance(obj, dict):
+        obj = list(obj.values())
+    if isinstance(obj, (tuple, list)):
+        return sum(_array_bytes(o, seen) for o in obj)
+    return 0
+
+
+def memory_child(spec):
+    """Run in a fresh process: the peak memory growth of one side over one warm-up and one
+    measured step, from the baseline after the model and the input are built."""
+    config, backend, side = parse_config(spec["config"]), spec["backend"], spec["side"]
+    if side == "torch":
+        _torch()  # imported first, so that limit_threads sets its threads too
+    limit_threads(spec["threads"])
+    runner = (Ours(config, backend) if side == "ours"
+              else Theirs(config, "cpu" if backend == "numpy" else "cuda"))
+    gc.collect()
+    out = {"side": side}
+    if backend == "numpy":
+        import tracemalloc
+        _release_free_heap()
+        baseline = _proc_status_kib("VmRSS")
+        out["method"] = "VmHWM - VmRSS at baseline" if _reset_peak_rss() else \
+            "ru_maxrss - VmRSS at baseline (peak not resettable: may under-count)"
+        if side == "ours":
+            tracemalloc.start()
+        runner.prepare()
+        for _ in range(2):
+            runner.step()
+        out["peak_mb"] = max(0, _peak_rss_kib() - baseline) / 1024
+        out["baseline_mb"] = baseline / 1024
+        if side == "ours":
+            out["tracemalloc_peak_mb"] = tracemalloc.get_traced_memory()[1] / 2 ** 20
+            tracemalloc.stop()
+            if not config.training:  # the activations in it, not the weights it refers to
+                weights = {id(_base(w)) for w in (*runner.model.params.values(),
+                                                  *runner.model.buffers.values())}
+                out["cache_mb"] = _array_bytes(runner.model._cache, weights) / 2 ** 20
+        return out
+    if side == "ours":
+        import cupy
+        pool = cupy.get_default_memory_pool()
+        cupy.cuda.Device().synchronize()
+        pool.free_all_blocks()
+        baseline = pool.used_bytes()
+        runner.prepare()
+        for _ in range(2):
+            runner.step()
+        runner.sync()
+        out["method"] = "CuPy memory pool high-water (total_bytes) - used at baseline"
+        out["peak_mb"] = (pool.total_bytes() - baseline) / 2 ** 20
+        return out
+    torch = runner.torch
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    baseline = torch.cuda.memory_allocated()
+    runner.prepare()
+    for _ in range(2):
+        runner.step()
+    torch.cuda.synchronize()
+    out["method"] = "torch.cuda.max_memory_allocated - allocated at baseline"
+    out["peak_mb"] = (torch.cuda.max_memory_allocated() - baseline) / 2 ** 20
+    return out
+
+
+def _memory_child_main(spec_json):
+    print(json.dumps(memory_child(json.loads(spec_json))))
+    return 0
+
+
+def measure_memory(config, backend, threads, side, timeout=900):
+    """memory_child in a fresh Python process; its result dict, or {'error': ...}."""
+    package_root = str(Path(__file__).resolve().parent.parent)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+    spec = json.dumps({"config": config.name, "backend": backend, "threads": threads,
+                       "side": side})
+    code = ("import sys; from t2t_ref.bench import _memory_child_main; "
+            "sys.exit(_memory_child_main(sys.argv[1]))")
+    try:
+        done = subprocess.run([sys.executable, "-c", code, spec], env=env, capture_output=True,
+                              text=True, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        return {"side": side, "error": f"timed out after {timeout} s"}
+    if done.returncode != 0:
+        tail = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
+        return {"side": side, "error": f"exit {done.returncode}: {tail}"}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# ---- per-op breakdown -----------------------------------------------------------------------
+
+def _profiled_functions():
+    """{function: name} for everything the profiler times: each function defined in the
+    modules of t2t_ref.ops, t2t_ref.layers and t2t_ref.gaps, plus the model's forward and
+    backward (their own code) and AdamW.step."""
+    from . import gaps, layers, ops
+    from .model import T2TViT
+    from .optim import AdamW
+    modules = [gaps, layers, ops]
+    for package in (ops, layers):
+        modules += [importlib.import_module(f"{package.__name__}.{info.name}")
+                    for info in pkgutil.iter_modules(package.__path__)]
+    functions = {}
+    for module in modules:
+        for obj in vars(module).values():
+            if inspect.isfunction(obj) and obj.__module__ == module.__name__:
+                functions[obj] = obj.__name__  # an alias is timed under the defining name
+    functions[T2TViT.forward] = "T2TViT.forward (own code)"
+    functions[T2TViT.backward] = "T2TViT.backward (own code)"
+    functions[AdamW.step] = "AdamW.step"
+    return functions
+
+
+class OpProfiler:
+    """Exclusive time per function while active:
+
+        with OpProfiler(sync) as profiler:
+            step()                      # timed as total_ms
+        profiler.rows(total_ms)         # [{op, calls, ms, pct}], slowest first
+
+    Functions are imported by name (`from .linear import linear_forward`), so each is patched
+    wherever a t2t_ref module holds it: module attributes, the classes T2TViT and AdamW, and
+    module-level dicts of tuples of functions (model.T2T_LAYERS); all are restored on exit.
+    Each call's time minus its nested wrapped calls' time is its exclusive time, so the
+    exclusive times add up to the profiled code's wall time. sync (CuPy: wait for the GPU) is
+    called at every entry and exit, so the GPU's work is counted where it was queued.
+    """
+
+    def __init__(self, sync=None):
+        self.sync = sync
+        self.stats = {}  # name -> [calls, exclusive seconds]
+        self._children = []  # per active call: seconds spent in its nested wrapped calls
+        self._restore = []  # (setter, original) in patching order
+
+    def _wrap(self, function, name):
+        profiler = self
+
+        @functools.wraps(function)
+        def timed(*args, **kwargs):
+            if profiler.sync is not None:
+                profiler.sync()
+            profiler._children.append(0.0)
+            start = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                if profiler.sync is not None:
+                    profiler.sync()
+                elapsed = time.perf_counter() - start
+                inner = profiler._children.pop()
+                entry = profiler.stats.setdefault(name, [0, 0.0])
+                entry[0] += 1
+                entry[1] += elapsed - inner
+                if profiler._children:
+                    profiler._children[-1] += elapsed
+        return timed
+
+    def __enter__(self):
+        from .model import T2TViT
+        from .optim import AdamW
+        self._functions = _profiled_functions()  # held, so that their ids stay theirs
+        wrapped = {id(f): self._wrap(f, name) for f, name in self._functions.items()}
+
+        def patch(owner_set, original, replacement):
+            owner_set(replacement)
+            self._restore.append((owner_set, original))
+
+        modules = [m for n, m in list(sys.modules.items())
+                   if (n == "t2t_ref" or n.startswith("t2t_ref.")) and m is not None]
+        for module in modules:
+            for key, value in list(vars(module).items()):
+                if id(value) in wrapped:
+                    patch(functools.partial(setattr, module, key), value, wrapped[id(value)])
+                elif isinstance(value, dict):
+                    for k, entry in list(value.items()):
+                        if isinstance(entry, tuple) and any(id(e) in wrapped for e in entry):
+                            new = tuple(wrapped.get(id(e), e) for e in entry)
+                            patch(functools.partial(value.__setitem__, k), entry, new)
+        for cls in (T2TViT, AdamW):
+            for key, value in list(vars(cls).items()):
+                if id(value) in wrapped:
+                    patch(functools.partial(setattr, cls, key), value, wrapped[id(value)])
+        return self
+
+    def __exit__(self, *exc):
+        for setter, original in reversed(self._restore):
+            setter(original)
+        self._restore = []
+
+    def rows(self, total_ms):
+        """[{op, calls, ms, pct}] sorted by time, with 'other' = total - the wrapped time."""
+        rows = [{"op": name, "calls": calls, "ms": 1e3 * seconds}
+                for name, (calls, seconds) in self.stats.items()]
+        rows.append({"op": "other (bench loop, outside the wrapped code)", "calls": 1,
+                     "ms": total_ms - sum(r["ms"] for r in rows)})
+        for row in rows:
+            row["pct"] = 100.0 * row["ms"] / total_ms
+        return sorted(rows, key=lambda r: -r["ms"])
+
+
+def profile_step(side, pause=0.0):
+    """Time one step of t2t_ref with every op wrapped: (total ms, rows of OpProfiler.rows).
+    pause: seconds of idling first, as before a timed step."""
+    sync = side.sync if side.backend == "cupy" else None
+    side.sync()
+    time.sleep(pause)
+    with OpProfiler(sync) as profiler:
+        start = time.perf_counter()
+        side.step()
+        side.sync()
+        total_ms = 1e3 * (time.perf_counter() - start)
+    return total_ms, profiler.rows(total_ms)
+
+
+# ---- the loader -----------------------------------------------------------------------------
+
+def loader_rate(config, workers, batches=LOADER_BATCHES):
+    """Images/s of t2t_ref.data.Loader making training batches (random-resized crop + flip,
+    normalization) of the configuration's size and batch from in-memory synthetic images:
+    one whole epoch of `batches` batches, timed from the start (the workers work ahead, so
+    timing only later batches would time batches made before the clock started)."""
+    from .data import ArrayDataset, Loader, make_shapes
+    B, S = config.batch, config.img_size
+    dataset = ArrayDataset(*make_shapes(B * batches, S, seed=0)[:2])
+    with Loader(dataset, B, S, train=True, workers=0) as warm:
+        next(warm.epoch_batches(0))  # imports and caches warm, in this process
+    with Loader(dataset, B, S, train=True, workers=workers) as loader:
+        start = time.perf_counter()
+        made = sum(len(labels) for _, labels in loader.epoch_batches(1))
+        seconds = time.perf_counter() - start
+    return made / seconds
+
+
+# ---- the machine ----------------------------------------------------------------------------
+
+def describe_machine(backend, threads, blas):
+    torch = _torch()
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    torch_blas = re.search(r"BLAS_INFO=(\w+)", torch.__config__.show())
+    machine = {
+        "cpu": cpu, "cores": os.cpu_count(),
+        "cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "threads": threads, "python": platform.python_version(), "numpy": np.__version__,
+        "numpy_blas": ", ".join(f"{b['internal_api']} {b['version']} ({b.get('architecture')},"
+                                f" {b['num_threads']} threads)" for b in blas) or "unknown",
+        "blas_libraries": [b["filepath"] for b in blas],
+        "torch": torch.__version__, "torch_blas": torch_blas[1] if torch_blas else "unknown",
+        "torch_threads": torch.get_num_threads(), "backend": backend,
+    }
+    if backend == "cupy":
+        import cupy
+        machine["gpu"] = torch.cuda.get_device_name()
+        machine["cupy"] = cupy.__version__
+        machine["cuda"] = torch.version.cuda
+    return machine
+
+
+# ---- one configuration ----------------------------------------------------------------------
+
+def run_config(config, args, peak_gflops):
+    """Everything measured for one configuration, as a dict (see the module docstring)."""
+    torch_device = "cpu" if args.backend == "numpy" else "cuda"
+    ours = Ours(config, args.backend)
+    theirs = Theirs(config, torch_device, state=ours.model.state_dict())
+    a, b = ours.eval_logits(), theirs.eval_logits()  # the same model: the same logits
+    logits_rel_diff = float(np.max(np.abs(a - b)) / max(np.max(np.abs(a) + np.abs(b)), 1e-30))
+    ours.prepare()
+    theirs.prepare()
+
+    flops = count_flops(config.model, config.img_size, config.batch, config.training)
+    times = time_interleaved([ours, theirs], make_timer(args.backend), args.warmup, args.repeats,
+                             args.pause)
+    result = {"config": config.name, **asdict(config), "flops": flops,
+              "logits_rel_diff": logits_rel_diff, "anchor_ms": ANCHOR_MS.get(config.name),
+              "ours": summarize(times["t2t_ref"], flops, config.batch, peak_gflops),
+              "torch": summarize(times["PyTorch"], flops, config.batch, peak_gflops)}
+    result["ratio"] = result["ours"]["ms"] / result["torch"]["ms"]
+    result["target_ratio"] = TARGET_RATIO[config.mode]
+
+    result["profile_ms"], result["profile"] = profile_step(ours, args.pause)
+    del ours, theirs
+    gc.collect()
+
+    memory = {side: measure_memory(config, args.backend, args.threads, side)
+              for side in ("ours", "torch")}
+    result["memory"] = memory
+    ok = all("peak_mb" in m for m in memory.values())
+    result["memory_ratio"] = (memory["ours"]["peak_mb"] / memory["torch"]["peak_mb"]
+                              if ok and memory["torch"]["peak_mb"] > 0 else None)
+    result["target_memory_ratio"] = TARGET_MEMORY_RATIO if config.training else None
+    result["loader_images_per_s"] = loader_rate(config, args.workers, args.loader_batches)
+    result["loader_workers"] = args.workers
+    return result
+
+
+# ---- printing -------------------------------------------------------------------------------
+
+def _verdict(value, target):
+    if value is None or target is None:
+        return ""
+    return f"(target <= {target:.2f}x: {'met' if value <= target else 'MISSED'})"
+
+
+PROFILE_MIN_PCT = 0.5  # the printed breakdown lists the ops above this; the JSON has all
+
+
+def print_result(r):
+    ours, torch_ = r["ours"], r["torch"]
+    config = Config(r["model"], r["img_size"], r["batch"], r["mode"])
+    row = "   {:<24}{:>16}{:>16}   {}".format
+    print(f"\n== {r['config']}: {config.describe()}")
+    print(f"   same model: eval logits agree to {r['logits_rel_diff']:.1e} (relative); "
+          f"{r['flops'] / 1e9:.2f} GFLOP per step (matmuls, from the shapes)")
+    print(row("", "t2t_ref", "PyTorch", ""))
+    print(row("ms per step (median)", f"{ours['ms']:.1f}", f"{torch_['ms']:.1f}",
+              f"ratio {r['ratio']:.2f}x {_verdict(r['ratio'], r['target_ratio'])}"))
+    print(row("  min .. max", f"{ours['min_ms']:.1f}..{ours['max_ms']:.1f}",
+              f"{torch_['min_ms']:.1f}..{torch_['max_ms']:.1f}",
+              f"{len(ours['times_ms'])} interleaved runs each"
+              + (f"; issue's anchor {r['anchor_ms']:.0f} ms" if r.get("anchor_ms") else "")))
+    print(row("images/s", f"{ours['images_per_s']:.1f}", f"{torch_['images_per_s']:.1f}", ""))
+    print(row("GFLOP/s (% of peak)", f"{ours['gflops']:.1f} ({ours['peak_pct']:.0f}%)",
+              f"{torch_['gflops']:.1f} ({torch_['peak_pct']:.0f}%)", ""))
+    mem = r["memory"]
+    cells = [f"{m['peak_mb']:.1f}" if "peak_mb" in m else "n/a"
+             for m in (mem["ours"], mem["torch"])]
+    ratio = (f"ratio {r['memory_ratio']:.2f}x "
+             f"{_verdict(r['memory_ratio'], r['target_memory_ratio'])}"
+             if r["memory_ratio"] is not None else "")
+    print(row("peak memory (MB)", *cells, ratio))
+    if "tracemalloc_peak_mb" in mem["ours"]:
+        print(row("", "", "", f"t2t_ref's tracemalloc peak "
+                              f"{mem['ours']['tracemalloc_peak_mb']:.1f} MB"))
+    if "cache_mb" in mem["ours"]:
+        print(row("", "", "", f"(t2t_ref keeps its activation cache after an eval forward: "
+                              f"{mem['ours']['cache_mb']:.1f} MB, counted)"))
+    for m in mem.values():
+        if "error" in m:
+            print(row("", "", "", f"{m['side']}: memory run failed: {m['error']}"))
+    slower = "loader" if r["loader_images_per_s"] < ours["images_per_s"] else "model"
+    print(row("loader images/s", f"{r['loader_images_per_s']:.1f}", "",
+              f"{r['loader_workers']} workers, vs t2t_ref's {ours['images_per_s']:.1f}: "
+              f"the {slower} is the slower"))
+    print(f"   where t2t_ref's time goes: exclusive time per function in one profiled step "
+          f"({r['profile_ms']:.1f} ms; timed median {ours['ms']:.1f} ms)")
+    print(f"   {'op':<46}{'calls':>6}{'ms/step':>10}{'%':>7}")
+    shown = [p for p in r["profile"] if p["pct"] >= PROFILE_MIN_PCT]
+    rest = [p for p in r["profile"] if p["pct"] < PROFILE_MIN_PCT]
+    for p in shown:
+        print(f"   {p['op']:<46}{p['calls']:>6}{p['ms']:>10.2f}{p['pct']:>7.1f}")
+    if rest:
+        print(f"   {f'({len(rest)} more, each < {PROFILE_MIN_PCT}%)':<46}"
+              f"{sum(p['calls'] for p in rest):>6}{sum(p['ms'] for p in rest):>10.2f}"
+              f"{sum(p['pct'] for p in rest):>7.1f}")
+
+
+def print_markdown(machine, peak, results, pause):
+    gpu = f", GPU {machine['gpu']} (CuPy {machine['cupy']}, CUDA {machine['cuda']})" \
+        if "gpu" in machine else ""
+    print(f"\n### {machine['cpu']}, {machine['cores']} cores, {machine['threads']} threads"
+          f"{gpu}\n")
+    print(f"NumPy {machine['numpy']} ({machine['numpy_blas']}), PyTorch {machine['torch']} "
+          f"(BLAS {machine['torch_blas']}), Python {machine['python']}, backend "
+          f"{machine['backend']}, float32. Float32 matmul rate ({peak['n']}^3): "
+          f"{peak['library']} {peak['gflops']:.0f} GFLOP/s (the peak), torch "
+          f"{peak['torch_gflops']:.0f} GFLOP/s.\n")
+    print("| configuration | t2t_ref ms | PyTorch ms | ratio (target) | t2t_ref img/s | "
+          "PyTorch img/s | loader img/s | GFLOP/s t2t_ref / PyTorch (% of peak) | "
+          "peak MB t2t_ref / PyTorch (ratio) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in results:
+        o, t = r["ours"], r["torch"]
+        mem = r["memory"]
+        if r["memory_ratio"] is not None:
+            memory = (f"{mem['ours']['peak_mb']:.0f} / {mem['torch']['peak_mb']:.0f} "
+                      f"({r['memory_ratio']:.2f}x)")
+        else:
+            memory = "n/a"
+        print(f"| {r['config']} | {o['ms']:.1f} | {t['ms']:.1f} | {r['ratio']:.2f}x "
+              f"(<= {r['target_ratio']:.2f}) | {o['images_per_s']:.1f} | "
+              f"{t['images_per_s']:.1f} | {r['loader_images_per_s']:.0f} | "
+              f"{o['gflops']:.1f} / {t['gflops']:.1f} ({o['peak_pct']:.0f}% / "
+              f"{t['peak_pct']:.0f}%) | {memory} |")
+    timing = "CUDA events" if machine["backend"] == "cupy" else "wall clock"
+    memory = ("the memory pools' high-water marks (CuPy's pool, torch.cuda)"
+              if machine["backend"] == "cupy" else "growth of the peak resident set")
+    print(f"\nMedian of {len(results[0]['ours']['times_ms'])} interleaved runs ({timing}) "
+          "after warm-up" + (f", {pause:g} s pause before each" if pause else "")
+          + f"; peak memory: {memory} over one warm-up + one measured step, each side in its "
+          "own process. `python -m t2t_ref.bench --markdown`.")
+
+
+# ---- the command line -----------------------------------------------------------------------
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m t2t_ref.bench", description=__doc__,
+                                     formatter_class=HelpFormatter)
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--config", action="append", metavar="NAME",
+                       help="a configuration MODEL-SIZE-bBATCH-(train|infer), e.g. "
+                            "t2t_vit_7-224-b16-train; repeatable")
+    which.add_argument("--all", action="store_true",
+                       help="the four standard configurations: "
+                            + ", ".join(c.name for c in STANDARD) + " (the default)")
+    which.add_argument("--quick", action="store_true",
+                       help="tiny configurations (" + ", ".join(c.name for c in QUICK)
+                            + ") and a smaller matmul and loader run: a smoke test")
+    parser.add_argument("--backend", default="numpy", choices=["numpy", "cupy"],
+                        help="numpy: against PyTorch on the CPU; cupy: against PyTorch CUDA")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(),
+                        help="threads for both sides (NumPy's BLAS and PyTorch)")
+    parser.add_argument("--repeats", type=int, default=MIN_REPEATS,
+                        help=f"timed steps of each side (at least {MIN_REPEATS})")
+    parser.add_argument("--warmup", type=int, default=MIN_WARMUP,
+                        help=f"untimed steps of each side first (at least {MIN_WARMUP})")
+    parser.add_argument("--pause", type=float, default=None, metavar="SECONDS",
+                        help="idle time before each timed step, so that the other library's "
+                             "idle threads have stopped spinning (default: 0.15 with numpy "
+                             "and more than one thread, else 0)")
+    parser.add_argument("--workers", type=int, default=2, help="loader worker threads")
+    parser.add_argument("--json", metavar="PATH", help="write every number to this JSON file")
+    parser.add_argument("--markdown", action="store_true",
+                        help="also print a Markdown table for BENCHMARKS.md")
+    args = parser.parse_args(argv)
+    if args.repeats < MIN_REPEATS:
+        return user_error(f"--repeats {args.repeats}: at least {MIN_REPEATS} timed runs")
+    if args.warmup < MIN_WARMUP:
+        return user_error(f"--warmup {args.warmup}: at least {MIN_WARMUP} warm-up steps")
+    if args.threads < 1 or args.workers < 0 or (args.pause or 0.0) < 0.0:
+        return user_error("--threads must be >= 1, --workers and --pause >= 0")
+    if args.pause is None:
+        args.pause = 0.15 if args.backend == "numpy" and args.threads > 1 else 0.0
+    try:
+        configs = (QUICK if args.quick else
+                   [parse_config(n) for n in args.config] if args.config else STANDARD)
+    except ValueError as err:
+        return user_error(err)
+    args.loader_batches = 6 if args.quick else LOADER_BATCHES
+    try:
+        return run(args, configs)
+    except BenchError as err:
+        return user_error(err)
+    finally:
+        restore_threads()
+
+
+def run(args, configs):
+    torch = _torch()
+    load_oracle()
+    if args.backend == "cupy":
+        os.environ["CUPY_TF32"] = "0"  # read when CuPy is imported (next line); children too
+        from .backend import BackendError, get_namespace
+        try:
+            get_namespace("cupy")
+        except BackendError as err:
+            raise BenchError(err) from None
+        if not torch.cuda.is_available():
+            raise BenchError("--backend cupy compares with PyTorch CUDA, but this PyTorch "
+                             "has no CUDA device: install a CUDA build of torch")
+        torch.backends.cuda.matmul.allow_tf32 = False  # full float32 on both sides
+        torch.backends.cudnn.allow_tf32 = False
+    blas = limit_threads(args.threads)  # torch is imported: its threads too
+    machine = describe_machine(args.backend, args.threads, blas)
+    device = "cpu" if args.backend == "numpy" else "cuda"
+    n = QUICK_MATMUL_SIZE if args.quick else MATMUL_SIZE[args.backend]
+    # the machine's rate: the backend's own matmul (torch's beside it, for the record)
+    peak = {"n": n, "library": args.backend, "gflops": matmul_rate(args.backend, n),
+            "torch_gflops": torch_matmul_rate(device, n)}
+    peak_gflops = peak["gflops"]
+    print(f"t2t_ref vs PyTorch {torch.__version__} eager, backend {args.backend}, float32, "
+          f"{args.threads} threads; {machine['cpu']}, {machine['cores']} cores"
+          + (f"; GPU {machine['gpu']}" if "gpu" in machine else ""))
+    print(f"NumPy {machine['numpy']} BLAS: {machine['numpy_blas']}; torch BLAS: "
+          f"{machine['torch_blas']}")
+    print(f"float32 matmul rate ({n}^3, median of 5): {args.backend} {peak_gflops:.1f} "
+          f"GFLOP/s (the peak below), torch {peak['torch_gflops']:.1f} GFLOP/s")
+    print(f"{args.warmup} warm-up + {args.repeats} timed steps of each side, interleaved"
+          + (f", {args.pause:g} s pause before each timed step" if args.pause else ""))
+    results = []
+    for config in configs:
+        result = run_config(config, args, peak_gflops)
+        print_result(result)
+        results.append(result)
+    if args.markdown:
+        print_markdown(machine, peak, results, args.pause)
+    if args.json:
+        report = {"machine": machine, "matmul": peak, "peak_gflops": peak_gflops,
+                  "repeats": args.repeats, "warmup": args.warmup, "results": results}
+        Path(args.json).write_text(json.dumps(report, indent=2))
+        print(f"\nwrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,160 @@
+"""The benchmark tool (t2t_ref.bench): its FLOP count, its profiler, and a quick run end to end.
+
+No speed target is asserted here: these tests prove that the tool measures what it says, not
+how fast anything is.
+"""
+
+import json
+import time
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from t2t_ref import bench
+from t2t_ref import model as model_module
+from t2t_ref.layers import token_performer
+from t2t_ref.ops import linear
+from t2t_ref.optim import AdamW
+from torch_t2t import create_torch_model
+
+# the benchmark's one extra dependency (it sets NumPy's BLAS threads); not in the test extra
+pytest.importorskip("threadpoolctl", reason="t2t_ref.bench needs threadpoolctl: "
+                                            "pip install threadpoolctl")
+
+
+@pytest.mark.parametrize("name, size", [("t2t_vit_7", 48), ("t2t_vit_t_14", 32)])
+def test_count_flops_matches_torch_flop_counter(name, size):
+    """count_flops (from the shapes) against torch's FlopCounterMode on the oracle's forward,
+    which counts every mm/addmm/bmm the eager model runs (the performer's einsums included)."""
+    model = create_torch_model(name, num_classes=bench.NUM_CLASSES, img_size=size).eval()
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(torch.randn(3, 3, size, size))
+    expected = counter.get_total_flops()
+    ours = bench.count_flops(name, size, 3, training=False)
+    assert abs(ours - expected) <= 0.02 * expected, \
+        f"{name} at {size}: count_flops {ours:,} vs FlopCounterMode {expected:,}"
+    assert bench.count_flops(name, size, 3, training=True) == 3 * ours
+
+
+@pytest.mark.parametrize("name, gmacs", [("t2t_vit_7", 1.1), ("t2t_vit_14", 4.8),
+                                         ("t2t_vit_t_14", 6.1)])
+def test_count_flops_gives_the_papers_macs(name, gmacs):
+    """The T2T-ViT paper's table lists MACs (multiply-adds) at 224: FLOPs / 2."""
+    assert round(bench.count_flops(name, 224, 1, training=False) / 2e9, 1) == gmacs
+
+
+def test_parse_config():
+    config = bench.parse_config("t2t_vit_t_14-64-b32-train")
+    assert (config.model, config.img_size, config.batch, config.training) == \
+        ("t2t_vit_t_14", 64, 32, True)
+    assert config.name == "t2t_vit_t_14-64-b32-train"
+    for bad in ("t2t_vit_7-224-16-train", "t2t_vit_99-224-b16-train", "t2t_vit_7-100-b4-infer",
+                "t2t_vit_7-224-b16-predict"):
+        with pytest.raises(ValueError, match="configuration"):
+            bench.parse_config(bad)
+
+
+def _is_original(function):
+    return not hasattr(function, "__wrapped__")
+
+
+@pytest.fixture
+def one_thread():
+    bench.limit_threads(1)
+    yield
+    bench.restore_threads()
+
+
+def test_profiler_exclusive_times_add_up_to_the_step(one_thread):
+    side = bench.Ours(bench.parse_config("t2t_vit_7-32-b2-train"), "numpy")
+    side.prepare()
+    side.step()  # warm
+    plain = []
+    for _ in range(3):
+        start = time.perf_counter()
+        side.step()
+        plain.append(1e3 * (time.perf_counter() - start))
+
+    total_ms, rows = bench.profile_step(side)
+    by_op = {row["op"]: row for row in rows}
+    other = by_op["other (bench loop, outside the wrapped code)"]
+    wrapped_ms = sum(row["ms"] for row in rows if row is not other)
+    # exclusive times: nested calls are not counted twice, so they add up to the step
+    assert 0.0 <= other["ms"] <= 0.1 * total_ms, (other, total_ms)
+    assert abs(wrapped_ms + other["ms"] - total_ms) < 1e-6
+    assert abs(sum(row["pct"] for row in rows) - 100.0) < 1e-6
+    assert all(row["ms"] >= -0.05 for row in rows), rows  # exclusive time is never negative
+    # the profiled step is a normal step (loose: the machine may be busy)
+    assert 0.2 * min(plain) < total_ms < 5 * max(plain), (total_ms, plain)
+    # it names the main ops, with their call counts (7 blocks, 2 performer layers)
+    for op, calls in [("linear_forward", 38), ("linear_backward", 38),
+                      ("layernorm_forward", 19), ("layernorm_backward", 19),
+                      ("scaled_dot_product_attention_forward", 7),
+                      ("scaled_dot_product_attention_backward", 7),
+                      ("performer_attention_forward", 2), ("performer_attention_backward", 2),
+                      ("token_performer_forward", 2), ("block_backward", 7),
+                      ("unfold", 3), ("fold", 3), ("cross_entropy", 1), ("AdamW.step", 1),
+                      ("T2TViT.forward (own code)", 1), ("T2TViT.backward (own code)", 1)]:
+        assert by_op[op]["calls"] == calls, (op, by_op.get(op))
+    # and everything it patched is put back
+    assert _is_original(model_module.linear_forward)
+    assert model_module.linear_forward is linear.linear_forward
+    assert model_module.T2T_LAYERS["performer"][0] is token_performer.token_performer_forward
+    assert _is_original(token_performer.token_performer_forward)
+    assert _is_original(model_module.T2TViT.forward) and _is_original(AdamW.step)
+
+
+def test_main_quick_writes_sane_numbers(tmp_path, capsys):
+    # one thread: the test machine may be busy, and two-thread BLAS on a busy 2-core machine
+    # can be 10x slower; the thread count is the same for both sides either way
+    path = tmp_path / "bench.json"
+    threads_before = torch.get_num_threads()
+    assert bench.main(["--quick", "--repeats", "5", "--threads", "1", "--json", str(path)]) == 0
+    assert torch.get_num_threads() == threads_before  # main puts the thread counts back
+    out = capsys.readouterr().out
+    assert "where t2t_ref's time goes" in out and "loader images/s" in out
+    report = json.loads(path.read_text())
+    assert report["peak_gflops"] > 0 and report["machine"]["threads"] == 1
+    assert [r["config"] for r in report["results"]] == [c.name for c in bench.QUICK]
+    for r in report["results"]:
+        assert r["logits_rel_diff"] < 1e-4  # the same model on both sides
+        assert r["flops"] == bench.count_flops(r["model"], r["img_size"], r["batch"],
+                                               r["mode"] == "train")
+        for side in ("ours", "torch"):
+            s = r[side]
+            assert len(s["times_ms"]) == 5 and all(t > 0 for t in s["times_ms"])
+            assert s["min_ms"] <= s["ms"] <= s["max_ms"]
+            assert s["images_per_s"] == pytest.approx(r["batch"] / (s["ms"] / 1e3))
+            assert s["gflops"] == pytest.approx(r["flops"] / (s["ms"] / 1e3) / 1e9)
+            assert s["peak_pct"] == pytest.approx(100 * s["gflops"] / report["peak_gflops"])
+            assert "error" not in r["memory"][side], r["memory"][side]
+            assert r["memory"][side]["peak_mb"] >= 0
+        assert r["ratio"] == pytest.approx(r["ours"]["ms"] / r["torch"]["ms"])
+        if r["mode"] == "train":  # a training step allocates (grads, optimizer state)
+            assert r["memory"]["ours"]["peak_mb"] > 0 and r["memory"]["torch"]["peak_mb"] > 0
+            assert r["memory_ratio"] == pytest.approx(
+                r["memory"]["ours"]["peak_mb"] / r["memory"]["torch"]["peak_mb"])
+        assert r["loader_images_per_s"] > 0
+        assert r["profile_ms"] > 0 and r["profile"][0]["ms"] > 0
+
+
+def test_main_refuses_bad_options(capsys):
+    assert bench.main(["--quick", "--repeats", "4"]) == 2
+    assert bench.main(["--config", "t2t_vit_7-30-b4-train"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 2 and "at least 5" in err and "multiple of 16" in err
+
+
+def test_cupy_without_a_gpu_is_one_line(capsys):
+    from t2t_ref.backend import BackendError, get_namespace
+    try:
+        get_namespace("cupy")
+        if torch.cuda.is_available():
+            pytest.skip("CuPy and a CUDA PyTorch are here: --backend cupy would run")
+    except BackendError:
+        pass
+    assert bench.main(["--quick", "--backend", "cupy"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1
