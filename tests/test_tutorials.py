@@ -14,6 +14,7 @@ pip install -e ".[test]" installs them.
 
 import importlib.util
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -25,6 +26,7 @@ SOURCES = sorted((TUTORIALS / "src").glob("[0-9][0-9]_*.py"))
 # Each cell may run this long before the test fails (a hang, not a slow machine, is the target;
 # each notebook is meant to take well under 3 minutes on 2 CPU cores).
 CELL_TIMEOUT = int(os.environ.get("T2T_TUTORIAL_CELL_TIMEOUT", "600"))
+ANSI = re.compile(r"\x1b\[[0-9;]*m")  # the colours of IPython's tracebacks
 
 
 def _needs(module):
@@ -101,10 +103,16 @@ def test_notebook_runs_top_to_bottom(path, tmp_path):
     try:
         client.execute()
     except (CellExecutionError, CellTimeoutError) as err:
-        failing = next((i for i, c in enumerate(nb.cells) if c.cell_type == "code" and any(
-            o.output_type == "error" for o in c.get("outputs", []))), None)
+        failing, message = None, str(err)
+        for i, cell in enumerate(nb.cells):
+            errors = [o for o in cell.get("outputs", []) if o.output_type == "error"]
+            if cell.cell_type == "code" and errors:
+                failing = i
+                traceback = "\n".join(ANSI.sub("", line) for line in errors[0].get("traceback", []))
+                message = f"{errors[0].ename}: {errors[0].evalue}\n{traceback}"
+                break
         if failing is None:  # a timeout leaves no error output: the last cell that started
             failing = max((i for i, c in enumerate(nb.cells)
                            if c.cell_type == "code" and c.execution_count is not None), default=0)
-        pytest.fail(f"{path.name}, cell {failing} failed:\n--- source:\n{nb.cells[failing].source}\n"
-                    f"--- error:\n{err}", pytrace=False)
+        pytest.fail(f"{path.name}, cell {failing} (0-based, Markdown cells counted) failed:\n--- source:\n{nb.cells[failing].source}\n"
+                    f"--- error:\n{message}", pytrace=False)

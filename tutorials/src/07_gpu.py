@@ -35,7 +35,8 @@ try:
     xp_gpu, gpu = get_namespace("cupy")
     import cupy
     GPU = True
-    print("GPU:", cupy.cuda.runtime.getDeviceProperties(gpu.id)["name"].decode(), "| CuPy", cupy.__version__)
+    gpu_name = cupy.cuda.runtime.getDeviceProperties(gpu.id)["name"]
+    print("GPU:", gpu_name.decode() if isinstance(gpu_name, bytes) else gpu_name, "| CuPy", cupy.__version__)
 except BackendError as err:
     GPU = False
     print(f"No GPU here, so the cells marked 'needs a GPU' skip.\n  ({err})")
