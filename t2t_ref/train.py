@@ -323,7 +323,8 @@ def train(config, resume=None):
                                           and step >= config["stop_after"]):
                         raise Interrupted  # between two steps: the state is consistent
                     lr = schedule(step)
-                    step_rng = np.random.default_rng(step_seed(config["seed"], step))
+                    seed = step_seed(config["seed"], step)
+                    step_rng = np.random.default_rng(seed)
                     targets = labels
                     if mixing:
                         images, targets = mix_batch(images, labels, K, step_rng,
@@ -332,7 +333,7 @@ def train(config, resume=None):
                     t = to_device(targets, xp, device)
                     if mixing:
                         t = xp.astype(t, model.dtype)
-                    model.rng = make_rng(xp, step_seed(config["seed"], step))
+                    model.rng = make_rng(xp, seed)
                     logits = model.forward(x)
                     loss, dlogits = cross_entropy(logits, t, config["label_smoothing"])
                     model.backward(dlogits)
