@@ -27,8 +27,8 @@ What is printed for each configuration:
   - peak memory: each side in a fresh subprocess, the growth of the peak resident set (Linux
     VmHWM, reset through /proc/self/clear_refs) over the process after building the model and
     the input, across one warm-up and one measured step; the optimizer's state is inside it
-    on both sides. t2t_ref keeps its activation cache also in eval mode: that is in its number
-    (its size is printed). Target: a training step <= 1.5x PyTorch's.
+    on both sides. Inference is forward(x, keep_cache=False) on t2t_ref's side, as
+    torch.no_grad() on PyTorch's. Target: a training step <= 1.5x PyTorch's.
   - loader: images/s of t2t_ref.data.Loader making training batches of this size and batch
     from in-memory synthetic images (--workers threads), beside the model's images/s, so the
     slower of the two shows.
@@ -268,7 +268,7 @@ class Ours:
     def step(self):
         model = self.model
         if not self.config.training:
-            model.forward(self.x)  # (B, K); the model keeps its activation cache
+            model.forward(self.x, keep_cache=False)  # (B, K); as under torch.no_grad()
             return
         logits = model.forward(self.x)  # (B, K)
         # through the module, so that the profiler's patch of its attribute is seen
@@ -283,8 +283,7 @@ class Ours:
 
     def eval_logits(self):
         self.model.eval()
-        logits = to_numpy(self.model.forward(self.x))
-        self.model._cache = None  # this check's activations are not the benchmark's
+        logits = to_numpy(self.model.forward(self.x, keep_cache=False))
         return logits
 
 
@@ -490,28 +489,6 @@ def _peak_rss_kib():
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
 
 
-def _base(array):
-    while isinstance(array.base, np.ndarray):
-        array = array.base
-    return array
-
-
-def _array_bytes(obj, seen):
-    """Bytes of the distinct NumPy buffers reachable through tuples, lists and dicts, leaving
-    out those whose id is in seen (and adding the counted ones to it)."""
-    if isinstance(obj, np.ndarray):
-        base = _base(obj)
-        if id(base) in seen:
-            return 0
-        seen.add(id(base))
-        return base.nbytes
-    if isinstance(obj, dict):
-        obj = list(obj.values())
-    if isinstance(obj, (tuple, list)):
-        return sum(_array_bytes(o, seen) for o in obj)
-    return 0
-
-
 def memory_child(spec):
     """Run in a fresh process: the peak memory growth of one side over one warm-up and one
     measured step, from the baseline after the model and the input are built."""
@@ -539,10 +516,6 @@ def memory_child(spec):
         if side == "ours":
             out["tracemalloc_peak_mb"] = tracemalloc.get_traced_memory()[1] / 2 ** 20
             tracemalloc.stop()
-            if not config.training:  # the activations in it, not the weights it refers to
-                weights = {id(_base(w)) for w in (*runner.model.params.values(),
-                                                  *runner.model.buffers.values())}
-                out["cache_mb"] = _array_bytes(runner.model._cache, weights) / 2 ** 20
         return out
     if side == "ours":
         import cupy
@@ -845,9 +818,6 @@ def print_result(r):
     if "tracemalloc_peak_mb" in mem["ours"]:
         print(row("", "", "", f"t2t_ref's tracemalloc peak "
                               f"{mem['ours']['tracemalloc_peak_mb']:.1f} MB"))
-    if "cache_mb" in mem["ours"]:
-        print(row("", "", "", f"(t2t_ref keeps its activation cache after an eval forward: "
-                              f"{mem['ours']['cache_mb']:.1f} MB, counted)"))
     for m in mem.values():
         if "error" in m:
             print(row("", "", "", f"{m['side']}: memory run failed: {m['error']}"))

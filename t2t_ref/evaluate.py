@@ -48,7 +48,7 @@ def evaluate(model, loader, progress=True, desc="eval"):
             continue
         x = xp.astype(to_device(images, xp, device), model.dtype)
         y = to_device(labels, xp, device)
-        logits = model.forward(x)  # (B, K)
+        logits = model.forward(x, keep_cache=False)  # (B, K)
         loss, _ = cross_entropy(logits, y)
         loss_sum = loss_sum + loss * len(labels)
         # the true class's rank: how many classes scored higher than it

@@ -11,18 +11,66 @@ import scipy.special
 from .backend import array_namespace, backend_name, device_of, to_device, to_numpy
 
 
+# float32 erf as Eigen and XLA compute it: erf(x) = x P(x^2) / Q(x^2) with x clamped to [-4, 4]
+# (beyond, erf rounds to +-1 in float32); within 5e-7 of the exact value everywhere, a few
+# float32 ulps. Coefficients highest power first.
+_ERF32_P = (-2.72614225801306e-10, 2.77068142495902e-08, -2.10102402082508e-06,
+            -5.69250639462346e-05, -7.34990630326855e-04, -2.95459980854025e-03,
+            -1.60960333262415e-02)
+_ERF32_Q = (-1.45660718464996e-05, -2.13374055278905e-04, -1.68282697438203e-03,
+            -7.37332916720468e-03, -1.42647390514189e-02)
+_CHUNK = 1 << 16  # elements: a chunk's temporaries stay in the CPU's cache
+
+
 def erf(x):
-    """The error function, elementwise, on x's backend (GELU needs it; the standard has none)."""
+    """The error function, elementwise, on x's backend (GELU needs it; the standard has none).
+
+    Always returns a new array. float64: SciPy's erf (CuPy's on the GPU). float32: the rational
+    approximation above, written with standard array functions; on NumPy it is evaluated in
+    cache-sized chunks, about 6x faster than scipy.special.erf, which works in double.
+    """
     xp = array_namespace(x)
     name = backend_name(xp)
-    if name == "numpy":
-        return xp.asarray(scipy.special.erf(x))
     if name == "cupy":
         import cupyx.scipy.special
         return cupyx.scipy.special.erf(x)
+    if x.dtype == xp.float32:
+        return _in_chunks(erf_float32, x) if name == "numpy" else erf_float32(x)
+    if name == "numpy":
+        return xp.asarray(scipy.special.erf(x))
     # array_api_strict: compute on the host, hand the result back on x's device.
     host = scipy.special.erf(to_numpy(x))
     return xp.astype(to_device(host, xp, device_of(x)), x.dtype)
+
+
+def erf_float32(x):
+    """erf of a float32 array by the rational approximation (see _ERF32_P); a new array."""
+    xp = array_namespace(x)
+    x = xp.clip(x, -4.0, 4.0)
+    x2 = x * x
+    p = x2 * _ERF32_P[0]
+    for c in _ERF32_P[1:-1]:  # Horner's rule, in place on the fresh array p
+        p += c
+        p *= x2
+    p += _ERF32_P[-1]
+    p *= x
+    q = x2 * _ERF32_Q[0]
+    for c in _ERF32_Q[1:-1]:
+        q += c
+        q *= x2
+    q += _ERF32_Q[-1]
+    p /= q
+    return p
+
+
+def _in_chunks(fn, x):
+    """fn applied elementwise to a NumPy array, _CHUNK elements at a time: the same result,
+    but each chunk's dozen temporaries stay in the cache instead of streaming through memory."""
+    flat = np.reshape(x, -1)
+    out = np.empty_like(flat)
+    for start in range(0, flat.size, _CHUNK):
+        out[start:start + _CHUNK] = fn(flat[start:start + _CHUNK])
+    return np.reshape(out, x.shape)
 
 
 def make_rng(xp, seed):

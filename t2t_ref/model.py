@@ -213,14 +213,21 @@ class T2TViT:
                              f"built for {S}x{S}: resize or crop them to {S}x{S}, or create the "
                              f"model with another img_size (a multiple of {PATCH})")
 
-    def forward(self, x):
-        """x (B, 3, S, S) on the model's backend and dtype -> logits (B, num_classes)."""
+    def forward(self, x, keep_cache=True):
+        """x (B, 3, S, S) on the model's backend and dtype -> logits (B, num_classes).
+
+        keep_cache=True keeps every layer's activations for backward() (in eval mode too, so
+        that saliency maps and gradient checks work). keep_cache=False is inference, as under
+        torch.no_grad(): each layer's activations are dropped as soon as the next layer has
+        them, so memory stays at about one layer's worth; backward() then raises.
+        """
         self._check_input(x)
         xp, p = self.xp, self.params
         t2t_forward = T2T_LAYERS[self.variant.tokens_type][0]
         opts = dict(rng=self.rng, training=self.training)
         B = x.shape[0]
-        caches = {}
+        caches = {} if keep_cache else _Discard()
+        self._cache = None  # an earlier forward's activations are not needed any more
 
         # Tokens-to-token: soft split, T2T layer, re-structurize, twice; then a last split.
         tokens, caches["split0"] = soft_split_forward(x, *SOFT_SPLITS[0])  # (B, S/4^2, 147)
@@ -246,7 +253,7 @@ class T2TViT:
         h, caches["norm"] = layernorm_forward(h, p["norm.weight"], p["norm.bias"])
         logits, caches["head"] = linear_forward(h[:, 0, :], p["head.weight"], p["head.bias"])
         caches["tokens_shape"] = h.shape
-        self._cache = caches
+        self._cache = caches if keep_cache else None
         return logits  # (B, num_classes)
 
     __call__ = forward
@@ -258,7 +265,8 @@ class T2TViT:
         gradient. Must follow a forward; the cache is released afterwards.
         """
         if self._cache is None:
-            raise RuntimeError("backward() needs a forward() first (its cache is used once)")
+            raise RuntimeError("backward() needs a forward(x) first, with keep_cache=True "
+                               "(its cache is used once)")
         xp, caches, g = self.xp, self._cache, {}
         self._cache = None
         t2t_backward = T2T_LAYERS[self.variant.tokens_type][1]
@@ -290,6 +298,13 @@ class T2TViT:
 
         self.grads = g
         return dx
+
+
+class _Discard(dict):
+    """A dict that forgets whatever is stored in it: forward's caches when none are kept."""
+
+    def __setitem__(self, key, value):
+        pass
 
 
 def _tokens_to_image(tokens):

@@ -154,6 +154,19 @@ def test_backward_without_forward_raises():
         model.backward(np.zeros((1, CLASSES), np.float32))
 
 
+def test_forward_without_cache_is_inference():
+    """keep_cache=False gives the same logits, keeps no activations, and backward refuses."""
+    model = t2t_ref.create_model("t2t_vit_7", num_classes=CLASSES, img_size=SIZE).eval()
+    x = np.random.default_rng(3).random((2, 3, SIZE, SIZE), dtype=np.float32)
+    kept = model.forward(x)
+    assert model._cache is not None
+    dropped = model.forward(x, keep_cache=False)
+    assert np.array_equal(kept, dropped), f"logits differ by {np.abs(kept - dropped).max():.2e}"
+    assert model._cache is None, "an inference forward left activations behind"
+    with pytest.raises(RuntimeError, match="keep_cache=True"):
+        model.backward(np.zeros((2, CLASSES), np.float32))
+
+
 # ---- train / eval -------------------------------------------------------------------------
 
 

@@ -14,11 +14,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import scipy.special
 
 from conftest import assert_close, on
 from t2t_ref import to_numpy
 from t2t_ref.backend import array_namespace, backend_name
-from t2t_ref.gaps import make_rng
+from t2t_ref.gaps import erf, make_rng
 from t2t_ref.layers.block import block_backward, block_forward
 from t2t_ref.layers.token_performer import token_performer_backward, token_performer_forward
 from t2t_ref.layers.token_transformer import (token_transformer_backward,
@@ -100,7 +101,7 @@ def test_linear_vs_torch(dtype, tol, shape, bias):
 
 
 @pytest.mark.parametrize("dtype,tol", DTYPES)
-@pytest.mark.parametrize("shape,offset", [((2, 3, 8), 0.0), ((5, 16), 3.0)])
+@pytest.mark.parametrize("shape,offset", [((2, 3, 8), 0.0), ((5, 16), 3.0), ((3, 50, 147), 3.0)])
 def test_layernorm_vs_torch(dtype, tol, shape, offset):
     rng = np.random.default_rng(1)
     x = rand(rng, *shape, dtype=dtype) + np.asarray(offset, dtype=dtype)  # a non-zero mean too
@@ -121,9 +122,10 @@ def test_layernorm_vs_torch(dtype, tol, shape, offset):
 
 
 @pytest.mark.parametrize("dtype,tol", DTYPES)
-def test_gelu_vs_torch(dtype, tol):
+@pytest.mark.parametrize("shape", [(3, 7, 5), (2, 300, 257)], ids=["small", "several-chunks"])
+def test_gelu_vs_torch(dtype, tol, shape):
     rng = np.random.default_rng(2)
-    x = rand(rng, 3, 7, 5, dtype=dtype, scale=3.0)  # well into both tails
+    x = rand(rng, *shape, dtype=dtype, scale=3.0)  # well into both tails
     y, cache = gelu_forward(x)
     g = rand(rng, *x.shape, dtype=dtype)
     dx = gelu_backward(g, cache)
@@ -134,6 +136,22 @@ def test_gelu_vs_torch(dtype, tol):
     assert y.dtype == np.dtype(dtype)
     assert_close(y, tn(yt), tol, "y")
     assert_close(dx, tn(xt.grad), tol, "dx")
+
+
+@pytest.mark.parametrize("backend_name_", ["numpy", "array_api_strict"])
+def test_erf_float32_within_a_few_ulp(backend_name_):
+    """float32 erf is a rational approximation (gaps.erf_float32), on NumPy evaluated in
+    chunks: against SciPy's double-precision erf over the whole line, in and past the clamp at
+    +-4, on more elements than one chunk (and not a multiple of it)."""
+    x = np.concatenate([np.linspace(-6.0, 6.0, 200_001), [0.0, -0.0, 1e-30, -1e-30, 40.0, -40.0]])
+    x = x.astype(np.float32)
+    exact = scipy.special.erf(x.astype(np.float64))
+    ours = to_numpy(erf(on(backend_name_, x)))
+    assert ours.dtype == np.float32 and ours.shape == x.shape
+    worst = np.argmax(np.abs(ours - exact))
+    assert np.abs(ours - exact).max() <= 1e-6, \
+        f"erf({x[worst]!r}) = {ours[worst]!r}, exact {exact[worst]!r}"
+    assert np.all(np.sign(ours) == np.sign(exact)), "erf lost the sign of its argument"
 
 
 @pytest.mark.parametrize("dtype,tol", DTYPES)

@@ -11,7 +11,9 @@ INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
 def gelu_forward(x):
     """x (any shape) -> y (same shape). cache = (x, cdf) with cdf = Phi(x)."""
-    cdf = 0.5 * (1.0 + erf(x * INV_SQRT2))  # Phi(x), the standard normal CDF
+    cdf = erf(x * INV_SQRT2)  # a new array: finished in place below
+    cdf += 1.0
+    cdf *= 0.5  # Phi(x), the standard normal CDF
     return x * cdf, (x, cdf)
 
 
@@ -19,5 +21,11 @@ def gelu_backward(dy, cache):
     """forward was y = x Phi(x), so dy/dx = Phi(x) + x phi(x), phi the normal density."""
     x, cdf = cache
     xp = array_namespace(dy)
-    pdf = INV_SQRT_2PI * xp.exp(-0.5 * x * x)  # phi(x)
-    return dy * (cdf + x * pdf)
+    slope = x * x
+    slope *= -0.5
+    slope = xp.exp(slope)
+    slope *= x
+    slope *= INV_SQRT_2PI  # x phi(x)
+    slope += cdf  # dy/dx
+    slope *= dy
+    return slope
