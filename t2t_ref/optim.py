@@ -16,10 +16,11 @@ with decoupled_weight_decay=True):
                                                    way; not sqrt(v_hat + eps))
     p = p - lr / (1 - beta1^t) * (m / denom)       the bias correction of m in the step size
 
-The optimizer keeps only m, v and t. The parameters live in the model's dict; `step` reads
-them and puts the updated arrays back under the same keys (the array API has no in-place
-update that every backend supports). Everything runs on the parameters' device: lr, the
-betas and the bias corrections are Python floats, so a step makes no host transfer.
+The optimizer keeps only m, v and t. The parameters live in the model's dict; `step` updates
+them, m and v in place (the standard's in-place operators, p -= update), as torch does, so a
+step allocates no new weights: keep a copy (p + 0.0, or model.state_dict()) to compare
+before and after. Everything runs on the parameters' device: lr, the betas and the bias
+corrections are Python floats, so a step makes no host transfer.
 
     opt = AdamW(model.params, weight_decay=0.05)
     for s in range(total_steps):
@@ -78,7 +79,7 @@ class AdamW:
         self.exp_avg_sq = {name: self.xp.zeros_like(p) for name, p in params.items()}  # v
 
     def step(self, params, grads, lr):
-        """One update of every parameter: params[name] is replaced by its updated array.
+        """One update of every parameter, in place (params[name] is the same array after).
 
         lr is a Python float (the schedule's value for this step), not a device array.
         """
@@ -91,14 +92,23 @@ class AdamW:
         step_size = lr / (1.0 - beta1 ** t)  # lr / bias correction of m
         bias_correction2_sqrt = math.sqrt(1.0 - beta2 ** t)
         for name in self.shapes:
-            p, g = params[name], grads[name]
+            # in place, the formulas of the module docstring in the same order: no new
+            # parameter or moment arrays each step, only temporaries of one parameter's size
+            p, g, m, v = params[name], grads[name], self.exp_avg[name], self.exp_avg_sq[name]
             if self.decay[name] and self.weight_decay != 0.0:
-                p = p * (1.0 - lr * self.weight_decay)  # decoupled weight decay
-            m = beta1 * self.exp_avg[name] + (1.0 - beta1) * g
-            v = beta2 * self.exp_avg_sq[name] + (1.0 - beta2) * g * g
-            denom = xp.sqrt(v) / bias_correction2_sqrt + eps
-            params[name] = p - step_size * (m / denom)
-            self.exp_avg[name], self.exp_avg_sq[name] = m, v
+                p *= 1.0 - lr * self.weight_decay  # decoupled weight decay
+            m *= beta1
+            m += (1.0 - beta1) * g
+            v *= beta2
+            g_squared = (1.0 - beta2) * g
+            g_squared *= g
+            v += g_squared
+            denom = xp.sqrt(v)
+            denom /= bias_correction2_sqrt
+            denom += eps
+            update = m / denom
+            update *= step_size
+            p -= update
 
     def _check(self, arrays, what):
         missing = [k for k in self.shapes if k not in arrays]

@@ -95,12 +95,27 @@ def test_weight_decay_only_where_it_belongs():
     """With zero gradients Adam moves nothing (m = v = 0), so one step is the decay alone:
     p * (1 - lr * wd) for the linear weights, unchanged for the rest."""
     start = host_params()
-    params = dict(start)
+    params = {k: v.copy() for k, v in start.items()}  # the step updates them in place
     opt = AdamW(params, weight_decay=0.3)
     opt.step(params, {k: np.zeros(s) for k, s in SHAPES.items()}, lr=0.5)
     for k, v in start.items():
         expected = v * (1 - 0.5 * 0.3) if k in DECAYED else v
         np.testing.assert_array_equal(params[k], expected, err_msg=k)
+
+
+def test_step_updates_in_place():
+    """The parameter, m and v arrays are updated where they are (the model's dict keeps its
+    arrays): after a step the same objects hold the new values."""
+    params = {k: v.copy() for k, v in host_params().items()}
+    before = {k: v.copy() for k, v in params.items()}
+    arrays = {k: id(v) for k, v in params.items()}
+    opt = AdamW(params, weight_decay=0.1)
+    moments = {k: (id(opt.exp_avg[k]), id(opt.exp_avg_sq[k])) for k in params}
+    opt.step(params, host_grads(0), lr=1e-2)
+    for k in params:
+        assert id(params[k]) == arrays[k], f"{k}: replaced by a new array"
+        assert (id(opt.exp_avg[k]), id(opt.exp_avg_sq[k])) == moments[k], f"{k}: new moments"
+        assert not np.array_equal(params[k], before[k]), f"{k}: not updated"
 
 
 def test_adamw_refuses_mismatched_dicts():
