@@ -18,7 +18,8 @@ from .softmax import softmax_backward, softmax_forward
 def scaled_dot_product_attention_forward(q, k, v, scale):
     """q, k, v (B, h, N, d) -> out (B, h, N, d). cache = (q, k, v, p, scale)."""
     xp = array_namespace(q)
-    scores = xp.matmul(q, xp.matrix_transpose(k)) * scale  # (B, h, N, N)
+    scores = xp.matmul(q, xp.matrix_transpose(k))  # (B, h, N, N)
+    scores *= scale
     p, _ = softmax_forward(scores)  # (B, h, N, N) each row a distribution over keys
     out = xp.matmul(p, v)  # (B, h, N, d)
     return out, (q, k, v, p, scale)
@@ -35,7 +36,8 @@ def scaled_dot_product_attention_backward(dout, cache):
     xp = array_namespace(dout)
     dv = xp.matmul(xp.matrix_transpose(p), dout)  # (B, h, N, d)
     dp = xp.matmul(dout, xp.matrix_transpose(v))  # (B, h, N, N)
-    dscores = softmax_backward(dp, p) * scale  # (B, h, N, N)
+    dscores = softmax_backward(dp, p)  # (B, h, N, N)
+    dscores *= scale
     dq = xp.matmul(dscores, k)  # (B, h, N, d)
     dk = xp.matmul(xp.matrix_transpose(dscores), q)  # (B, h, N, d)
     return dq, dk, dv

@@ -1,31 +1,14 @@
 """LayerNorm over the last axis: y = (x - mean) / sqrt(var + eps) * weight + bias.
 
-Speed notes (the math is the textbook one; only how it is evaluated is tuned):
-- Every per-row sum is a matrix-vector product with a constant column, x @ (1/D, ..., 1/D),
-  instead of xp.mean(x, axis=-1): BLAS does it on every core in one pass, while a NumPy
-  reduction over a short last axis runs on one core at a fraction of the memory bandwidth.
-- Fresh temporaries are updated in place (xc *= rstd), so each step touches memory once.
-  Only arrays this function made itself are ever written to, never the caller's.
+The math is the textbook one; two things make it fast: every per-row or per-column sum is a
+BLAS matrix-vector product (rows.py), and fresh temporaries are updated in place
+(xhat *= rstd), so each step touches memory once. Only arrays made here are written to.
 """
 
-from ..backend import array_namespace, device_of
+from ..backend import array_namespace
+from .rows import column_sum, row_dot, row_mean
 
 EPS = 1e-5  # PyTorch's nn.LayerNorm default, used by the official T2T-ViT
-
-
-def _row_dot(x, column):
-    """x (..., D) @ column (D, 1) -> (..., 1): one dot product per row, as a BLAS call."""
-    xp = array_namespace(x)
-    rows = xp.reshape(x, (-1, x.shape[-1]))  # (M, D)
-    return xp.reshape(xp.matmul(rows, column), (*x.shape[:-1], 1))
-
-
-def _column_sum(x):
-    """x (..., D) -> (D,): the sum over every row, as a BLAS call ones (1, M) @ x (M, D)."""
-    xp = array_namespace(x)
-    rows = xp.reshape(x, (-1, x.shape[-1]))  # (M, D)
-    ones = xp.ones((1, rows.shape[0]), dtype=x.dtype, device=device_of(x))
-    return xp.reshape(xp.matmul(ones, rows), (x.shape[-1],))
 
 
 def layernorm_forward(x, weight, bias, eps=EPS):
@@ -34,11 +17,8 @@ def layernorm_forward(x, weight, bias, eps=EPS):
     cache = (xhat, rstd, weight): the normalised input and 1/std, all the backward needs.
     """
     xp = array_namespace(x)
-    D = x.shape[-1]
-    mean_column = xp.full((D, 1), 1.0 / D, dtype=x.dtype, device=device_of(x))  # row means
-    mean = _row_dot(x, mean_column)  # (..., 1)
-    xhat = x - mean  # (..., D) centred for now
-    var = _row_dot(xhat * xhat, mean_column)  # (..., 1) biased, as PyTorch
+    xhat = x - row_mean(x)  # (..., D) centred for now
+    var = row_mean(xhat * xhat)  # (..., 1) biased, as PyTorch
     rstd = 1.0 / xp.sqrt(var + eps)  # (..., 1)
     xhat *= rstd  # (..., D) now normalised
     y = xhat * weight
@@ -60,10 +40,10 @@ def layernorm_backward(dy, cache):
     D = dy.shape[-1]
     w_column = xp.reshape(weight, (D, 1)) / D  # (D, 1)
     dy_xhat = dy * xhat  # (..., D)
-    dweight = _column_sum(dy_xhat)  # (D,)
-    dbias = _column_sum(dy)  # (D,)
-    g_mean = _row_dot(dy, w_column)  # (..., 1) mean(g)
-    gx_mean = _row_dot(dy_xhat, w_column)  # (..., 1) mean(g * xhat)
+    dweight = column_sum(dy_xhat)  # (D,)
+    dbias = column_sum(dy)  # (D,)
+    g_mean = row_dot(dy, w_column)  # (..., 1) mean(g)
+    gx_mean = row_dot(dy_xhat, w_column)  # (..., 1) mean(g * xhat)
     dx = dy * weight  # (..., D) g
     dx -= g_mean
     dx -= xhat * gx_mean

@@ -1,6 +1,7 @@
 """Linear layer: y = x W^T + b, with W stored (out, in) as in PyTorch."""
 
 from ..backend import array_namespace
+from .rows import column_sum
 
 
 def linear_forward(x, weight, bias=None):
@@ -15,7 +16,7 @@ def linear_forward(x, weight, bias=None):
     y = xp.reshape(xp.matmul(rows, xp.matrix_transpose(weight)),
                    (*x.shape[:-1], weight.shape[0]))  # (..., Dout)
     if bias is not None:
-        y = y + bias
+        y += bias  # in place: y is the product just made
     return y, (x, weight, bias is not None)
 
 
@@ -31,5 +32,5 @@ def linear_backward(dy, cache):
     x_rows = xp.reshape(x, (-1, d_in))  # (M, Din)
     dx = xp.reshape(xp.matmul(dy_rows, weight), x.shape)  # (..., Din)
     dweight = xp.matmul(xp.matrix_transpose(dy_rows), x_rows)  # (Dout, Din)
-    dbias = xp.sum(dy_rows, axis=0) if has_bias else None  # (Dout,)
+    dbias = column_sum(dy_rows) if has_bias else None  # (Dout,)
     return dx, dweight, dbias

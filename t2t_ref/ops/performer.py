@@ -11,6 +11,7 @@ whose random-feature step it calls prm_exp.
 import math
 
 from ..backend import array_namespace
+from .rows import row_sum
 
 EPS = 1e-8  # the official code's epsilon, "for stable in division"
 
@@ -19,9 +20,11 @@ def random_features_forward(z, w):
     """z (B, N, d), w (m, d) -> phi (B, N, m). cache = (z, w, phi)."""
     xp = array_namespace(z)
     m = w.shape[0]
-    half_sq_norm = xp.sum(z * z, axis=-1, keepdims=True) * 0.5  # (B, N, 1)
-    wz = xp.matmul(z, xp.matrix_transpose(w))  # (B, N, m)
-    phi = xp.exp(wz - half_sq_norm) * (1.0 / math.sqrt(m))  # (B, N, m)
+    half_sq_norm = xp.vecdot(z, z, axis=-1)[..., None] * 0.5  # (B, N, 1)
+    wz = _rows_matmul(z, xp.matrix_transpose(w))  # (B, N, m)
+    wz -= half_sq_norm
+    phi = xp.exp(wz)
+    phi *= 1.0 / math.sqrt(m)  # (B, N, m)
     return phi, (z, w, phi)
 
 
@@ -34,7 +37,17 @@ def random_features_backward(dphi, cache):
     z, w, phi = cache
     xp = array_namespace(dphi)
     g = dphi * phi  # (B, N, m)
-    return xp.matmul(g, w) - xp.sum(g, axis=-1, keepdims=True) * z  # (B, N, d)
+    dz = _rows_matmul(g, w)  # (B, N, d)
+    dz -= row_sum(g) * z
+    return dz
+
+
+def _rows_matmul(x, matrix):
+    """x (B, N, a) @ matrix (a, b) -> (B, N, b) as one 2-D product over all B*N rows: one BLAS
+    call instead of NumPy's loop over B (see linear.py)."""
+    xp = array_namespace(x)
+    B, N, a = x.shape
+    return xp.reshape(xp.matmul(xp.reshape(x, (B * N, a)), matrix), (B, N, matrix.shape[1]))
 
 
 def performer_attention_forward(q, k, v, w, eps=EPS):
@@ -48,8 +61,8 @@ def performer_attention_forward(q, k, v, w, eps=EPS):
     kp_sum = xp.sum(kp, axis=1)  # (B, m)
     denom = xp.matmul(qp, kp_sum[:, :, None]) + eps  # (B, N, 1) qp . sum_t kp_t
     kptv = xp.matmul(xp.matrix_transpose(v), kp)  # (B, e, m) sum_t v_t kp_t^T
-    numer = xp.matmul(qp, xp.matrix_transpose(kptv))  # (B, N, e)
-    y = numer / denom  # (B, N, e)
+    y = xp.matmul(qp, xp.matrix_transpose(kptv))  # (B, N, e) the numerator, for now
+    y /= denom  # (B, N, e)
     return y, (kp_cache, qp_cache, v, kp, qp, kp_sum, denom, kptv, y)
 
 
@@ -65,12 +78,14 @@ def performer_attention_backward(dy, cache):
     kp_cache, qp_cache, v, kp, qp, kp_sum, denom, kptv, y = cache
     xp = array_namespace(dy)
     dnumer = dy / denom  # (B, N, e)
-    ddenom = -xp.sum(dy * y, axis=-1, keepdims=True) / denom  # (B, N, 1)
-    dqp = xp.matmul(dnumer, kptv) + ddenom * kp_sum[:, None, :]  # (B, N, m)
+    ddenom = -xp.vecdot(dy, y, axis=-1)[..., None] / denom  # (B, N, 1)
+    dqp = xp.matmul(dnumer, kptv)  # (B, N, m)
+    dqp += ddenom * kp_sum[:, None, :]
     dkptv = xp.matmul(xp.matrix_transpose(dnumer), qp)  # (B, e, m)
     dv = xp.matmul(kp, xp.matrix_transpose(dkptv))  # (B, N, e)
     dkp_sum = xp.sum(ddenom * qp, axis=1)  # (B, m)
-    dkp = xp.matmul(v, dkptv) + dkp_sum[:, None, :]  # (B, N, m)
+    dkp = xp.matmul(v, dkptv)  # (B, N, m)
+    dkp += dkp_sum[:, None, :]
     dq = random_features_backward(dqp, qp_cache)
     dk = random_features_backward(dkp, kp_cache)
     return dq, dk, dv

@@ -50,7 +50,7 @@ def fold(cols, image_size, kernel, stride, padding):
     for i in range(k):
         for j in range(k):
             rows, columns = slice(i, i + s * (Ho - 1) + 1, s), slice(j, j + s * (Wo - 1) + 1, s)
-            padded[:, :, rows, columns] = padded[:, :, rows, columns] + cols[:, :, i * k + j, :, :]
+            padded[:, :, rows, columns] += cols[:, :, i * k + j, :, :]
     return padded[:, :, p:p + H, p:p + W]
 
 

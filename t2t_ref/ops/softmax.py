@@ -1,6 +1,7 @@
 """Softmax over the last axis."""
 
 from ..backend import array_namespace
+from .rows import row_sum
 
 
 def softmax_forward(x):
@@ -9,8 +10,8 @@ def softmax_forward(x):
     Subtracting the row maximum changes nothing mathematically and keeps exp() from overflowing.
     """
     xp = array_namespace(x)
-    e = xp.exp(x - xp.max(x, axis=-1, keepdims=True))
-    p = e / xp.sum(e, axis=-1, keepdims=True)
+    p = xp.exp(x - xp.max(x, axis=-1, keepdims=True))
+    p /= row_sum(p)  # in place: p is ours
     return p, p
 
 
@@ -18,4 +19,6 @@ def softmax_backward(dp, cache):
     """forward was p_i = exp(x_i) / sum_j exp(x_j), so dx_i = p_i (dp_i - sum_j dp_j p_j)."""
     p = cache
     xp = array_namespace(dp)
-    return p * (dp - xp.sum(dp * p, axis=-1, keepdims=True))
+    dx = dp - xp.vecdot(dp, p, axis=-1)[..., None]  # the row dots, without a dp * p array
+    dx *= p
+    return dx
