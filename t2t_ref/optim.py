@@ -91,24 +91,29 @@ class AdamW:
         t = self.step_count
         step_size = lr / (1.0 - beta1 ** t)  # lr / bias correction of m
         bias_correction2_sqrt = math.sqrt(1.0 - beta2 ** t)
+        decay_factor = 1.0 - lr * self.weight_decay  # decoupled weight decay
         for name in self.shapes:
-            # in place, the formulas of the module docstring in the same order: no new
-            # parameter or moment arrays each step, only temporaries of one parameter's size
-            p, g, m, v = params[name], grads[name], self.exp_avg[name], self.exp_avg_sq[name]
-            if self.decay[name] and self.weight_decay != 0.0:
-                p *= 1.0 - lr * self.weight_decay  # decoupled weight decay
-            m *= beta1
-            m += (1.0 - beta1) * g
-            v *= beta2
-            g_squared = (1.0 - beta2) * g
-            g_squared *= g
-            v += g_squared
-            denom = xp.sqrt(v)
-            denom /= bias_correction2_sqrt
-            denom += eps
-            update = m / denom
-            update *= step_size
-            p -= update
+            arrays = (params[name], grads[name], self.exp_avg[name], self.exp_avg_sq[name])
+            decays = self.decay[name] and self.weight_decay != 0.0
+            # NumPy: cache-sized pieces of each tensor, so that the dozen passes below stay in
+            # the cache instead of streaming the whole tensor through memory each time
+            for p, g, m, v in _pieces(xp, arrays):
+                # in place, the formulas of the module docstring in the same order: no new
+                # parameter or moment arrays each step, only temporaries of the piece's size
+                if decays:
+                    p *= decay_factor
+                m *= beta1
+                m += (1.0 - beta1) * g
+                v *= beta2
+                g_squared = (1.0 - beta2) * g
+                g_squared *= g
+                v += g_squared
+                denom = xp.sqrt(v)
+                denom /= bias_correction2_sqrt
+                denom += eps
+                update = m / denom
+                update *= step_size
+                p -= update
 
     def _check(self, arrays, what):
         missing = [k for k in self.shapes if k not in arrays]
@@ -163,6 +168,23 @@ class AdamW:
         self.no_weight_decay = frozenset(state["no_weight_decay"])
         self.decay = {name: decays(name, shape, self.no_weight_decay)
                       for name, shape in self.shapes.items()}
+
+
+_PIECE = 1 << 15  # elements per piece: p, g, m, v and the temporaries fit in a 1 MiB cache
+
+
+def _pieces(xp, arrays):
+    """Yield (p, g, m, v) whole, or, for C-contiguous NumPy tensors, as matching slices of
+    their flat views, _PIECE elements at a time: writing into a slice writes into the tensor.
+    (Other backends: whole tensors; CuPy runs each pass as one kernel anyway.)"""
+    p, g, m, v = arrays
+    if not (isinstance(p, np.ndarray) and all(a.flags.c_contiguous for a in (p, m, v))
+            and p.size > _PIECE):
+        yield arrays
+        return
+    flat = [np.reshape(a, -1) for a in (p, np.asarray(g), m, v)]  # views (g: maybe a copy)
+    for start in range(0, p.size, _PIECE):
+        yield tuple(a[start:start + _PIECE] for a in flat)
 
 
 def clip_grad_norm(grads, max_norm):

@@ -29,10 +29,12 @@ SHAPES = {
     "blocks.0.attn.qkv.weight": (12, 4),  # linear weights: decay
     "blocks.0.mlp.fc1.weight": (6, 4),
     "blocks.0.mlp.fc1.bias": (6,),
+    "blocks.0.mlp.fc2.weight": (200, 401),  # > optim._PIECE elements: updated piece by piece
     "head.weight": (3, 4),
     "head.bias": (3,),
 }
-DECAYED = {"blocks.0.attn.qkv.weight", "blocks.0.mlp.fc1.weight", "head.weight"}
+DECAYED = {"blocks.0.attn.qkv.weight", "blocks.0.mlp.fc1.weight", "blocks.0.mlp.fc2.weight",
+           "head.weight"}
 LRS = [1e-3, 3e-3, 2e-2, 5e-4, 1e-1, 0.0, 7e-3]  # a changing learning rate, one per step
 WD = 0.05
 
