@@ -290,8 +290,10 @@ def train(config, resume=None):
     loader = Loader(train_set, config["batch_size"], config["img_size"], train=True,
                     seed=config["seed"], workers=config["workers"],
                     scale=config["crop_scale"], ratio=config["crop_ratio"])
+    # the built-in shapes are drawn at the training size: scored as drawn, not zoomed by the
+    # photo recipe's resize-to-S/0.9-and-crop (which would cut shapes near the border)
     val_loader = Loader(val_set, config["batch_size"], config["img_size"], train=False,
-                        workers=config["workers"])
+                        workers=config["workers"], eval_resize=config["data"] is not None)
     steps_per_epoch = len(loader)
     schedule = CosineSchedule(config["lr"], config["epochs"] * steps_per_epoch,
                               warmup_steps=round(config["warmup_epochs"] * steps_per_epoch),

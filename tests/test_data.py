@@ -323,6 +323,22 @@ def test_loader_epochs_cover_the_data_in_a_seeded_order():
     assert x.shape == (8, 3, 32, 32) and np.array_equal(x[0], eval_transform(data.image(0), 32))
 
 
+def test_eval_without_resize_takes_the_images_as_they_are():
+    """eval_resize=False (the built-in shapes): an S x S image is only normalised, pixel for
+    pixel; the default resizes to S/0.9 and crops S, which changes the pixels."""
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (6, 16, 16, 3), dtype=np.uint8)
+    dataset = ArrayDataset(images, np.arange(6) % 2)
+    expected = ((images.transpose(0, 3, 1, 2) / 255.0 - np.asarray(IMAGENET_MEAN)[:, None, None])
+                / np.asarray(IMAGENET_STD)[:, None, None])
+    with Loader(dataset, 3, 16, train=False, eval_resize=False) as loader:
+        as_drawn = np.concatenate([x for x, _ in loader.epoch_batches(0)])
+    with Loader(dataset, 3, 16, train=False) as loader:
+        resized = np.concatenate([x for x, _ in loader.epoch_batches(0)])
+    assert np.abs(as_drawn - expected).max() < 1e-5, "eval_resize=False changed the pixels"
+    assert np.abs(resized - expected).max() > 0.1, "the default eval transform did not resize"
+
+
 def test_loader_resumes_mid_epoch():
     images, labels, _ = make_shapes(64, 32, seed=0)
     data = ArrayDataset(images, labels)

@@ -52,7 +52,7 @@ import sys
 
 import numpy as np
 
-from .transforms import CorruptImage, eval_transform, train_transform
+from .transforms import CorruptImage, eval_transform, to_normalized_chw, train_transform
 
 
 class Loader:
@@ -62,6 +62,9 @@ class Loader:
     batch_size  : B
     size        : S, the output side in pixels
     train       : True: random-resized crop + flip, shuffled, drop_last; False: centre crop
+    eval_resize : False: evaluation takes images that are already S x S as they are (the
+                  built-in shapes, drawn at the training size), instead of resizing to S/0.9
+                  and cropping S, which would cut shapes near the border
     seed        : seeds the epoch orders and every sample's augmentation
     workers     : 0 in-process; n > 0 background workers
     shuffle, drop_last : default to train
@@ -77,7 +80,7 @@ class Loader:
 
     def __init__(self, dataset, batch_size, size, *, train, seed=0, workers=0, shuffle=None,
                  drop_last=None, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), prefetch=None,
-                 processes=False, start_method=None, on_bad_file=None):
+                 processes=False, start_method=None, on_bad_file=None, eval_resize=True):
         if batch_size < 1 or workers < 0:
             raise ValueError(f"batch_size={batch_size} must be >= 1, workers={workers} >= 0")
         self.dataset, self.batch_size, self.size, self.train = dataset, batch_size, size, train
@@ -88,7 +91,7 @@ class Loader:
         self.processes, self.start_method = processes, start_method
         self.on_bad_file = on_bad_file
         self.bad_files = {}  # path -> reason, in the order they were found
-        self._make_batch = BatchMaker(dataset, size, train, seed, scale, ratio)
+        self._make_batch = BatchMaker(dataset, size, train, seed, scale, ratio, eval_resize)
         self._pool = None
         if len(self) == 0:
             raise ValueError(f"{len(dataset)} samples make no whole batch of {batch_size}: use "
@@ -195,9 +198,10 @@ class BatchMaker:
     bad [(path, reason), ...]), b' = b minus the unreadable samples, in the order of indices.
     """
 
-    def __init__(self, dataset, size, train, seed, scale, ratio):
+    def __init__(self, dataset, size, train, seed, scale, ratio, eval_resize=True):
         self.dataset, self.size, self.train, self.seed = dataset, size, train, seed
         self.scale, self.ratio = tuple(scale), tuple(ratio)
+        self.eval_resize = eval_resize
 
     def __call__(self, indices, epoch):
         images = np.empty((len(indices), 3, self.size, self.size), dtype=np.float32)
@@ -212,8 +216,10 @@ class BatchMaker:
             if self.train:
                 rng = sample_rng(self.seed, epoch, index)
                 x = train_transform(img, self.size, rng, self.scale, self.ratio)
-            else:
+            elif self.eval_resize or img.size != (self.size, self.size):
                 x = eval_transform(img, self.size)
+            else:
+                x = to_normalized_chw(img)  # already S x S: taken as it is
             images[len(kept)] = x                        # (3, S, S)
             kept.append(index)
         labels = self.dataset.labels[np.asarray(kept, dtype=np.int64)]
