@@ -251,17 +251,25 @@ def test_synthetic_classes_differ_by_shape_not_colour():
     images, labels, _ = make_shapes(2000, 32, seed=0)
     pixels = images.astype(np.float64)
     groups = lambda values: [values[labels == c] for c in range(10)]  # noqa: E731
-    # colour: the mean colour of an image does not depend on its class
-    mean_colour = pixels.mean(axis=(1, 2))                                # (N, 3)
-    for channel in range(3):
-        p = stats.f_oneway(*groups(mean_colour[:, channel])).pvalue
-        assert p > 0.001, f"channel {channel}: class means differ, p = {p:.2g}"
-    # shape: the fraction of the image that is not background does
     border = np.concatenate([pixels[:, 0], pixels[:, -1], pixels[:, :, 0], pixels[:, :, -1]],
                             axis=1)                                       # (N, 4S, 3)
     background = np.median(border, axis=1)                                # (N, 3)
     distance = np.linalg.norm(pixels - background[:, None, None], axis=-1)
-    area = (distance > 50).mean(axis=(1, 2))                              # (N,)
+    inside = distance > 50                                                # (N, S, S)
+    foreground = (np.sum(pixels * inside[..., None], axis=(1, 2))
+                  / np.sum(inside, axis=(1, 2))[:, None])                 # (N, 3)
+    # colour: the background and the shape's colour do not depend on the class
+    for name, colour in (("background", background), ("foreground", foreground)):
+        for channel in range(3):
+            p = stats.f_oneway(*groups(colour[:, channel])).pvalue
+            assert p > 0.001, f"{name} channel {channel}: class means differ, p = {p:.2g}"
+    # the shape is the lighter colour in every image (up to the noise, for pairs of nearly
+    # equal luma that differ in hue)
+    luma_difference = (foreground - background) @ np.array([0.299, 0.587, 0.114])  # (N,)
+    assert luma_difference.min() > -3.0, \
+        f"a shape darker than its background by {-luma_difference.min():.1f} (of 255)"
+    # shape: the fraction of the image that is not background does
+    area = inside.mean(axis=(1, 2))                                       # (N,)
     assert stats.f_oneway(*groups(area)).pvalue < 1e-20
     # and orientation tells hbars from vbars: vertical vs horizontal change
     dy = np.abs(np.diff(pixels, axis=1)).mean(axis=(1, 2, 3))

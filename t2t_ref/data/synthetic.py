@@ -10,16 +10,20 @@ colours, and nothing but the outline says which class it is:
     square          position, size, any rotation
     hollow_square   position, size, any rotation
     triangle        position, size, any rotation
-    plus            position, size, rotation within +-15 degrees (more would turn it into x)
-    x               position, size, rotation within +-15 degrees
-    hbars           position, size, rotation within +-15 degrees (three horizontal bars)
-    vbars           position, size, rotation within +-15 degrees (three vertical bars)
+    plus            position, size, rotation within +-10 degrees (x is a plus turned 45 degrees)
+    x               position, size, rotation within +-10 degrees
+    hbars           position, size, rotation within +-10 degrees (three horizontal bars)
+    vbars           position, size, rotation within +-10 degrees (three vertical bars)
     star            position, size, any rotation (five points)
 
-Foreground and background colours are drawn independently of the class (uniform RGB, a pair
-redrawn until the two are at least MIN_CONTRAST apart, symmetric in foreground/background), so
-the average colour of every class is the same, and every pixel and channel gets uniform noise
-(cheaper to draw than Gaussian noise, and it looks the same).
+Foreground and background colours are drawn independently of the class: uniform RGB, a pair
+redrawn until the two are at least MIN_CONTRAST apart, and the lighter of the two (by luma) is
+the shape's. So colour says nothing about the class, while "the shape is the light part" holds
+in every image: with the sign of the contrast random too, a model has to discover
+sign-invariant edge features before anything else, and a small ViT sat at chance for the first
+few hundred steps (at the same
+budget the default run reached 65% validation accuracy with a random sign, over 90% without). Every pixel and
+channel gets uniform noise (cheaper to draw than Gaussian noise, and it looks the same).
 
 How a shape is drawn: each shape is a signed distance function sdf(u, v) in the shape's own
 frame (u, v in units of its radius r; negative inside, roughly the distance to the outline).
@@ -41,15 +45,15 @@ import numpy as np
 
 SHAPE_CLASSES = ("disc", "ring", "square", "hollow_square", "triangle",
                  "plus", "x", "hbars", "vbars", "star")
+_LUMA = np.array([0.299, 0.587, 0.114])  # perceived lightness of an RGB colour
 MIN_CONTRAST = 100.0   # least Euclidean RGB distance between foreground and background, of 441
 NOISE_STD = (2.0, 12.0)  # per-image pixel noise std, uniform in this range (0..255 scale)
-RADIUS = (0.22, 0.40)    # shape radius as a fraction of the image side, uniform in this range
-# Recommended RandomResizedCrop scale for training on these images. With the default (0.08, 1)
-# 12% of crops keep less than a fifth of the shape (labels turn to noise) and only 73% keep at
-# least half of it; with (0.35, 1): 0.5% and 94% (measured on 2,000 32x32 images).
+RADIUS = (0.28, 0.45)    # shape radius as a fraction of the image side, uniform in this range
+# RandomResizedCrop scale for training on these images with crops (the default run uses none):
+# the photo default (0.08, 1) often keeps less than a fifth of the shape, and labels turn to noise.
 SYNTHETIC_CROP_SCALE = (0.35, 1.0)
 
-_SMALL_TILT = math.pi / 12
+_SMALL_TILT = math.pi / 18  # +-10 degrees: a plus and an x stay >= 25 degrees apart
 _MAX_ROTATION = {  # rotation drawn uniformly in [-a, a); a full symmetry period for the others
     "disc": 0.0, "ring": 0.0, "square": math.pi / 4, "hollow_square": math.pi / 4,
     "triangle": math.pi / 3, "plus": _SMALL_TILT, "x": _SMALL_TILT, "hbars": _SMALL_TILT,
@@ -138,18 +142,21 @@ def _draw(name, n, size, rng):
 
 
 def _colour_pairs(n, rng):
-    """(fg, bg), each (n, 3) float64 in [0, 255], at least MIN_CONTRAST apart.
+    """(fg, bg), each (n, 3) float64 in [0, 255], at least MIN_CONTRAST apart, fg the lighter.
 
-    Pairs that are too close are redrawn whole, so fg and bg keep the same distribution and
-    the expected colour of an image does not depend on how much of it the shape covers.
+    Pairs that are too close are redrawn whole, then each pair is ordered by luma (ITU-R 601
+    weights), so the two colours of a pair come from one distribution whatever the class.
     """
     fg, bg = rng.uniform(0, 255, (n, 3)), rng.uniform(0, 255, (n, 3))
     while True:
         close = np.flatnonzero(np.linalg.norm(fg - bg, axis=1) < MIN_CONTRAST)
         if close.size == 0:
-            return fg, bg
+            break
         fg[close] = rng.uniform(0, 255, (close.size, 3))
         bg[close] = rng.uniform(0, 255, (close.size, 3))
+    darker = fg @ _LUMA < bg @ _LUMA  # (n,)
+    fg[darker], bg[darker] = bg[darker], fg[darker]  # fancy indexing copies: a real swap
+    return fg, bg
 
 
 # ---- the shapes: signed distance in radius units, negative inside; u right, v down ----------
