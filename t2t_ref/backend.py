@@ -96,3 +96,30 @@ def to_numpy(array):
     if name == "array_api_strict":
         return np.asarray(array.to_device(xp.Device("CPU_DEVICE")))
     return np.asarray(array)
+
+
+def keep_freed_memory():
+    """Ask glibc to keep freed memory for reuse instead of handing it back to the OS.
+
+    The NumPy path allocates and frees arrays of tens of MB in every step. By default glibc
+    returns such blocks to the OS (munmap, or trimming the heap's top) and the next array of
+    that size page-faults through fresh zeroed pages: measured here, 10-25% of a training step
+    at 224x224 (a linear layer's backward 74 -> 28 ms). With blocks up to 32 MiB kept in the
+    heap and the heap trimmed only past 2 GiB of free space, a step reuses the memory of the last one. Peak memory is
+    unchanged; memory freed after the peak stays with the process until it exits.
+
+    The training, evaluation, prediction and benchmark commands call this; call it yourself in
+    a long-running script. Does nothing (returns False) where glibc is not the C library.
+    """
+    import ctypes
+    import sys
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # from glibc's malloc.h
+    return bool(mallopt(M_MMAP_THRESHOLD, 32 * 2 ** 20)  # glibc's largest allowed value
+                and mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1))

@@ -64,7 +64,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .backend import to_device, to_numpy
+from .backend import keep_freed_memory, to_device, to_numpy
 from .cli import HelpFormatter, user_error
 from .model import PATCH, PERFORMER_FEATURES, SOFT_SPLITS, TOKEN_DIM, create_model
 from .ops import cross_entropy as cross_entropy_module  # the module: see Ours.step
@@ -877,6 +877,7 @@ def print_markdown(machine, peak, results, pause):
 # ---- the command line -----------------------------------------------------------------------
 
 def main(argv=None):
+    keep_freed_memory()  # reuse freed arrays' memory: see backend.keep_freed_memory
     parser = argparse.ArgumentParser(prog="python -m t2t_ref.bench", description=__doc__,
                                      formatter_class=HelpFormatter)
     which = parser.add_mutually_exclusive_group()

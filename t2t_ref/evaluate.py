@@ -20,7 +20,7 @@ import time
 
 from tqdm import tqdm
 
-from .backend import BackendError, to_device
+from .backend import BackendError, keep_freed_memory, to_device
 from .cli import HelpFormatter, user_error
 from .checkpoint import CheckpointError, load_checkpoint
 from .data import ArrayDataset, DataError, FileDataset, Loader, find_splits, make_shapes_splits
@@ -143,6 +143,7 @@ def val_folder_loader(data, class_names, num_classes, size, batch_size, workers)
 
 
 def main(argv=None):
+    keep_freed_memory()  # reuse freed arrays' memory: see backend.keep_freed_memory
     parser = argparse.ArgumentParser(
         prog="python -m t2t_ref.evaluate", description=__doc__,
         formatter_class=HelpFormatter)

@@ -15,7 +15,7 @@ import sys
 
 import numpy as np
 
-from .backend import BackendError, to_device, to_numpy
+from .backend import BackendError, keep_freed_memory, to_device, to_numpy
 from .cli import HelpFormatter, user_error
 from .data import CorruptImage, decode, eval_transform
 from .pretrained import PretrainedError, display_names, model_from_weights, read_weights
@@ -45,6 +45,7 @@ def predict(model, paths, batch_size=16):
 
 
 def main(argv=None):
+    keep_freed_memory()  # reuse freed arrays' memory: see backend.keep_freed_memory
     parser = argparse.ArgumentParser(prog="python -m t2t_ref.predict", description=__doc__,
                                      formatter_class=HelpFormatter)
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files")

@@ -21,7 +21,7 @@ import time
 import numpy as np
 from tqdm import tqdm
 
-from .backend import BackendError, to_device, to_numpy
+from .backend import BackendError, keep_freed_memory, to_device, to_numpy
 from .cli import HelpFormatter, user_error
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .data import (ArrayDataset, DataError, FileDataset, Loader,
@@ -418,6 +418,7 @@ def epoch_record(model, ema, val_loader, position, epoch, schedule, train_second
 
 
 def main(argv=None):
+    keep_freed_memory()  # reuse freed arrays' memory: see backend.keep_freed_memory
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -5,6 +5,7 @@ how fast anything is.
 """
 
 import json
+import platform
 import time
 
 import pytest
@@ -95,7 +96,7 @@ def test_profiler_exclusive_times_add_up_to_the_step(one_thread):
                       ("scaled_dot_product_attention_backward", 7),
                       ("performer_attention_forward", 2), ("performer_attention_backward", 2),
                       ("token_performer_forward", 2), ("block_backward", 7),
-                      ("unfold", 3), ("fold", 3), ("cross_entropy", 1), ("AdamW.step", 1),
+                      ("soft_split_forward", 3), ("fold", 3), ("cross_entropy", 1), ("AdamW.step", 1),
                       ("T2TViT.forward (own code)", 1), ("T2TViT.backward (own code)", 1)]:
         assert by_op[op]["calls"] == calls, (op, by_op.get(op))
     # and everything it patched is put back
@@ -158,3 +159,11 @@ def test_cupy_without_a_gpu_is_one_line(capsys):
     assert bench.main(["--quick", "--backend", "cupy"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+def test_keep_freed_memory_is_accepted_by_glibc():
+    """Both mallopt settings must be within glibc's limits (mallopt returns 0 otherwise, and
+    the commands would silently run without them)."""
+    from t2t_ref.backend import keep_freed_memory
+    assert keep_freed_memory() is True
