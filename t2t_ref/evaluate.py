@@ -107,7 +107,9 @@ def validation_loader(meta, data, batch_size, workers, val_fraction=None):
             f"{len(meta['class_names'])} (first differences: "
             f"{sorted(set(classes) ^ set(meta['class_names']))[:5]}): evaluate on the dataset "
             "the model was trained on")
-    return Loader(dataset, batch_size, size, train=False, workers=workers)
+    # the built-in shapes are scored as drawn, as in training (see train.py)
+    return Loader(dataset, batch_size, size, train=False, workers=workers,
+                  eval_resize=isinstance(dataset, FileDataset))
 
 
 def val_folder_loader(data, class_names, num_classes, size, batch_size, workers):
