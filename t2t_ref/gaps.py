@@ -5,6 +5,8 @@ NumPy branch, a CuPy branch, and a branch for array_api_strict (the test backend
 its work on the host and moves the result back to the array's device explicitly.
 """
 
+import math
+
 import numpy as np
 import scipy.special
 
@@ -35,7 +37,7 @@ def erf(x):
         import cupyx.scipy.special
         return cupyx.scipy.special.erf(x)
     if x.dtype == xp.float32:
-        return _in_chunks(erf_float32, x) if name == "numpy" else erf_float32(x)
+        return in_chunks(erf_float32, x)
     if name == "numpy":
         return xp.asarray(scipy.special.erf(x))
     # array_api_strict: compute on the host, hand the result back on x's device.
@@ -63,14 +65,24 @@ def erf_float32(x):
     return p
 
 
-def _in_chunks(fn, x):
-    """fn applied elementwise to a NumPy array, _CHUNK elements at a time: the same result,
-    but each chunk's dozen temporaries stay in the cache instead of streaming through memory."""
-    flat = np.reshape(x, -1)
-    out = np.empty_like(flat)
-    for start in range(0, flat.size, _CHUNK):
-        out[start:start + _CHUNK] = fn(flat[start:start + _CHUNK])
-    return np.reshape(out, x.shape)
+def in_chunks(fn, *arrays):
+    """fn(*arrays) for an elementwise fn of same-shaped arrays; on NumPy evaluated _CHUNK
+    elements at a time: the same result, but the temporaries of a chain of operations stay in
+    the CPU's cache instead of streaming through memory once per operation. Other backends
+    (CuPy runs each operation as one kernel anyway) get fn(*arrays) whole."""
+    xp = array_namespace(*arrays)
+    size = math.prod(arrays[0].shape)
+    if backend_name(xp) != "numpy" or size <= _CHUNK:
+        return fn(*arrays)
+    if any(a.shape != arrays[0].shape for a in arrays):
+        raise ValueError(f"in_chunks needs arrays of one shape, got {[a.shape for a in arrays]}")
+    flats = [np.reshape(a, -1) for a in arrays]
+    first = fn(*(f[:_CHUNK] for f in flats))
+    out = np.empty(size, dtype=first.dtype)
+    out[:_CHUNK] = first
+    for start in range(_CHUNK, size, _CHUNK):
+        out[start:start + _CHUNK] = fn(*(f[start:start + _CHUNK] for f in flats))
+    return np.reshape(out, arrays[0].shape)
 
 
 def make_rng(xp, seed):

@@ -1,9 +1,13 @@
-"""Exact GELU: y = x * Phi(x) = 0.5 x (1 + erf(x / sqrt 2)), as torch.nn.GELU()."""
+"""Exact GELU: y = x * Phi(x) = 0.5 x (1 + erf(x / sqrt 2)), as torch.nn.GELU().
+
+Both passes are chains of a dozen or more elementwise operations (erf alone is a rational
+function), so each is evaluated by gaps.in_chunks: on NumPy, cache-sized pieces at a time.
+"""
 
 import math
 
 from ..backend import array_namespace
-from ..gaps import erf
+from ..gaps import erf, in_chunks
 
 INV_SQRT2 = 1.0 / math.sqrt(2.0)
 INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
@@ -11,16 +15,27 @@ INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
 def gelu_forward(x):
     """x (any shape) -> y (same shape). cache = (x, cdf) with cdf = Phi(x)."""
-    cdf = erf(x * INV_SQRT2)  # a new array: finished in place below
-    cdf += 1.0
-    cdf *= 0.5  # Phi(x), the standard normal CDF
+    cdf = in_chunks(_normal_cdf, x)
     return x * cdf, (x, cdf)
+
+
+def _normal_cdf(x):
+    """Phi(x), the standard normal CDF: 0.5 (1 + erf(x / sqrt 2))."""
+    cdf = erf(x * INV_SQRT2)  # a new array: finished in place
+    cdf += 1.0
+    cdf *= 0.5
+    return cdf
 
 
 def gelu_backward(dy, cache):
     """forward was y = x Phi(x), so dy/dx = Phi(x) + x phi(x), phi the normal density."""
     x, cdf = cache
-    xp = array_namespace(dy)
+    return in_chunks(_gelu_grad, x, cdf, dy)
+
+
+def _gelu_grad(x, cdf, dy):
+    """dy * (Phi(x) + x phi(x)), with phi(x) = exp(-x^2 / 2) / sqrt(2 pi)."""
+    xp = array_namespace(x)
     slope = x * x
     slope *= -0.5
     slope = xp.exp(slope)

@@ -54,7 +54,9 @@ def fold(cols, image_size, kernel, stride, padding):
     Ho, Wo = output_size(H, k, s, p), output_size(W, k, s, p)
     B, CKK, L = cols.shape
     C = CKK // (k * k)
-    cols = xp.reshape(cols, (B, C, k * k, Ho, Wo))
+    # a copy in this layout (the backward's columns are a transposed view of the tokens): each
+    # of the k*k adds below then reads contiguous rows instead of striding over every token
+    cols = xp.reshape(cols, (B, C, k * k, Ho, Wo), copy=True)
     padded = xp.zeros((B, C, H + 2 * p, W + 2 * p), dtype=cols.dtype, device=device_of(cols))
     for i in range(k):
         for j in range(k):
