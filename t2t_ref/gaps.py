@@ -1,8 +1,10 @@
-"""What the array API standard lacks, in one place: erf and random numbers.
+"""What the array API standard lacks, in one place: erf, random numbers, and in_chunks.
 
 Everything else in t2t_ref uses only the standard's functions. Each function here has a
 NumPy branch, a CuPy branch, and a branch for array_api_strict (the test backend), which does
-its work on the host and moves the result back to the array's device explicitly.
+its work on the host (or with standard functions) and returns arrays on the input's device.
+in_chunks is a speed tool only: it evaluates an elementwise chain on NumPy in cache-sized
+pieces, which the standard cannot express, and gives the same result as calling it whole.
 """
 
 import math
