@@ -17,7 +17,7 @@ import torch.nn.functional as F
 import scipy.special
 
 from conftest import assert_close, on
-from t2t_ref import to_numpy
+from t2t_ref import gaps, to_numpy
 from t2t_ref.backend import array_namespace, backend_name
 from t2t_ref.gaps import erf, make_rng
 from t2t_ref.layers.block import block_backward, block_forward
@@ -136,6 +136,21 @@ def test_gelu_vs_torch(dtype, tol, shape):
     assert y.dtype == np.dtype(dtype)
     assert_close(y, tn(yt), tol, "y")
     assert_close(dx, tn(xt.grad), tol, "dx")
+
+
+def test_in_chunks_equals_the_whole_evaluation():
+    """gaps.in_chunks on NumPy: the same bits as calling fn on the whole arrays, for several
+    inputs, a size that is not a multiple of the chunk, and a non-contiguous input."""
+    rng = np.random.default_rng(5)
+    a = rng.standard_normal((3, 401, 129)).astype(np.float32)  # 155,187 elements: 3 chunks
+    b = rng.standard_normal((3, 129, 401)).astype(np.float32).transpose(0, 2, 1)  # a view
+    fn = lambda x, y: np.exp(x * y) - x / (1.0 + y * y)  # noqa: E731
+    assert a.size > 2 * gaps._CHUNK and a.size % gaps._CHUNK
+    chunked = gaps.in_chunks(fn, a, b)
+    assert chunked.shape == a.shape and chunked.dtype == np.float32
+    assert np.array_equal(chunked, fn(a, b)), "in_chunks changed the result"
+    with pytest.raises(ValueError, match="one shape"):
+        gaps.in_chunks(fn, a, a[:, :, :1].repeat(2, axis=2))
 
 
 @pytest.mark.parametrize("backend_name_", ["numpy", "array_api_strict"])
