@@ -220,7 +220,7 @@ print(f"sum_j dx_j xhat_j: largest {np.max(np.abs(along_xhat)):.2e}, relative er
 # and its maximum $\Phi(\sqrt2) + \sqrt2\,\phi(\sqrt2) \approx 1.129$.
 
 # %%
-print(inspect.getsource(gelu_backward))
+print(inspect.getsource(inspect.getmodule(gelu_backward)))   # the whole file: forward, backward, helpers
 x = rng.normal(size=(4, 5)) * 2
 y, cache = gelu_forward(x)
 g = rng.normal(size=y.shape)
