@@ -19,11 +19,11 @@ colours, and nothing but the outline says which class it is:
 Foreground and background colours are drawn independently of the class: uniform RGB, a pair
 redrawn until the two are at least MIN_CONTRAST apart, and the lighter of the two (by luma) is
 the shape's. So colour says nothing about the class, while "the shape is the light part" holds
-in every image: with the sign of the contrast random too, a model has to discover
-sign-invariant edge features before anything else, and a small ViT sat at chance for the first
-few hundred steps (at the same
-budget the default run reached 65% validation accuracy with a random sign, over 90% without). Every pixel and
-channel gets uniform noise (cheaper to draw than Gaussian noise, and it looks the same).
+in every image. With a random sign of the contrast a model must first discover sign-invariant
+edge features, and a small ViT sat at chance for ~200 steps; with a random sign, smaller
+shapes and +-15 degree tilts, the default run reached 65% validation accuracy, with the
+settings here 96.6%. Every pixel and channel gets uniform noise (cheaper to draw than Gaussian
+noise, and it looks the same).
 
 How a shape is drawn: each shape is a signed distance function sdf(u, v) in the shape's own
 frame (u, v in units of its radius r; negative inside, roughly the distance to the outline).
