@@ -24,7 +24,7 @@ from .backend import BackendError, keep_freed_memory, to_device
 from .cli import HelpFormatter, user_error
 from .checkpoint import CheckpointError, load_checkpoint
 from .data import ArrayDataset, DataError, FileDataset, Loader, find_splits, make_shapes_splits
-from .data.folder import _class_folders, _images_of_class, _names
+from .data.folder import scan_split, short_list
 from .model import create_model
 from .ops.cross_entropy import cross_entropy
 from .pretrained import PretrainedError, imagenet_classes, model_from_weights, read_weights
@@ -126,21 +126,19 @@ def val_folder_loader(data, class_names, num_classes, size, batch_size, workers)
             raise DataError(f"no val/ folder in {root!r}: --weights evaluates on "
                             f"{root}/val/<class>/<image>")
         val_dir = root
-    classes = _class_folders(val_dir)
+    classes, samples = scan_split(val_dir)
     if class_names is None and num_classes == 1000:
         class_names = imagenet_classes()[0]
     if class_names is not None and list(classes) != list(class_names):
         differ = sorted(set(classes) ^ set(class_names))
         raise DataError(
             f"the {len(classes)} class folders of {val_dir!r} are not the weights' "
-            f"{len(class_names)} classes (first differences: {_names(differ)}): "
+            f"{len(class_names)} classes (first differences: {short_list(differ)}): "
             + ("ImageNet weights need the 1000 synset folders n01440764 ..."
                if num_classes == 1000 else "evaluate on the classes the weights were trained on"))
     if len(classes) != num_classes:
         raise DataError(f"{val_dir!r} has {len(classes)} class folders but the weights classify "
                         f"{num_classes} classes")
-    samples = [(path, label) for label, name in enumerate(classes)
-               for path in _images_of_class(val_dir, name)]
     return Loader(FileDataset(samples), batch_size, size, train=False, workers=workers)
 
 

@@ -62,7 +62,7 @@ def find_splits(root, val_fraction=0.1, seed=0):
             only_val = sorted(set(val_classes) - set(classes))
             raise DataError(
                 f"train/ and val/ in {root!r} have different class folders "
-                f"(only in train: {_names(only_train)}; only in val: {_names(only_val)}): "
+                f"(only in train: {short_list(only_train)}; only in val: {short_list(only_val)}): "
                 "give both the same class folders, or remove val/ to hold out part of train/")
         val_files = {name: _images_of_class(val_dir, name) for name in classes}
         train = [(path, label) for label, name in enumerate(classes)
@@ -91,6 +91,16 @@ def find_splits(root, val_fraction=0.1, seed=0):
         for i, path in enumerate(paths):
             (val if i in held_out else train).append((path, label))
     return classes, train, val
+
+
+def scan_split(split_dir):
+    """One split folder, split_dir/<class>/<image> -> (classes, samples): the sorted class
+    folder names, and [(path, label)] sorted by label, then by file name. DataError if it has
+    no class folders, or a class folder has no images."""
+    classes = _class_folders(split_dir)
+    samples = [(path, label) for label, name in enumerate(classes)
+               for path in _images_of_class(split_dir, name)]
+    return classes, samples
 
 
 def _class_folders(split_dir):
@@ -126,7 +136,7 @@ def _is_image(file_name):
     return not file_name.startswith(".") and file_name.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def _names(names, limit=5):
+def short_list(names, limit=5):  # for error messages
     """'a, b, c' or 'a, b, c, d, e and 7 more'; 'none' for an empty list."""
     if not names:
         return "none"
