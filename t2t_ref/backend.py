@@ -103,10 +103,10 @@ def keep_freed_memory():
 
     The NumPy path allocates and frees arrays of tens of MB in every step. By default glibc
     returns such blocks to the OS (munmap, or trimming the heap's top) and the next array of
-    that size page-faults through fresh zeroed pages: measured here, 10-25% of a training step
-    at 224x224 (a linear layer's backward 74 -> 28 ms). With blocks up to 32 MiB kept in the
-    heap and the heap trimmed only past 2 GiB of free space, a step reuses the memory of the last one. Peak memory is
-    unchanged; memory freed after the peak stays with the process until it exits.
+    that size page-faults through fresh zeroed pages: about 10% of a training step at 224x224
+    here (medians of repeated A/B runs). With blocks up to 32 MiB kept in the heap and the heap
+    trimmed only past 2 GiB of free space, a step reuses the memory of the last one. Peak
+    memory is unchanged; memory freed after the peak stays with the process until it exits.
 
     The training, evaluation, prediction and benchmark commands call this; call it yourself in
     a long-running script. Does nothing (returns False) where glibc is not the C library.

@@ -295,7 +295,7 @@ def train(config, resume=None):
     # the built-in shapes are drawn at the training size: scored as drawn, not zoomed by the
     # photo recipe's resize-to-S/0.9-and-crop (which would cut shapes near the border)
     val_loader = Loader(val_set, config["batch_size"], config["img_size"], train=False,
-                        workers=config["workers"], eval_resize=config["data"] is not None)
+                        workers=config["workers"], eval_resize=isinstance(val_set, FileDataset))
     steps_per_epoch = len(loader)
     schedule = CosineSchedule(config["lr"], config["epochs"] * steps_per_epoch,
                               warmup_steps=round(config["warmup_epochs"] * steps_per_epoch),

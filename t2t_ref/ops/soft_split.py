@@ -60,7 +60,7 @@ def soft_split_forward(x, kernel, stride, padding):
     """Image (B, C, H, W) -> tokens (B, L, C*k*k): unfold, then tokens along axis 1.
 
     The tokens are a contiguous copy, not a transposed view of unfold's columns: every op
-    after the split then reads contiguous memory (LayerNorm on the transposed view ran 2-5x
+    after the split then reads contiguous memory (LayerNorm on the transposed view ran about 2x
     slower), and one transposing copy is cheaper than building the tokens' layout directly.
     cache = (image_size, kernel, stride, padding)
     """
