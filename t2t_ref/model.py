@@ -17,6 +17,7 @@ Shapes for a 224 x 224 input (B batch, D backbone width; at size S the grids are
 Parameters live in `model.params` (trained) and `model.buffers` (fixed: `pos_embed` and the
 performers' `w`), both under the official checkpoint names, so `state_dict()` is the official
 format. `forward` keeps a cache of what `backward` needs; `backward` fills `model.grads`.
+On NumPy both cut the batch into one shard per core and run the shards in threads (shards.py).
 """
 
 import math
@@ -30,6 +31,7 @@ from .init import performer_features, sinusoid_table, trunc_normal
 from .layers import add_prefix, sub_dict
 from .layers import token_performer, token_transformer
 from .layers.block import block_backward, block_forward
+from .shards import blas_threads, map_in_threads, shard_sizes, split_rows
 from .ops.dropout import dropout_backward, dropout_forward
 from .ops.layernorm import layernorm_backward, layernorm_forward
 from .ops.linear import linear_backward, linear_forward
@@ -63,7 +65,8 @@ class T2TViT:
     """One T2T-ViT. Build it with t2t_ref.create_model(name, ...)."""
 
     def __init__(self, name, *, num_classes=1000, img_size=224, backend="numpy",
-                 dtype="float32", seed=0, drop_rate=0.0, drop_path_rate=0.0, qk_scale=None):
+                 dtype="float32", seed=0, drop_rate=0.0, drop_path_rate=0.0, qk_scale=None,
+                 threads=None):
         variant = get_variant(name)
         if not (isinstance(img_size, int) and img_size >= PATCH and img_size % PATCH == 0):
             raise ValueError(f"img_size must be a positive multiple of {PATCH} "
@@ -73,6 +76,10 @@ class T2TViT:
         for flag, rate in (("drop_rate", drop_rate), ("drop_path_rate", drop_path_rate)):
             if not 0.0 <= rate < 1.0:
                 raise ValueError(f"{flag} must be in [0, 1), got {rate!r}")
+        if threads is not None and not (isinstance(threads, int) and threads >= 1):
+            raise ValueError(f"threads must be a positive integer or None (as many as NumPy's "
+                             f"BLAS uses), got {threads!r}")
+        self.threads = threads
         self.xp, self.device = get_namespace(backend)
         self.dtype = get_dtype(self.xp, dtype)
         self.name, self.variant, self.backend, self.dtype_name = name, variant, backend, dtype
@@ -222,12 +229,37 @@ class T2TViT:
         them, so memory stays at about one layer's worth; backward() then raises.
         """
         self._check_input(x)
+        self._cache = None  # an earlier forward's activations are not needed any more
+        sizes = shard_sizes(x.shape[0], self._threads())
+        if len(sizes) == 1:
+            logits, caches = self._forward_shard(x, self.rng, keep_cache)
+            self._cache = [caches] if keep_cache else None
+            return logits
+        # One shard per core, each in its own thread (shards.py); each draws its dropout masks
+        # from a generator seeded from self.rng, so a run is repeatable for a thread count.
+        rngs = [self.rng] * len(sizes)
+        if self.training:
+            rngs = [make_rng(self.xp, int(s)) for s in self.rng.integers(0, 2**63, len(sizes))]
+        results = map_in_threads(self._forward_shard, [
+            (piece, rng, keep_cache) for piece, rng in zip(split_rows(x, sizes), rngs)])
+        self._cache = [caches for _, caches in results] if keep_cache else None
+        return self.xp.concat([logits for logits, _ in results], axis=0)  # (B, num_classes)
+
+    __call__ = forward
+
+    def _threads(self):
+        """How many shards a batch may be cut into: NumPy only (see shards.py)."""
+        if self.backend != "numpy":
+            return 1
+        return self.threads if self.threads is not None else blas_threads()
+
+    def _forward_shard(self, x, rng, keep_cache):
+        """forward for a batch (or a shard of one): -> (logits, caches or None)."""
         xp, p = self.xp, self.params
         t2t_forward = T2T_LAYERS[self.variant.tokens_type][0]
-        opts = dict(rng=self.rng, training=self.training)
+        opts = dict(rng=rng, training=self.training)
         B = x.shape[0]
         caches = {} if keep_cache else _Discard()
-        self._cache = None  # an earlier forward's activations are not needed any more
 
         # Tokens-to-token: soft split, T2T layer, re-structurize, twice; then a last split.
         tokens, caches["split0"] = soft_split_forward(x, *SOFT_SPLITS[0])  # (B, S/4^2, 147)
@@ -253,10 +285,7 @@ class T2TViT:
         h, caches["norm"] = layernorm_forward(h, p["norm.weight"], p["norm.bias"])
         logits, caches["head"] = linear_forward(h[:, 0, :], p["head.weight"], p["head.bias"])
         caches["tokens_shape"] = h.shape
-        self._cache = caches if keep_cache else None
-        return logits  # (B, num_classes)
-
-    __call__ = forward
+        return logits, (caches if keep_cache else None)  # (B, num_classes)
 
     def backward(self, dlogits):
         """dlogits (B, num_classes) -> d(input) (B, 3, S, S); fills self.grads.
@@ -267,8 +296,23 @@ class T2TViT:
         if self._cache is None:
             raise RuntimeError("backward() needs a forward(x) first, with keep_cache=True "
                                "(its cache is used once)")
-        xp, caches, g = self.xp, self._cache, {}
-        self._cache = None
+        shard_caches, self._cache = self._cache, None
+        if len(shard_caches) == 1:
+            dx, self.grads = self._backward_shard(dlogits, shard_caches[0])
+            return dx
+        sizes = [caches["tokens_shape"][0] for caches in shard_caches]
+        results = map_in_threads(self._backward_shard,
+                                 list(zip(split_rows(dlogits, sizes), shard_caches)))
+        # the loss sums over samples, so each weight's gradient is the sum of the shards'
+        self.grads = dict(results[0][1])
+        for _, shard_grads in results[1:]:
+            for name, grad in shard_grads.items():
+                self.grads[name] = self.grads[name] + grad
+        return self.xp.concat([dx for dx, _ in results], axis=0)  # (B, 3, S, S)
+
+    def _backward_shard(self, dlogits, caches):
+        """backward for one forward shard: -> (dx, grads)."""
+        xp, g = self.xp, {}
         t2t_backward = T2T_LAYERS[self.variant.tokens_type][1]
 
         dcls_out, g["head.weight"], g["head.bias"] = linear_backward(dlogits, caches["head"])
@@ -295,9 +339,7 @@ class T2TViT:
             dtokens, layer_grads = t2t_backward(dtokens, caches[layer])
             g.update(add_prefix(layer_grads, f"tokens_to_token.{layer}."))
         dx = soft_split_backward(dtokens, caches["split0"])  # (B, 3, S, S)
-
-        self.grads = g
-        return dx
+        return dx, g
 
 
 class _Discard(dict):
@@ -346,10 +388,13 @@ def _t2t_layer_specs(prefix, tokens_type, d_in, E):
 
 
 def create_model(name, *, num_classes=1000, img_size=224, backend="numpy", dtype="float32",
-                 seed=0, drop_rate=0.0, drop_path_rate=0.0, qk_scale=None):
-    """Build an official T2T-ViT variant by name (see list_models()), freshly initialised."""
+                 seed=0, drop_rate=0.0, drop_path_rate=0.0, qk_scale=None, threads=None):
+    """Build an official T2T-ViT variant by name (see list_models()), freshly initialised.
+
+    threads (NumPy only): into how many shards, one thread each, a batch may be cut (see
+    shards.py); None: as many as NumPy's BLAS uses, that is, the cores it was given."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
     return T2TViT(name, num_classes=num_classes, img_size=img_size, backend=backend,
                   dtype=dtype, seed=seed, drop_rate=drop_rate, drop_path_rate=drop_path_rate,
-                  qk_scale=qk_scale)
+                  qk_scale=qk_scale, threads=threads)

@@ -186,7 +186,9 @@ def train(model, steps=STEPS, batch=BATCH, lr=LR, evaluate_every=50):
     return history
 
 
-t2t = t2t_ref.create_model("t2t_vit_7", num_classes=CLASSES, img_size=SIZE, seed=0)
+# threads=1: the whole batch in one thread, as PlainViT runs (by default, on NumPy, a T2TViT cuts
+# a batch into one shard per CPU core and runs the shards in threads: t2t_ref/shards.py)
+t2t = t2t_ref.create_model("t2t_vit_7", num_classes=CLASSES, img_size=SIZE, seed=0, threads=1)
 vit = PlainViT(t2t_ref.create_model("t2t_vit_7", num_classes=CLASSES, img_size=SIZE, seed=0))
 print(f"T2T-ViT-7: {t2t.num_parameters(trainable_only=True):,} trained parameters; "
       f"plain ViT: {sum(a.size for a in vit.params.values()):,}")
@@ -227,7 +229,7 @@ plt.show()
 # The prediction is read from the class token after the last block, so the last block's
 # attention row *from* the class token *to* the image tokens shows which parts of the image it
 # gathered. `model._cache` keeps every block's attention map $P$ (B, h, N, N) from the last
-# forward: row 0 is the class token. At 32x32 the backbone has only 2x2 image tokens, so the map
+# forward (a T2TViT keeps one cache per shard of the batch: one here): row 0 is the class token. At 32x32 the backbone has only 2x2 image tokens, so the map
 # is coarse; at 224 it would be 14x14.
 #
 # A finer view comes from the backward pass itself: the gradient of the predicted class's logit
@@ -241,7 +243,8 @@ def class_token_attention(model, x):
     model.eval()
     logits = model.forward(x)
     depth = model.depth if isinstance(model, PlainViT) else model.variant.depth
-    p = model._cache[f"block{depth - 1}"][1][3][3]                            # (B, h, N, N)
+    cache = model._cache if isinstance(model, PlainViT) else model._cache[0]  # the one shard
+    p = cache[f"block{depth - 1}"][1][3][3]                                    # (B, h, N, N)
     row = p[:, :, 0, 1:].mean(axis=1)                                          # (B, G*G)
     side = int(np.sqrt(row.shape[1]))
     return row.reshape(-1, side, side), logits

@@ -1,0 +1,73 @@
+"""Data parallelism over CPU cores: on NumPy, a batch is split into one shard per core.
+
+NumPy runs every elementwise operation (LayerNorm, GELU, softmax, the soft split...) on one
+core; only its BLAS matmuls use more. So on NumPy the model cuts a batch into shards, runs each
+shard's forward and backward in a thread of its own with BLAS held to one thread, and joins the
+results: every operation gets a core. This works because NumPy releases Python's GIL inside its
+loops and BLAS calls, and the ops of a whole shard are long enough (milliseconds) for the hand-
+over of the GIL between threads to cost next to nothing. On 2 cores a training step takes about
+0.7x the time of the one-thread step (BENCHMARKS.md).
+
+The math does not change: each sample's forward is the same, the weight gradients of the
+shards are summed (the loss is a sum over samples), only the order of float additions differs.
+CuPy gets one shard: the GPU runs each operation in parallel already.
+"""
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+_lock = threading.Lock()
+_blas = None  # threadpoolctl's controller of NumPy's BLAS, made at first use
+_pool = None  # the threads that run the shards, made at first use and reused
+_pool_size = 0
+
+
+def _blas_controller():
+    global _blas
+    with _lock:
+        if _blas is None:
+            import threadpoolctl
+            _blas = threadpoolctl.ThreadpoolController().select(user_api="blas")
+        return _blas
+
+
+def blas_threads():
+    """How many threads NumPy's BLAS uses now: the cores this process was given to work on
+    (OMP_NUM_THREADS, OPENBLAS_NUM_THREADS and threadpoolctl's limits all set it); 1 when
+    threadpoolctl finds no BLAS."""
+    counts = [lib.get_num_threads() for lib in _blas_controller().lib_controllers]
+    return max([c for c in counts if c] or [1])
+
+
+def shard_sizes(batch, threads):
+    """Split batch samples into min(batch, threads) shards as even as can be (sizes differ
+    by at most one, larger first): shard_sizes(10, 4) == [3, 3, 2, 2]."""
+    n = max(1, min(batch, threads))
+    base, extra = divmod(batch, n)
+    return [base + 1 if i < extra else base for i in range(n)]
+
+
+def split_rows(x, sizes):
+    """x (B, ...) -> [x[0:s0], x[s0:s0+s1], ...] for the shard sizes (views, no copies)."""
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    return [x[start:start + size, ...] for start, size in zip(starts, sizes)]
+
+
+def map_in_threads(fn, argument_tuples):
+    """[fn(*args) for args in argument_tuples], each call in its own thread, with NumPy's
+    BLAS held to one thread meanwhile (the shards already use every core). An exception in
+    any call is raised here, after all calls have finished."""
+    global _pool, _pool_size
+    n = len(argument_tuples)
+    with _lock:
+        if _pool_size < n:
+            _pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="t2t_ref-shard")
+            _pool_size = n
+        pool = _pool
+    with _blas_controller().limit(limits=1):
+        futures = [pool.submit(fn, *args) for args in argument_tuples]
+        errors = [f.exception() for f in futures]  # waits for every call
+    for error in errors:
+        if error is not None:
+            raise error
+    return [f.result() for f in futures]

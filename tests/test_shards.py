@@ -1,0 +1,125 @@
+"""Data parallelism over cores (t2t_ref.shards): a batch cut into shards that run in threads
+must give what the whole batch gives in one thread, and the threads must really be separate."""
+
+import threading
+
+import numpy as np
+import pytest
+
+import t2t_ref
+from t2t_ref.gaps import make_rng
+from t2t_ref.shards import blas_threads, map_in_threads, shard_sizes, split_rows
+
+SIZE, CLASSES = 32, 5
+
+
+@pytest.mark.parametrize("batch, threads, expected", [(10, 4, [3, 3, 2, 2]), (4, 2, [2, 2]),
+                                                      (3, 8, [1, 1, 1]), (7, 1, [7]),
+                                                      (1, 2, [1])])
+def test_shard_sizes_are_even_and_cover_the_batch(batch, threads, expected):
+    assert shard_sizes(batch, threads) == expected
+
+
+def test_split_rows_are_consecutive_views():
+    x = np.arange(10 * 3).reshape(10, 3)
+    pieces = split_rows(x, [4, 3, 3])
+    assert [p.shape[0] for p in pieces] == [4, 3, 3]
+    assert np.array_equal(np.concatenate(pieces), x)
+    assert all(np.shares_memory(p, x) for p in pieces)
+
+
+def test_map_in_threads_runs_each_call_in_its_own_thread_with_one_blas_thread():
+    before = blas_threads()
+    seen = []
+    barrier = threading.Barrier(2, timeout=30)  # both calls must be running at the same time
+
+    def work(i):
+        barrier.wait()
+        seen.append((threading.get_ident(), blas_threads()))
+        return i * i
+
+    assert map_in_threads(work, [(2,), (3,)]) == [4, 9]  # results in call order
+    idents = {ident for ident, _ in seen}
+    assert len(idents) == 2 and threading.get_ident() not in idents, seen
+    assert all(count == 1 for _, count in seen), seen
+    assert blas_threads() == before  # restored
+
+
+def test_map_in_threads_raises_a_calls_error_after_all_finished():
+    finished = []
+
+    def work(i):
+        if i == 0:
+            raise KeyError("shard 0 failed")
+        finished.append(i)
+
+    with pytest.raises(KeyError, match="shard 0 failed"):
+        map_in_threads(work, [(0,), (1,)])
+    assert finished == [1]
+
+
+def _forward_backward(model, x, g):
+    logits = model.forward(x)
+    dx = model.backward(g)
+    return logits, dx, model.grads
+
+
+@pytest.mark.parametrize("name", ["t2t_vit_7", "t2t_vit_t_14"])  # performer and transformer
+def test_shards_give_what_one_thread_gives(name):
+    """Uneven shards (5 samples in 3), eval mode: logits, input gradient and every parameter's
+    gradient as in one thread, up to float64 rounding."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(5, 3, SIZE, SIZE))
+    g = rng.normal(size=(5, CLASSES))
+    results = {}
+    for threads in (1, 3):
+        model = t2t_ref.create_model(name, num_classes=CLASSES, img_size=SIZE, dtype="float64",
+                                     threads=threads).eval()
+        results[threads] = _forward_backward(model, x, g)
+    (logits1, dx1, grads1), (logits3, dx3, grads3) = results[1], results[3]
+    np.testing.assert_allclose(logits3, logits1, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(dx3, dx1, rtol=1e-10, atol=1e-14)
+    assert grads3.keys() == grads1.keys()
+    for key in grads1:
+        scale = np.max(np.abs(grads1[key]))
+        err = np.max(np.abs(grads3[key] - grads1[key])) / max(scale, 1e-30)
+        assert err < 1e-10, f"{key}: sharded gradient differs by {err:.1e} (relative)"
+
+
+def test_sharded_training_with_dropout_repeats_and_matches_central_differences():
+    """Train mode, dropout and drop path on, 2 shards: each shard draws its masks from a seed
+    taken from model.rng, so the same model.rng repeats a step exactly, and the summed shard
+    gradients are the gradient of that step's loss."""
+    model = t2t_ref.create_model("t2t_vit_7", num_classes=CLASSES, img_size=SIZE,
+                                 dtype="float64", drop_rate=0.2, drop_path_rate=0.3,
+                                 threads=2).train()
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(4, 3, SIZE, SIZE))
+    g = rng.normal(size=(4, CLASSES))
+    direction = {k: rng.normal(size=v.shape) for k, v in model.params.items()}
+
+    def loss(seed=7):
+        model.rng = make_rng(model.xp, seed)
+        return float(np.sum(model.forward(x) * g))
+
+    first = loss()
+    model.backward(g)
+    analytic = sum(np.sum(model.grads[k] * d) for k, d in direction.items())
+    assert loss() == first, "the same model.rng did not repeat the step"
+    assert loss(seed=8) != first, "the dropout masks do not depend on model.rng"
+
+    base = {k: v.copy() for k, v in model.params.items()}
+    h = 1e-6
+    losses = []
+    for sign in (1, -1):
+        for k in base:
+            model.params[k] = base[k] + sign * h * direction[k]
+        losses.append(loss())
+    numeric = (losses[0] - losses[1]) / (2 * h)
+    assert abs(analytic - numeric) <= 1e-6 * max(abs(numeric), 1.0), (analytic, numeric)
+
+
+@pytest.mark.parametrize("threads", [0, -1, 1.5, "2"])
+def test_bad_thread_count_is_refused(threads):
+    with pytest.raises(ValueError, match="threads must be a positive integer"):
+        t2t_ref.create_model("t2t_vit_7", num_classes=CLASSES, img_size=SIZE, threads=threads)
