@@ -58,11 +58,13 @@ import re
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import threadpoolctl
 
 from .backend import keep_freed_memory, to_device, to_numpy
 from .cli import HelpFormatter, user_error
@@ -179,15 +181,10 @@ def limit_threads(n):
     """Use n threads in NumPy's BLAS (and any other thread pool threadpoolctl sees) and in
     PyTorch if it is imported, until restore_threads(). Returns threadpoolctl's info on the
     BLAS libraries, NumPy's first."""
-    try:
-        import threadpoolctl
-    except ImportError:
-        raise BenchError("the benchmark sets NumPy's BLAS thread count with threadpoolctl, "
-                         "which is not installed: pip install threadpoolctl") from None
     restore_threads()
     torch = sys.modules.get("torch")
-    _limits.append((threadpoolctl.threadpool_limits(limits=n),
-                    torch.get_num_threads() if torch else None))
+    torch_threads = torch.get_num_threads() if torch else None  # before threadpoolctl, which
+    _limits.append((threadpoolctl.threadpool_limits(limits=n), torch_threads))  # limits it too
     if torch:
         torch.set_num_threads(n)
     blas = [info for info in threadpoolctl.threadpool_info() if info["user_api"] == "blas"]
@@ -570,13 +567,18 @@ def measure_memory(config, backend, threads, side, timeout=900):
 
 # ---- per-op breakdown -----------------------------------------------------------------------
 
+WAITING = "(main thread waiting for the shard threads)"
+
+
 def _profiled_functions():
     """{function: name} for everything the profiler times: each function defined in the
     modules of t2t_ref.ops, t2t_ref.layers and t2t_ref.gaps, plus the model's forward and
-    backward (their own code) and AdamW.step."""
+    backward (their own code, on the whole batch and per shard), AdamW.step, and the model's
+    wait for its shard threads (shards.map_in_threads, which is left out of the rows)."""
     from . import gaps, layers, ops
     from .model import T2TViT
     from .optim import AdamW
+    from .shards import map_in_threads
     modules = [gaps, layers, ops]
     for package in (ops, layers):
         modules += [importlib.import_module(f"{package.__name__}.{info.name}")
@@ -588,12 +590,15 @@ def _profiled_functions():
                 functions[obj] = obj.__name__  # an alias is timed under the defining name
     functions[T2TViT.forward] = "T2TViT.forward (own code)"
     functions[T2TViT.backward] = "T2TViT.backward (own code)"
+    functions[T2TViT._forward_shard] = "T2TViT._forward_shard (own code)"
+    functions[T2TViT._backward_shard] = "T2TViT._backward_shard (own code)"
     functions[AdamW.step] = "AdamW.step"
+    functions[map_in_threads] = WAITING
     return functions
 
 
 class OpProfiler:
-    """Exclusive time per function while active:
+    """Exclusive time per function while active, summed over the threads that ran it:
 
         with OpProfiler(sync) as profiler:
             step()                      # timed as total_ms
@@ -602,15 +607,23 @@ class OpProfiler:
     Functions are imported by name (`from .linear import linear_forward`), so each is patched
     wherever a t2t_ref module holds it: module attributes, the classes T2TViT and AdamW, and
     module-level dicts of tuples of functions (model.T2T_LAYERS); all are restored on exit.
-    Each call's time minus its nested wrapped calls' time is its exclusive time, so the
-    exclusive times add up to the profiled code's wall time. sync (CuPy: wait for the GPU) is
-    called at every entry and exit, so the GPU's work is counted where it was queued.
+    Each call's time minus its nested wrapped calls' time (in its own thread) is its exclusive
+    time. On NumPy the model runs its shards in threads (t2t_ref.shards), so the ops' times add
+    up to *thread* time: the main thread's wall time, less its wait for the shard threads, plus
+    the shard threads' busy time; `thread_ms` is that sum and the whole of the % column. With
+    one thread it is the step's wall time. sync (CuPy: wait for the GPU) is called at every
+    entry and exit, so the GPU's work is counted where it was queued.
     """
 
     def __init__(self, sync=None):
         self.sync = sync
         self.stats = {}  # name -> [calls, exclusive seconds]
-        self._children = []  # per active call: seconds spent in its nested wrapped calls
+        self.threads = set()  # idents of the threads that ran wrapped code
+        self.thread_ms = None  # set by rows()
+        self._local = threading.local()  # .children: per active call in this thread, the
+        self._lock = threading.Lock()  # seconds spent in its nested wrapped calls
+        self._main = threading.get_ident()
+        self._main_wrapped = 0.0  # seconds of the main thread inside outermost wrapped calls
         self._restore = []  # (setter, original) in patching order
 
     def _wrap(self, function, name):
@@ -618,9 +631,12 @@ class OpProfiler:
 
         @functools.wraps(function)
         def timed(*args, **kwargs):
+            children = getattr(profiler._local, "children", None)
+            if children is None:
+                children = profiler._local.children = []
             if profiler.sync is not None:
                 profiler.sync()
-            profiler._children.append(0.0)
+            children.append(0.0)
             start = time.perf_counter()
             try:
                 return function(*args, **kwargs)
@@ -628,12 +644,16 @@ class OpProfiler:
                 if profiler.sync is not None:
                     profiler.sync()
                 elapsed = time.perf_counter() - start
-                inner = profiler._children.pop()
-                entry = profiler.stats.setdefault(name, [0, 0.0])
-                entry[0] += 1
-                entry[1] += elapsed - inner
-                if profiler._children:
-                    profiler._children[-1] += elapsed
+                inner = children.pop()
+                with profiler._lock:
+                    entry = profiler.stats.setdefault(name, [0, 0.0])
+                    entry[0] += 1
+                    entry[1] += elapsed - inner
+                    profiler.threads.add(threading.get_ident())
+                    if not children and threading.get_ident() == profiler._main:
+                        profiler._main_wrapped += elapsed
+                if children:
+                    children[-1] += elapsed
         return timed
 
     def __enter__(self):
@@ -669,19 +689,21 @@ class OpProfiler:
         self._restore = []
 
     def rows(self, total_ms):
-        """[{op, calls, ms, pct}] sorted by time, with 'other' = total - the wrapped time."""
+        """[{op, calls, ms, pct}] sorted by time, with 'other' = the main thread's time outside
+        the wrapped code; the wait for the shard threads is left out. Sets self.thread_ms."""
         rows = [{"op": name, "calls": calls, "ms": 1e3 * seconds}
-                for name, (calls, seconds) in self.stats.items()]
+                for name, (calls, seconds) in self.stats.items() if name != WAITING]
         rows.append({"op": "other (bench loop, outside the wrapped code)", "calls": 1,
-                     "ms": total_ms - sum(r["ms"] for r in rows)})
+                     "ms": total_ms - 1e3 * self._main_wrapped})
+        self.thread_ms = sum(r["ms"] for r in rows)
         for row in rows:
-            row["pct"] = 100.0 * row["ms"] / total_ms
+            row["pct"] = 100.0 * row["ms"] / self.thread_ms
         return sorted(rows, key=lambda r: -r["ms"])
 
 
 def profile_step(side, pause=0.0):
-    """Time one step of t2t_ref with every op wrapped: (total ms, rows of OpProfiler.rows).
-    pause: seconds of idling first, as before a timed step."""
+    """Time one step of t2t_ref with every op wrapped: (total ms, rows of OpProfiler.rows,
+    {"thread_ms", "threads"}). pause: seconds of idling first, as before a timed step."""
     sync = side.sync if side.backend == "cupy" else None
     side.sync()
     time.sleep(pause)
@@ -690,7 +712,8 @@ def profile_step(side, pause=0.0):
         side.step()
         side.sync()
         total_ms = 1e3 * (time.perf_counter() - start)
-    return total_ms, profiler.rows(total_ms)
+    rows = profiler.rows(total_ms)
+    return total_ms, rows, {"thread_ms": profiler.thread_ms, "threads": len(profiler.threads)}
 
 
 # ---- the loader -----------------------------------------------------------------------------
@@ -764,7 +787,9 @@ def run_config(config, args, peak_gflops):
     result["ratio"] = result["ours"]["ms"] / result["torch"]["ms"]
     result["target_ratio"] = TARGET_RATIO[config.mode]
 
-    result["profile_ms"], result["profile"] = profile_step(ours, args.pause)
+    result["profile_ms"], result["profile"], threads = profile_step(ours, args.pause)
+    result["profile_thread_ms"], result["profile_threads"] = threads["thread_ms"], \
+        threads["threads"]
     del ours, theirs
     gc.collect()
 
@@ -825,9 +850,13 @@ def print_result(r):
     print(row("loader images/s", f"{r['loader_images_per_s']:.1f}", "",
               f"{r['loader_workers']} workers, vs t2t_ref's {ours['images_per_s']:.1f}: "
               f"the {slower} is the slower"))
+    threads = r["profile_threads"]
     print(f"   where t2t_ref's time goes: exclusive time per function in one profiled step "
-          f"({r['profile_ms']:.1f} ms; timed median {ours['ms']:.1f} ms)")
-    print(f"   {'op':<46}{'calls':>6}{'ms/step':>10}{'%':>7}")
+          f"({r['profile_ms']:.1f} ms; timed median {ours['ms']:.1f} ms)"
+          + (f",\n   summed over the threads that ran it (the main thread and the model's "
+             f"shard threads: {r['profile_thread_ms']:.1f} thread-ms in all, the % column's whole)"
+             if threads > 1 else ""))
+    print(f"   {'op':<46}{'calls':>6}{'thread-ms' if threads > 1 else 'ms/step':>10}{'%':>7}")
     shown = [p for p in r["profile"] if p["pct"] >= PROFILE_MIN_PCT]
     rest = [p for p in r["profile"] if p["pct"] < PROFILE_MIN_PCT]
     for p in shown:

@@ -78,7 +78,8 @@ def test_profiler_exclusive_times_add_up_to_the_step(one_thread):
         side.step()
         plain.append(1e3 * (time.perf_counter() - start))
 
-    total_ms, rows = bench.profile_step(side)
+    total_ms, rows, threads = bench.profile_step(side)
+    assert threads["threads"] == 1 and abs(threads["thread_ms"] - total_ms) < 1e-6
     by_op = {row["op"]: row for row in rows}
     other = by_op["other (bench loop, outside the wrapped code)"]
     wrapped_ms = sum(row["ms"] for row in rows if row is not other)
@@ -97,14 +98,46 @@ def test_profiler_exclusive_times_add_up_to_the_step(one_thread):
                       ("performer_attention_forward", 2), ("performer_attention_backward", 2),
                       ("token_performer_forward", 2), ("block_backward", 7),
                       ("soft_split_forward", 3), ("fold", 3), ("cross_entropy", 1), ("AdamW.step", 1),
-                      ("T2TViT.forward (own code)", 1), ("T2TViT.backward (own code)", 1)]:
+                      ("T2TViT.forward (own code)", 1), ("T2TViT.backward (own code)", 1),
+                      ("T2TViT._forward_shard (own code)", 1)]:
         assert by_op[op]["calls"] == calls, (op, by_op.get(op))
+    assert bench.WAITING not in by_op  # one thread: no shards to wait for
     # and everything it patched is put back
     assert _is_original(model_module.linear_forward)
     assert model_module.linear_forward is linear.linear_forward
     assert model_module.T2T_LAYERS["performer"][0] is token_performer.token_performer_forward
     assert _is_original(token_performer.token_performer_forward)
     assert _is_original(model_module.T2TViT.forward) and _is_original(AdamW.step)
+
+
+@pytest.fixture
+def two_threads():
+    bench.limit_threads(2)
+    yield
+    bench.restore_threads()
+
+
+def test_profiler_sums_the_shard_threads(two_threads):
+    """With two threads the model runs two shards at once: each op is counted in both shard
+    threads, the main thread's wait for them is left out, and the rows add up to thread time."""
+    side = bench.Ours(bench.parse_config("t2t_vit_7-32-b4-train"), "numpy")
+    side.prepare()
+    side.step()  # warm
+    total_ms, rows, threads = bench.profile_step(side)
+    by_op = {row["op"]: row for row in rows}
+    assert threads["threads"] >= 3, threads  # the main thread and (at least) two pool threads
+    assert bench.WAITING not in by_op
+    assert abs(sum(row["ms"] for row in rows) - threads["thread_ms"]) < 1e-6
+    assert abs(sum(row["pct"] for row in rows) - 100.0) < 1e-6
+    assert all(row["ms"] >= -0.05 for row in rows), rows
+    # the shards' work is counted in full: more thread time than wall time (two busy threads),
+    # at most the wall time of all three threads
+    assert total_ms < threads["thread_ms"] < 3 * total_ms, (total_ms, threads)
+    for op, calls in [("linear_forward", 2 * 38), ("layernorm_backward", 2 * 19),
+                      ("T2TViT._forward_shard (own code)", 2),
+                      ("T2TViT._backward_shard (own code)", 2),
+                      ("T2TViT.forward (own code)", 1), ("cross_entropy", 1), ("AdamW.step", 1)]:
+        assert by_op[op]["calls"] == calls, (op, by_op.get(op))
 
 
 def test_main_quick_writes_sane_numbers(tmp_path, capsys):
