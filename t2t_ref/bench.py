@@ -34,8 +34,10 @@ What is printed for each configuration:
     slower of the two shows.
   - where t2t_ref's time goes: one extra profiled step (not one of the timed ones), with every
     function of t2t_ref.ops, t2t_ref.layers and t2t_ref.gaps, the model's forward/backward and
-    AdamW.step wrapped in a timer that keeps *exclusive* time (the time of nested wrapped calls
-    subtracted), as ms per step and % of the step.
+    AdamW's step wrapped in a timer that keeps *exclusive* time (the time of nested wrapped
+    calls subtracted), as ms per step and % of the step. On NumPy the model and AdamW run in
+    one thread per core (t2t_ref.shards): the times are then summed over the threads
+    (thread-ms), without the main thread's wait for the others.
 
 --backend cupy: t2t_ref on CuPy against PyTorch CUDA eager, timed with CUDA events, TF32 off on
 both; memory is CuPy's memory-pool high-water mark and torch.cuda.max_memory_allocated.
@@ -573,9 +575,9 @@ WAITING = "(main thread waiting for the shard threads)"
 def _profiled_functions():
     """{function: name} for everything the profiler times: each function defined in the
     modules of t2t_ref.ops, t2t_ref.layers and t2t_ref.gaps, plus the model's forward and
-    backward (their own code, on the whole batch and per shard), AdamW.step, and the model's
-    wait for its shard threads (shards.map_in_threads, which is left out of the rows)."""
-    from . import gaps, layers, ops
+    backward (their own code, on the whole batch and per shard) and its sum of the shards'
+    gradients, AdamW's step and per-thread update, and the wait for the shard threads (shards.map_in_threads, which is left out of the rows)."""
+    from . import gaps, layers, model, ops
     from .model import T2TViT
     from .optim import AdamW
     from .shards import map_in_threads
@@ -592,7 +594,9 @@ def _profiled_functions():
     functions[T2TViT.backward] = "T2TViT.backward (own code)"
     functions[T2TViT._forward_shard] = "T2TViT._forward_shard (own code)"
     functions[T2TViT._backward_shard] = "T2TViT._backward_shard (own code)"
-    functions[AdamW.step] = "AdamW.step"
+    functions[model._sum_into] = "summing the shards' gradients"
+    functions[AdamW.step] = "AdamW.step (own code)"
+    functions[AdamW._update] = "AdamW._update"
     functions[map_in_threads] = WAITING
     return functions
 

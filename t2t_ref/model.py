@@ -31,7 +31,7 @@ from .init import performer_features, sinusoid_table, trunc_normal
 from .layers import add_prefix, sub_dict
 from .layers import token_performer, token_transformer
 from .layers.block import block_backward, block_forward
-from .shards import blas_threads, map_in_threads, shard_sizes, split_rows
+from .shards import balanced_groups, blas_threads, map_in_threads, shard_sizes, split_rows
 from .ops.dropout import dropout_backward, dropout_forward
 from .ops.layernorm import layernorm_backward, layernorm_forward
 from .ops.linear import linear_backward, linear_forward
@@ -303,11 +303,12 @@ class T2TViT:
         sizes = [caches["tokens_shape"][0] for caches in shard_caches]
         results = map_in_threads(self._backward_shard,
                                  list(zip(split_rows(dlogits, sizes), shard_caches)))
-        # the loss sums over samples, so each weight's gradient is the sum of the shards'
-        self.grads = dict(results[0][1])
-        for _, shard_grads in results[1:]:
-            for name, grad in shard_grads.items():
-                self.grads[name] = self.grads[name] + grad
+        # the loss sums over samples, so each weight's gradient is the sum of the shards':
+        # added in place into the first shard's (fresh) arrays, a group of tensors per thread
+        total, others = results[0][1], [grads for _, grads in results[1:]]
+        map_in_threads(_sum_into, [(total, others, names)
+                                   for names in balanced_groups(total, len(sizes))])
+        self.grads = total
         return self.xp.concat([dx for dx, _ in results], axis=0)  # (B, 3, S, S)
 
     def _backward_shard(self, dlogits, caches):
@@ -340,6 +341,13 @@ class T2TViT:
             g.update(add_prefix(layer_grads, f"tokens_to_token.{layer}."))
         dx = soft_split_backward(dtokens, caches["split0"])  # (B, 3, S, S)
         return dx, g
+
+
+def _sum_into(total, others, names):
+    """total[name] += every other shard's gradient of name, for the names given."""
+    for name in names:
+        for grads in others:
+            total[name] += grads[name]
 
 
 class _Discard(dict):

@@ -34,7 +34,8 @@ import math
 
 import numpy as np
 
-from .backend import array_namespace, device_of, to_device, to_numpy
+from .backend import array_namespace, backend_name, device_of, to_device, to_numpy
+from .shards import balanced_groups, blas_threads, map_in_threads
 
 # The official model's no_weight_decay(): the class token. (pos_embed is fixed, not trained.)
 NO_WEIGHT_DECAY = frozenset({"cls_token"})
@@ -56,10 +57,12 @@ class AdamW:
 
     The parameters passed here fix the names, shapes, dtypes and device of the state (m and v
     start at zero, as in torch); `step` must then get arrays of the same names and shapes.
+    threads (NumPy only): how many threads share the tensors of a step, each updating its own
+    (None: as many as NumPy's BLAS uses); every tensor's update is the same either way.
     """
 
     def __init__(self, params, *, weight_decay=0.05, betas=(0.9, 0.999), eps=1e-8,
-                 no_weight_decay=NO_WEIGHT_DECAY):
+                 no_weight_decay=NO_WEIGHT_DECAY, threads=None):
         if not params:
             raise ValueError("AdamW needs at least one parameter")
         if not 0.0 <= betas[0] < 1.0 or not 0.0 <= betas[1] < 1.0:
@@ -74,6 +77,10 @@ class AdamW:
         self.dtypes = {name: p.dtype for name, p in params.items()}
         self.decay = {name: decays(name, shape, self.no_weight_decay)
                       for name, shape in self.shapes.items()}
+        if threads is not None and not (isinstance(threads, int) and threads >= 1):
+            raise ValueError(f"threads must be a positive integer or None (as many as NumPy's "
+                             f"BLAS uses), got {threads!r}")
+        self.threads = threads  # NumPy: how many threads share a step's tensors
         self.step_count = 0  # t: updates made so far
         self.exp_avg = {name: self.xp.zeros_like(p) for name, p in params.items()}  # m
         self.exp_avg_sq = {name: self.xp.zeros_like(p) for name, p in params.items()}  # v
@@ -86,13 +93,28 @@ class AdamW:
         self._check(params, "params")
         self._check(grads, "grads")
         xp = self.xp
-        (beta1, beta2), eps, lr = self.betas, self.eps, float(lr)
+        (beta1, beta2), lr = self.betas, float(lr)
         self.step_count += 1
         t = self.step_count
         step_size = lr / (1.0 - beta1 ** t)  # lr / bias correction of m
         bias_correction2_sqrt = math.sqrt(1.0 - beta2 ** t)
         decay_factor = 1.0 - lr * self.weight_decay  # decoupled weight decay
-        for name in self.shapes:
+        constants = (step_size, bias_correction2_sqrt, decay_factor)
+        # NumPy: the tensors shared out among threads, one group each (see shards.py)
+        threads = 1 if backend_name(xp) != "numpy" else (self.threads or blas_threads())
+        groups = balanced_groups(params, threads)
+        if len(groups) == 1:
+            self._update(groups[0], params, grads, constants)
+        else:
+            map_in_threads(self._update, [(names, params, grads, constants)
+                                          for names in groups])
+
+    def _update(self, names, params, grads, constants):
+        """The update of the parameters `names`, in place."""
+        xp = self.xp
+        (beta1, beta2), eps = self.betas, self.eps
+        step_size, bias_correction2_sqrt, decay_factor = constants
+        for name in names:
             arrays = (params[name], grads[name], self.exp_avg[name], self.exp_avg_sq[name])
             decays = self.decay[name] and self.weight_decay != 0.0
             # NumPy: cache-sized pieces of each tensor, so that the dozen passes below stay in
@@ -170,7 +192,9 @@ class AdamW:
                       for name, shape in self.shapes.items()}
 
 
-_PIECE = 1 << 15  # elements per piece: p, g, m, v and the temporaries fit in a 1 MiB cache
+# elements per piece: p, g, m, v and the temporaries fit in a 2 MiB cache, and each NumPy call
+# is long enough that two threads seldom wait on each other for Python's GIL
+_PIECE = 1 << 16
 
 
 def _pieces(xp, arrays):

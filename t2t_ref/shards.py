@@ -13,6 +13,7 @@ shards are summed (the loss is a sum over samples), only the order of float addi
 CuPy gets one shard: the GPU runs each operation in parallel already.
 """
 
+import math
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -51,6 +52,22 @@ def split_rows(x, sizes):
     """x (B, ...) -> [x[0:s0], x[s0:s0+s1], ...] for the shard sizes (views, no copies)."""
     starts = [sum(sizes[:i]) for i in range(len(sizes))]
     return [x[start:start + size, ...] for start, size in zip(starts, sizes)]
+
+
+def balanced_groups(arrays, n):
+    """Split the names of {name: array} into at most n groups of about equal total size (the
+    largest array first, each into the group with the fewest elements so far): work for n
+    threads over many tensors, as the optimizer and the gradient sum have."""
+    groups, totals = [[] for _ in range(n)], [0] * n
+    for name in sorted(arrays, key=lambda k: -_size(arrays[k])):
+        smallest = totals.index(min(totals))
+        groups[smallest].append(name)
+        totals[smallest] += _size(arrays[name])
+    return [group for group in groups if group]
+
+
+def _size(array):
+    return math.prod(array.shape)
 
 
 def map_in_threads(fn, argument_tuples):

@@ -8,7 +8,8 @@ import pytest
 
 import t2t_ref
 from t2t_ref.gaps import make_rng
-from t2t_ref.shards import blas_threads, map_in_threads, shard_sizes, split_rows
+from t2t_ref.optim import AdamW
+from t2t_ref.shards import balanced_groups, blas_threads, map_in_threads, shard_sizes, split_rows
 
 SIZE, CLASSES = 32, 5
 
@@ -123,3 +124,30 @@ def test_sharded_training_with_dropout_repeats_and_matches_central_differences()
 def test_bad_thread_count_is_refused(threads):
     with pytest.raises(ValueError, match="threads must be a positive integer"):
         t2t_ref.create_model("t2t_vit_7", num_classes=CLASSES, img_size=SIZE, threads=threads)
+
+
+def test_balanced_groups_cover_every_name_once_and_even_out_the_sizes():
+    arrays = {f"t{i}": np.zeros(size) for i, size in enumerate([50, 40, 30, 20, 10, 10])}
+    groups = balanced_groups(arrays, 2)
+    assert sorted(name for group in groups for name in group) == sorted(arrays)
+    totals = [sum(arrays[name].size for name in group) for group in groups]
+    assert totals == [80, 80], totals
+    assert balanced_groups({"only": np.zeros(3)}, 4) == [["only"]]  # no empty groups
+
+
+def test_adamw_in_threads_updates_exactly_as_in_one_thread():
+    """Each thread updates whole tensors of its own, with the same operations: bit for bit."""
+    rng = np.random.default_rng(2)
+    shapes = {"a.weight": (300, 700), "b.weight": (64, 64), "b.bias": (64,), "c": (1, 1, 8)}
+    params = {k: rng.normal(size=s).astype(np.float32) for k, s in shapes.items()}
+    results = {}
+    for threads in (1, 2):
+        p = {k: v.copy() for k, v in params.items()}
+        opt = AdamW(p, weight_decay=0.05, threads=threads)
+        for step in range(3):
+            grads = {k: np.random.default_rng(step).normal(size=s).astype(np.float32)
+                     for k, s in shapes.items()}
+            opt.step(p, grads, lr=1e-2)
+        results[threads] = p
+    for k in shapes:
+        assert np.array_equal(results[1][k], results[2][k]), k
