@@ -13,6 +13,7 @@ import numpy as np
 import scipy.special
 
 from .backend import array_namespace, backend_name, device_of, to_device, to_numpy
+from .shards import in_shard_thread
 
 
 # float32 erf as Eigen and XLA compute it: erf(x) = x P(x^2) / Q(x^2) with x clamped to [-4, 4]
@@ -71,10 +72,13 @@ def in_chunks(fn, *arrays):
     """fn(*arrays) for an elementwise fn of same-shaped arrays; on NumPy evaluated _CHUNK
     elements at a time: the same result, but the temporaries of a chain of operations stay in
     the CPU's cache instead of streaming through memory once per operation. Other backends
-    (CuPy runs each operation as one kernel anyway) get fn(*arrays) whole."""
+    (CuPy runs each operation as one kernel anyway) get fn(*arrays) whole, and so does a
+    thread running one of the model's shards (shards.py): there, NumPy calls on a chunk are so
+    short that two threads keep waiting for each other's turn with Python's GIL (GELU on two
+    shards at once took 1.5x as long in chunks as whole)."""
     xp = array_namespace(*arrays)
     size = math.prod(arrays[0].shape)
-    if backend_name(xp) != "numpy" or size <= _CHUNK:
+    if backend_name(xp) != "numpy" or size <= _CHUNK or in_shard_thread():
         return fn(*arrays)
     if any(a.shape != arrays[0].shape for a in arrays):
         raise ValueError(f"in_chunks needs arrays of one shape, got {[a.shape for a in arrays]}")

@@ -18,6 +18,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 _lock = threading.Lock()
+_local = threading.local()  # .in_shard: True in a thread while it runs a shard's work
 _blas = None  # threadpoolctl's controller of NumPy's BLAS, made at first use
 _pool = None  # the threads that run the shards, made at first use and reused
 _pool_size = 0
@@ -70,6 +71,20 @@ def _size(array):
     return math.prod(array.shape)
 
 
+def in_shard_thread():
+    """Is this thread running work of map_in_threads? (Then NumPy work is better done in long
+    calls: see gaps.in_chunks.)"""
+    return getattr(_local, "in_shard", False)
+
+
+def _run_in_shard(fn, args):
+    _local.in_shard = True
+    try:
+        return fn(*args)
+    finally:
+        _local.in_shard = False
+
+
 def map_in_threads(fn, argument_tuples):
     """[fn(*args) for args in argument_tuples], each call in its own thread, with NumPy's
     BLAS held to one thread meanwhile (the shards already use every core). An exception in
@@ -82,7 +97,7 @@ def map_in_threads(fn, argument_tuples):
             _pool_size = n
         pool = _pool
     with _blas_controller().limit(limits=1):
-        futures = [pool.submit(fn, *args) for args in argument_tuples]
+        futures = [pool.submit(_run_in_shard, fn, args) for args in argument_tuples]
         errors = [f.exception() for f in futures]  # waits for every call
     for error in errors:
         if error is not None:

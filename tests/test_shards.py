@@ -9,7 +9,8 @@ import pytest
 import t2t_ref
 from t2t_ref.gaps import make_rng
 from t2t_ref.optim import AdamW
-from t2t_ref.shards import balanced_groups, blas_threads, map_in_threads, shard_sizes, split_rows
+from t2t_ref.shards import balanced_groups, blas_threads, in_shard_thread, map_in_threads, \
+    shard_sizes, split_rows
 
 SIZE, CLASSES = 32, 5
 
@@ -36,14 +37,16 @@ def test_map_in_threads_runs_each_call_in_its_own_thread_with_one_blas_thread():
 
     def work(i):
         barrier.wait()
-        seen.append((threading.get_ident(), blas_threads()))
+        seen.append((threading.get_ident(), blas_threads(), in_shard_thread()))
         return i * i
 
+    assert not in_shard_thread()
     assert map_in_threads(work, [(2,), (3,)]) == [4, 9]  # results in call order
-    idents = {ident for ident, _ in seen}
+    idents = {ident for ident, _, _ in seen}
     assert len(idents) == 2 and threading.get_ident() not in idents, seen
-    assert all(count == 1 for _, count in seen), seen
+    assert all(count == 1 and in_shard for _, count, in_shard in seen), seen
     assert blas_threads() == before  # restored
+    assert not in_shard_thread()
 
 
 def test_map_in_threads_raises_a_calls_error_after_all_finished():
