@@ -18,6 +18,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 _lock = threading.Lock()
+_map_lock = threading.Lock()  # held by the one map_in_threads running
 _local = threading.local()  # .in_shard: True in a thread while it runs a shard's work
 _blas = None  # threadpoolctl's controller of NumPy's BLAS, made at first use
 _pool = None  # the threads that run the shards, made at first use and reused
@@ -88,17 +89,24 @@ def _run_in_shard(fn, args):
 def map_in_threads(fn, argument_tuples):
     """[fn(*args) for args in argument_tuples], each call in its own thread, with NumPy's
     BLAS held to one thread meanwhile (the shards already use every core). An exception in
-    any call is raised here, after all calls have finished."""
+    any call is raised here, after all calls have finished.
+
+    One map at a time: a second caller waits (two at once would fight over the cores, and
+    over the BLAS thread count each restores). Called from inside a shard, the calls run one
+    after the other in that thread (the pool's threads are all taken)."""
     global _pool, _pool_size
+    if in_shard_thread():
+        return [fn(*args) for args in argument_tuples]
     n = len(argument_tuples)
-    with _lock:
-        if _pool_size < n:
-            _pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="t2t_ref-shard")
-            _pool_size = n
-        pool = _pool
-    with _blas_controller().limit(limits=1):
-        futures = [pool.submit(_run_in_shard, fn, args) for args in argument_tuples]
-        errors = [f.exception() for f in futures]  # waits for every call
+    with _map_lock:
+        with _lock:
+            if _pool_size < n:
+                _pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="t2t_ref-shard")
+                _pool_size = n
+            pool = _pool
+        with _blas_controller().limit(limits=1):
+            futures = [pool.submit(_run_in_shard, fn, args) for args in argument_tuples]
+            errors = [f.exception() for f in futures]  # waits for every call
     for error in errors:
         if error is not None:
             raise error

@@ -154,3 +154,30 @@ def test_adamw_in_threads_updates_exactly_as_in_one_thread():
         results[threads] = p
     for k in shapes:
         assert np.array_equal(results[1][k], results[2][k]), k
+
+
+def test_map_in_threads_nested_or_concurrent_runs_and_restores_blas():
+    """A map inside a shard runs its calls in place (no deadlock on the busy pool); maps from
+    two threads at once take turns, and the BLAS thread count ends as it began."""
+    before = blas_threads()
+
+    def inner(i):
+        return map_in_threads(lambda j: (i, j, threading.get_ident()), [(0,), (1,)])
+
+    results = map_in_threads(inner, [(0,), (1,)])
+    for i, pairs in enumerate(results):
+        assert [(a, b) for a, b, _ in pairs] == [(i, 0), (i, 1)]
+        assert len({ident for _, _, ident in pairs}) == 1  # in the calling shard's thread
+
+    outer = [threading.Thread(target=map_in_threads, args=(time_waster, [(k,), (k,)]))
+             for k in range(3)]
+    for t in outer:
+        t.start()
+    for t in outer:
+        t.join(timeout=60)
+    assert blas_threads() == before
+
+
+def time_waster(k):
+    x = np.random.default_rng(k).random((200, 200))
+    return float(np.sum(x @ x))
