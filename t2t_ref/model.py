@@ -31,11 +31,11 @@ from .init import performer_features, sinusoid_table, trunc_normal
 from .layers import add_prefix, sub_dict
 from .layers import token_performer, token_transformer
 from .layers.block import block_backward, block_forward
-from .shards import balanced_groups, blas_threads, map_in_threads, shard_sizes, split_rows
 from .ops.dropout import dropout_backward, dropout_forward
 from .ops.layernorm import layernorm_backward, layernorm_forward
 from .ops.linear import linear_backward, linear_forward
 from .ops.soft_split import soft_split_backward, soft_split_forward
+from .shards import balanced_groups, blas_threads, map_in_threads, shard_sizes, split_rows
 from .variants import get_variant
 
 TOKEN_DIM = 64  # width of the T2T layers' output tokens
