@@ -491,6 +491,7 @@ def _peak_rss_kib():
 def memory_child(spec):
     """Run in a fresh process: the peak memory growth of one side over one warm-up and one
     measured step, from the baseline after the model and the input are built."""
+    keep_freed_memory()  # as the commands run (for PyTorch's side too: the same process setup)
     config, backend, side = parse_config(spec["config"]), spec["backend"], spec["side"]
     if side == "torch":
         _torch()  # imported first, so that limit_threads sets its threads too

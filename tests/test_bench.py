@@ -199,7 +199,7 @@ def test_cupy_without_a_gpu_is_one_line(capsys):
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
 def test_keep_freed_memory_is_accepted_by_glibc():
-    """Both mallopt settings must be within glibc's limits (mallopt returns 0 otherwise, and
+    """The mallopt settings must be within glibc's limits (mallopt returns 0 otherwise, and
     the commands would silently run without them)."""
     from t2t_ref.backend import keep_freed_memory
     assert keep_freed_memory() is True
