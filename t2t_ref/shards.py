@@ -11,6 +11,10 @@ over of the GIL between threads to cost next to nothing. On 2 cores a training s
 The math does not change: each sample's forward is the same, the weight gradients of the
 shards are summed (the loss is a sum over samples), only the order of float additions differs.
 CuPy gets one shard: the GPU runs each operation in parallel already.
+
+Call backend.keep_freed_memory() at the start of a long script (the commands do): glibc
+otherwise gives each thread a heap of its own and unmaps it whenever it empties, and every
+step page-faults its arrays in again.
 """
 
 import math
@@ -101,6 +105,8 @@ def map_in_threads(fn, argument_tuples):
     with _map_lock:
         with _lock:
             if _pool_size < n:
+                if _pool is not None:
+                    _pool.shutdown(wait=False)  # its threads are idle: one map at a time
                 _pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="t2t_ref-shard")
                 _pool_size = n
             pool = _pool
