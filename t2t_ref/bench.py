@@ -577,7 +577,8 @@ def _profiled_functions():
     """{function: name} for everything the profiler times: each function defined in the
     modules of t2t_ref.ops, t2t_ref.layers and t2t_ref.gaps, plus the model's forward and
     backward (their own code, on the whole batch and per shard) and its sum of the shards'
-    gradients, AdamW's step and per-thread update, and the wait for the shard threads (shards.map_in_threads, which is left out of the rows)."""
+    gradients, AdamW's step and per-thread update, and the wait for the shard threads
+    (shards.map_in_threads, which is left out of the rows)."""
     from . import gaps, layers, model, ops
     from .model import T2TViT
     from .optim import AdamW

@@ -22,8 +22,8 @@ the shape's. So colour says nothing about the class, while "the shape is the lig
 in every image. With a random sign of the contrast a model must first discover sign-invariant
 edge features, and a small ViT sat at chance for ~200 steps; with a random sign, smaller
 shapes and +-15 degree tilts, the default run reached 65% validation accuracy, with the
-settings here 96-97% (README). Every pixel and channel gets uniform noise (cheaper to draw than Gaussian
-noise, and it looks the same).
+settings here 96-97% (README). Every pixel and channel gets uniform noise (cheaper to draw
+than Gaussian noise, and it looks the same).
 
 How a shape is drawn: each shape is a signed distance function sdf(u, v) in the shape's own
 frame (u, v in units of its radius r; negative inside, roughly the distance to the outline).
