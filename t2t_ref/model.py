@@ -230,7 +230,7 @@ class T2TViT:
         """
         self._check_input(x)
         self._cache = None  # an earlier forward's activations are not needed any more
-        sizes = shard_sizes(x.shape[0], self._threads())
+        sizes = shard_sizes(x.shape[0], self.shard_threads())
         if len(sizes) == 1:
             logits, caches = self._forward_shard(x, self.rng, keep_cache)
             self._cache = [caches] if keep_cache else None
@@ -247,8 +247,9 @@ class T2TViT:
 
     __call__ = forward
 
-    def _threads(self):
-        """How many shards a batch may be cut into: NumPy only (see shards.py)."""
+    def shard_threads(self):
+        """Into how many shards (one thread each) a batch is cut now: `threads`, or NumPy's
+        BLAS thread count; always 1 on CuPy and array_api_strict (see shards.py)."""
         if self.backend != "numpy":
             return 1
         return self.threads if self.threads is not None else blas_threads()

@@ -203,7 +203,7 @@ def step_seed(seed, step):
 def save_run_state(path, model, optimizer, ema, config, class_names, position):
     """Write a checkpoint with everything needed to continue exactly from `position`."""
     meta = {"model": config["model"], "class_names": class_names, "config": config,
-            **position}
+            "shard_threads": model.shard_threads(), **position}
     save_checkpoint(path, model.state_dict(), meta, optimizer=optimizer.state_dict(),
                     ema=None if ema is None else {k: to_numpy(v) for k, v in ema.params.items()})
 
@@ -283,6 +283,11 @@ def train(config, resume=None):
             raise CheckpointError(f"the checkpoint does not fit {config['model']}: {err}") \
                 from None
         position = {k: meta[k] for k in position}
+        saved_threads, threads = meta.get("shard_threads"), model.shard_threads()
+        if saved_threads is not None and saved_threads != threads:
+            print(f"note: the run so far cut its batches into {saved_threads} shard thread(s), "
+                  f"this machine into {threads}: the dropout masks from here on differ from "
+                  "an uninterrupted run's (the training is as valid)", file=sys.stderr)
 
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "config.json"), "w") as f:

@@ -126,6 +126,27 @@ def test_interrupted_and_resumed_run_ends_with_identical_weights(tmp_path, capsy
             assert a[key] == pytest.approx(b[key], rel=1e-6), key
 
 
+def test_resume_with_another_thread_count_says_the_masks_will_differ(tmp_path, capsys):
+    """The checkpoint records how many shard threads cut the batches; resuming under another
+    count works, and says that dropout masks from there on differ from the uninterrupted run's."""
+    from threadpoolctl import threadpool_limits
+
+    from t2t_ref.shards import blas_threads
+    out = tmp_path / "run"
+    with threadpool_limits(2):
+        if blas_threads() != 2:
+            pytest.skip("NumPy's BLAS cannot run 2 threads here")
+        code, _ = run_train(TINY + ["--epochs", "2", "--out", str(out), "--stop-after", "2"],
+                            capsys)
+    assert code == 130
+    assert final_state(out)[1]["shard_threads"] == 2
+    with threadpool_limits(1):
+        code, captured = run_train(["--resume", str(out / "last.safetensors")], capsys)
+    assert code == 0
+    assert "2 shard thread(s), this machine into 1" in captured.err, captured.err
+    assert final_state(out)[1]["shard_threads"] == 1
+
+
 def test_ctrl_c_saves_last_and_exits_cleanly(tmp_path):
     out = tmp_path / "run"
     args = [sys.executable, "-m", "t2t_ref.train", *TINY, "--synthetic-train", "640",
