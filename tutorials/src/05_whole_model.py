@@ -35,7 +35,8 @@ plt.rcParams.update({"figure.dpi": 80})
 # ## A photograph through T2T-ViT-7
 # The image goes through the project's evaluation transform (resize to 248, centre crop 224,
 # ImageNet mean and std), then through a freshly initialised T2T-ViT-7 with 1000 classes. Every
-# line below is one step of `T2TViT.forward` (t2t_ref/model.py), spelled out.
+# line below is one step of `T2TViT._forward_shard` (t2t_ref/model.py), spelled out: the code
+# that `forward` runs on the whole batch, or on NumPy on each shard of it, one per CPU core.
 
 # %%
 model = t2t_ref.create_model("t2t_vit_7", num_classes=1000, img_size=224, seed=0).eval()
@@ -207,32 +208,37 @@ def count_macs(variant, img_size=224, num_classes=1000):
 # %% [markdown]
 # A formula is only as good as its check. `t2t_ref`'s ops all take their matrix product from the
 # array namespace (`xp.matmul`), so for one forward pass we can wrap NumPy's `matmul` in the
-# array-API namespace with a counter and let the real model count for us:
+# array-API namespace with a counter and let the real model count for us. Two kinds of call are
+# not the layers' multiply-adds and are left out: LayerNorm's and softmax's row sums, which
+# `ops/rows.py` computes as 2-D matrix-vector products (a single row or column out; the model's
+# own 2-D products have B*N rows and at least 2 columns here: a batch of 2 in one thread).
 
 # %%
 import array_api_compat.numpy as xp_numpy
 
 
 def measured_macs(model, x):
-    """Run model.forward(x) with xp.matmul counting n*k*m for every product; MACs per image."""
-    original, total = xp_numpy.matmul, [0]
+    """Run model.forward(x) with xp.matmul counting n*k*m for every matrix product; MACs per
+    image. x needs at least 2 images; the model runs it whole, in one thread."""
+    original, macs = xp_numpy.matmul, []
 
     def counting_matmul(a, b, **kwargs):
         out = original(a, b, **kwargs)
-        total[0] += math.prod(out.shape) * a.shape[-1]
+        if not (out.ndim == 2 and 1 in out.shape):              # not a row or column sum
+            macs.append(math.prod(out.shape) * a.shape[-1])
         return out
 
-    xp_numpy.matmul = counting_matmul
+    xp_numpy.matmul, threads, model.threads = counting_matmul, model.threads, 1
     try:
         model.forward(x)
     finally:
-        xp_numpy.matmul = original
-    return total[0] // x.shape[0]
+        xp_numpy.matmul, model.threads = original, threads
+    return sum(macs) // x.shape[0]
 
 
 small_t = t2t_ref.create_model("t2t_vit_t_14", num_classes=10, img_size=64, seed=0).eval()
-for name, m_, x_, size, classes in (("t2t_vit_7", model, x, 224, 1000),
-                                     ("t2t_vit_t_14", small_t, np.zeros((1, 3, 64, 64), np.float32), 64, 10)):
+for name, m_, x_, size, classes in (("t2t_vit_7", model, np.concatenate([x, x]), 224, 1000),
+                                     ("t2t_vit_t_14", small_t, np.zeros((2, 3, 64, 64), np.float32), 64, 10)):
     formula = sum(count_macs(VARIANTS[name], size, classes).values())
     print(f"{name} at {size}x{size}: formula {formula:,} MACs, counted in a real forward "
           f"{measured_macs(m_, x_):,}")
