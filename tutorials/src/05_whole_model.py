@@ -239,9 +239,9 @@ def measured_macs(model, x):
 small_t = t2t_ref.create_model("t2t_vit_t_14", num_classes=10, img_size=64, seed=0).eval()
 for name, m_, x_, size, classes in (("t2t_vit_7", model, np.concatenate([x, x]), 224, 1000),
                                      ("t2t_vit_t_14", small_t, np.zeros((2, 3, 64, 64), np.float32), 64, 10)):
-    formula = sum(count_macs(VARIANTS[name], size, classes).values())
-    print(f"{name} at {size}x{size}: formula {formula:,} MACs, counted in a real forward "
-          f"{measured_macs(m_, x_):,}")
+    formula, counted = sum(count_macs(VARIANTS[name], size, classes).values()), measured_macs(m_, x_)
+    print(f"{name} at {size}x{size}: formula {formula:,} MACs, counted in a real forward {counted:,}")
+    assert counted == formula, "the formula misses some products"
 
 # %%
 PAPER_GMACS = {  # the official release's table (ImageNet, 224x224)
