@@ -58,7 +58,6 @@ def evaluate(model, loader, progress=True, desc="eval"):
         top1 = top1 + xp.sum(xp.astype(rank < 1, model.dtype))
         top5 = top5 + xp.sum(xp.astype(rank < 5, model.dtype))
         count += len(labels)
-    model._cache = None  # free the activations of the last batch
     if count == 0:
         raise DataError("no validation image could be read: check the val/ folder")
     return {"loss": float(loss_sum) / count, "top1": 100.0 * float(top1) / count,

@@ -35,7 +35,8 @@ from .ops.dropout import dropout_backward, dropout_forward
 from .ops.layernorm import layernorm_backward, layernorm_forward
 from .ops.linear import linear_backward, linear_forward
 from .ops.soft_split import soft_split_backward, soft_split_forward
-from .shards import balanced_groups, blas_threads, map_in_threads, shard_sizes, split_rows
+from .shards import balanced_groups, check_threads, map_in_threads, shard_sizes, split_rows, \
+    thread_count
 from .variants import get_variant
 
 TOKEN_DIM = 64  # width of the T2T layers' output tokens
@@ -76,9 +77,7 @@ class T2TViT:
         for flag, rate in (("drop_rate", drop_rate), ("drop_path_rate", drop_path_rate)):
             if not 0.0 <= rate < 1.0:
                 raise ValueError(f"{flag} must be in [0, 1), got {rate!r}")
-        if threads is not None and not (isinstance(threads, int) and threads >= 1):
-            raise ValueError(f"threads must be a positive integer or None (as many as NumPy's "
-                             f"BLAS uses), got {threads!r}")
+        check_threads(threads)
         self.threads = threads
         self.xp, self.device = get_namespace(backend)
         self.dtype = get_dtype(self.xp, dtype)
@@ -250,9 +249,7 @@ class T2TViT:
     def shard_threads(self):
         """Into how many shards (one thread each) a batch is cut now: `threads`, or NumPy's
         BLAS thread count; always 1 on CuPy and array_api_strict (see shards.py)."""
-        if self.backend != "numpy":
-            return 1
-        return self.threads if self.threads is not None else blas_threads()
+        return thread_count(self.backend, self.threads)
 
     def _forward_shard(self, x, rng, keep_cache):
         """forward for a batch (or a shard of one): -> (logits, caches or None)."""

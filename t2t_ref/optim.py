@@ -35,7 +35,7 @@ import math
 import numpy as np
 
 from .backend import array_namespace, backend_name, device_of, to_device, to_numpy
-from .shards import balanced_groups, blas_threads, map_in_threads
+from .shards import balanced_groups, check_threads, map_in_threads, thread_count
 
 # The official model's no_weight_decay(): the class token. (pos_embed is fixed, not trained.)
 NO_WEIGHT_DECAY = frozenset({"cls_token"})
@@ -77,9 +77,7 @@ class AdamW:
         self.dtypes = {name: p.dtype for name, p in params.items()}
         self.decay = {name: decays(name, shape, self.no_weight_decay)
                       for name, shape in self.shapes.items()}
-        if threads is not None and not (isinstance(threads, int) and threads >= 1):
-            raise ValueError(f"threads must be a positive integer or None (as many as NumPy's "
-                             f"BLAS uses), got {threads!r}")
+        check_threads(threads)
         self.threads = threads  # NumPy: how many threads share a step's tensors
         self.step_count = 0  # t: updates made so far
         self.exp_avg = {name: self.xp.zeros_like(p) for name, p in params.items()}  # m
@@ -101,8 +99,7 @@ class AdamW:
         decay_factor = 1.0 - lr * self.weight_decay  # decoupled weight decay
         constants = (step_size, bias_correction2_sqrt, decay_factor)
         # NumPy: the tensors shared out among threads, one group each (see shards.py)
-        threads = 1 if backend_name(xp) != "numpy" else (self.threads or blas_threads())
-        groups = balanced_groups(params, threads)
+        groups = balanced_groups(params, thread_count(backend_name(xp), self.threads))
         if len(groups) == 1:
             self._update(groups[0], params, grads, constants)
         else:

@@ -40,7 +40,6 @@ def predict(model, paths, batch_size=16):
         x = to_device(images[start:start + batch_size], model.xp, model.device)
         logits = model.forward(model.xp.astype(x, model.dtype), keep_cache=False)  # (B, K)
         probs.append(softmax_host(to_numpy(logits)))
-    model._cache = None  # free the last batch's activations
     return np.concatenate(probs)
 
 

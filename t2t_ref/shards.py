@@ -46,6 +46,21 @@ def blas_threads():
     return max([c for c in counts if c] or [1])
 
 
+def check_threads(threads):
+    """Raise ValueError unless threads is a positive integer or None."""
+    if threads is not None and not (isinstance(threads, int) and threads >= 1):
+        raise ValueError(f"threads must be a positive integer or None (as many as NumPy's "
+                         f"BLAS uses), got {threads!r}")
+
+
+def thread_count(backend, threads=None):
+    """How many threads share the work now: `threads`, or NumPy's BLAS thread count; always 1
+    off NumPy (CuPy runs each operation on the whole GPU; array_api_strict is for tests)."""
+    if backend != "numpy":
+        return 1
+    return threads if threads is not None else blas_threads()
+
+
 def shard_sizes(batch, threads):
     """Split batch samples into min(batch, threads) shards as even as can be (sizes differ
     by at most one, larger first): shard_sizes(10, 4) == [3, 3, 2, 2]."""
