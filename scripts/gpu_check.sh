@@ -1,0 +1,102 @@
+#!/usr/bin/env bash
+# The GPU path's device script: everything that needs a real GPU, in one command of <= 8 min.
+#
+#   bash scripts/gpu_check.sh            # from the repository root, on a one-GPU machine
+#
+# Expects Python 3.12+, NumPy 2, CuPy for the machine's CUDA and a CUDA PyTorch already
+# installed, and no internet: pure-Python wheels the environment lacks (array-api-compat,
+# array-api-strict) may sit in .whl/ beside it. Each stage has its own time limit and log under
+# $OUT (default ./gpu_check_out); the last screen is the summary: pass/fail per stage and the
+# bench's figures.
+set -u
+OUT=${OUT:-$PWD/gpu_check_out}
+WORK=$(mktemp -d)
+LOGS="$WORK/logs"              # one log per stage; packed into $OUT/logs.tgz at the end
+mkdir -p "$OUT" "$LOGS"
+DEADLINE=${DEADLINE:-470}      # seconds for the whole script: stages are cut to fit it
+STAGES=${STAGES:-}             # e.g. "tests parity bench": only these (default: all)
+PY=${PY:-python3}
+export PYTHONUNBUFFERED=1
+START=$(date +%s)
+SUMMARY="$OUT/summary.txt"
+: > "$SUMMARY"
+
+stage() {  # stage NAME SECONDS [ok=CODE] COMMAND...: run with a limit, log to $LOGS/NAME.log
+    local name=$1 limit=$2; shift 2
+    if [ -n "$STAGES" ] && [[ " $STAGES " != *" $name "* ]]; then return 0; fi
+    local ok=0
+    case $1 in ok=*) ok=${1#ok=}; shift;; esac
+    local t0=$(date +%s)
+    local left=$(( DEADLINE - (t0 - START) - 10 ))
+    if [ $left -lt 15 ]; then
+        printf '%-11s %-28s\n' "$name" "SKIPPED (no time left)" >> "$SUMMARY"; return 99
+    fi
+    [ $limit -gt $left ] && limit=$left
+    echo "=== $name (limit ${limit}s): $*" | tee -a "$OUT/all.log"
+    timeout --kill-after=5 "$limit" "$@" > "$LOGS/$name.log" 2>&1
+    local rc=$?
+    local dt=$(( $(date +%s) - t0 ))
+    tail -n 25 "$LOGS/$name.log" | tee -a "$OUT/all.log"
+    local verdict=PASS
+    [ $rc -ne 0 ] && [ $rc -ne $ok ] && verdict="FAIL (exit $rc$([ $rc -eq 124 ] && echo ', timed out'))"
+    printf '%-11s %-28s %4ss\n' "$name" "$verdict" "$dt" >> "$SUMMARY"
+    return $rc
+}
+
+# 0. the machine
+{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+  $PY -c "import sys, numpy, cupy; print(sys.version.split()[0], 'numpy', numpy.__version__, 'cupy', cupy.__version__, 'CUDA runtime', cupy.cuda.runtime.runtimeGetVersion())"
+  $PY -c "import torch; print('torch', torch.__version__, torch.cuda.is_available())"
+  nproc; } > "$LOGS/machine.log" 2>&1
+cat "$LOGS/machine.log"
+
+# 1. install: wheels the image lacks, then the project itself without dependencies
+if ls .whl/*.whl > /dev/null 2>&1; then
+    $PY -m pip install -q --no-index --no-deps --no-compile --target "$WORK/site" .whl/*.whl \
+        > "$LOGS/wheels.log" 2>&1 && export PYTHONPATH="$WORK/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+stage install 90 $PY -m pip install --no-deps --no-build-isolation --no-index -e . \
+    || export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+stage start 60 $PY -c "import t2t_ref; m = t2t_ref.create_model('t2t_vit_7', num_classes=10, img_size=32, backend='cupy'); print('built on', m.device)"
+
+# 2. the CuPy tests: every test parametrised over backends (cupy cases only), and the
+#    kernels against their plain twins (tests/test_cupy_kernels.py)
+stage tests 150 $PY -m pytest -q --maxfail=10 -p no:cacheprovider -k cupy --continue-on-collection-errors tests
+
+# 3. float32 CuPy against NumPy: logits, d(input) and every gradient, three variants
+stage parity 90 $PY scripts/gpu_parity.py
+
+# 4. 300 training steps on the built-in shapes, stopped at 150, resumed, evaluated
+RUN="$WORK/run"
+TRAIN="$PY -m t2t_ref.train --backend cupy --synthetic-train 6400 --synthetic-val 1000 --epochs 3 --out $RUN"
+stage train 120 ok=130 $TRAIN --stop-after 150  # 130: stopped as Ctrl-C would, last saved
+stage resume 120 $TRAIN --resume "$RUN/last.safetensors"
+stage evaluate 60 $PY -m t2t_ref.evaluate --backend cupy --checkpoint "$RUN/best.safetensors"
+cp "$RUN"/metrics.jsonl "$LOGS/" 2>/dev/null
+
+# 5. bench against PyTorch CUDA at 224, batch 64
+stage bench 200 $PY -m t2t_ref.bench --backend cupy --repeats 7 --warmup 2 --json "$LOGS/bench.json" \
+    --config t2t_vit_7-224-b64-train --config t2t_vit_7-224-b64-infer \
+    --config t2t_vit_14-224-b64-train --config t2t_vit_14-224-b64-infer
+
+# 6. the default built-in training run (3 epochs of 40,000 images), end to end
+stage default_run 100 $PY -m t2t_ref.train --backend cupy --out "$WORK/default"
+
+# 7. the plain ops on CuPy (kernels off), for the kernels' share of the speed
+stage bench_plain 90 env T2T_REF_PLAIN_OPS=1 $PY -m t2t_ref.bench --backend cupy --repeats 5 \
+    --warmup 2 --json "$LOGS/bench_plain.json" \
+    --config t2t_vit_7-224-b64-train --config t2t_vit_14-224-b64-train
+
+tar -czf "$OUT/logs.tgz" -C "$WORK" logs 2>/dev/null; cp "$LOGS/bench.json" "$OUT/" 2>/dev/null
+echo
+echo "================ summary ($(( $(date +%s) - START )) s) ================"
+head -n 3 "$LOGS/machine.log"
+cat "$SUMMARY"
+grep -h -E "PASS|FAIL" "$LOGS/parity.log" 2>/dev/null
+{ tr "\r" "\n" < "$LOGS/resume.log"; } 2>/dev/null | grep -E "^epoch [0-9]+:|^done" | tail -n 3
+for b in bench bench_plain; do
+    echo "-- $b"
+    grep -h -E "^== |agree|ms per step|peak memory|FAILED" "$LOGS/$b.log" 2>/dev/null
+done
+echo "-- default run"
+{ tr "\r" "\n" < "$LOGS/default_run.log"; } 2>/dev/null | grep -E "^epoch [0-9]+:|^done" | tail -n 4

@@ -1,0 +1,72 @@
+"""CuPy against NumPy, float32: logits, d(input) and every parameter gradient, for a few variants.
+
+    python scripts/gpu_parity.py [--variants t2t_vit_7 t2t_vit_t_14 t2t_vit_14_resnext]
+
+Both models are built from the same seed (the weights are drawn on the host, so they are
+identical), run one eval-mode forward and backward on the same batch and upstream gradient,
+and every tensor is compared by max|a-b| / max(|a|+|b|). float32 on a GPU sums in another order
+than OpenBLAS, so the tolerance is 1e-4, not the float64 oracle's 1e-12. Exit 1 on any failure.
+"""
+
+import argparse
+import sys
+import time
+
+import numpy as np
+
+import t2t_ref
+from t2t_ref.backend import to_device, to_numpy
+
+TOL = 1e-4
+
+
+def rel_error(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(a) + np.abs(b)), 1e-300))
+
+
+def run(model, x, dlogits):
+    xs = to_device(x, model.xp, model.device)
+    logits = model.eval().forward(xs)
+    dx = model.backward(to_device(dlogits, model.xp, model.device))
+    return to_numpy(logits), to_numpy(dx), {k: to_numpy(v) for k, v in model.grads.items()}
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--variants", nargs="+",
+                        default=["t2t_vit_7", "t2t_vit_t_14", "t2t_vit_14_resnext"])
+    parser.add_argument("--img-size", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--backend", default="cupy", help="the backend checked against NumPy")
+    args = parser.parse_args()
+    rng = np.random.default_rng(0)
+    failed = 0
+    for name in args.variants:
+        x = rng.standard_normal((args.batch, 3, args.img_size, args.img_size)).astype(np.float32)
+        dlogits = rng.standard_normal((args.batch, 10)).astype(np.float32)
+        kw = dict(num_classes=10, img_size=args.img_size, seed=0)
+        t0 = time.perf_counter()
+        ref = run(t2t_ref.create_model(name, backend="numpy", **kw), x, dlogits)
+        gpu = run(t2t_ref.create_model(name, backend=args.backend, **kw), x, dlogits)
+        errs = {"logits": rel_error(gpu[0], ref[0]), "dx": rel_error(gpu[1], ref[1])}
+        missing = sorted(set(ref[2]) ^ set(gpu[2]))
+        for key in ref[2]:
+            if key in gpu[2]:
+                errs["grad " + key] = rel_error(gpu[2][key], ref[2][key])
+        worst = max(errs, key=lambda k: (np.nan_to_num(errs[k], nan=np.inf)))
+        bad = [k for k, e in errs.items() if not e <= TOL]
+        ok = not bad and not missing
+        failed += not ok
+        print(f"{'PASS' if ok else 'FAIL'} {name}: {len(errs)} tensors, logits {errs['logits']:.2e}, "
+              f"dx {errs['dx']:.2e}, worst {worst} {errs[worst]:.2e} "
+              f"({time.perf_counter() - t0:.1f} s)")
+        for k in bad[:10]:
+            print(f"    {k}: {errs[k]:.3e} > {TOL:.0e}")
+        if missing:
+            print(f"    keys in one side only: {missing[:10]}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
