@@ -40,7 +40,11 @@ What is printed for each configuration:
     (thread-ms), without the main thread's wait for the others.
 
 --backend cupy: t2t_ref on CuPy against PyTorch CUDA eager, timed with CUDA events, TF32 off on
-both; memory is CuPy's memory-pool high-water mark and torch.cuda.max_memory_allocated.
+both; memory is the peak of bytes in use on both sides (CuPy's pool counted at every
+allocation; torch.cuda.max_memory_allocated). In this mode the bench is a check: the exit
+code is 1 when a target (training and inference <= 1.2x PyTorch, memory <= 1.5x) is missed.
+In both modes the logits and (training) every gradient of the same model in eval mode must
+agree with PyTorch's within 1e-4 (float32), else the exit code is 1.
 
 Shapes: B batch, S image side, N tokens, D backbone width, E = 64 the T2T token width, m = 32
 performer features, h heads, K classes.
@@ -79,7 +83,11 @@ LR = 5e-4  # the learning rate of the timed AdamW steps (the value does not chan
 WEIGHT_DECAY = 0.05
 SMOOTHING = 0.1
 NUM_CLASSES = 1000
-TARGET_RATIO = {"train": 1.25, "infer": 1.15}  # t2t_ref time / PyTorch time, at most
+# t2t_ref time / PyTorch time, at most: on the CPU (2 cores) and on one GPU
+TARGET_RATIO = {"numpy": {"train": 1.25, "infer": 1.15},
+                "cupy": {"train": 1.2, "infer": 1.2}}
+# logits and gradients of the same model on both sides, max|a-b| / max(|a|+|b|), float32
+PARITY_TOLERANCE = 1e-4
 TARGET_MEMORY_RATIO = 1.5  # peak memory of a training step, t2t_ref / PyTorch, at most
 MIN_REPEATS, MIN_WARMUP = 5, 2
 MATMUL_SIZE = {"numpy": 2048, "cupy": 8192}  # n of the n x n x n float32 matmul for the peak
@@ -285,6 +293,15 @@ class Ours:
         logits = to_numpy(self.model.forward(self.x, keep_cache=False))
         return logits
 
+    def eval_grads(self):
+        """{name: host array}: every parameter's gradient of the smoothed cross-entropy, eval
+        mode (no dropout: both sides compute the same function)."""
+        model = self.model.eval()
+        _loss, dlogits = cross_entropy_module.cross_entropy(model.forward(self.x), self.y,
+                                                            SMOOTHING)
+        model.backward(dlogits)
+        return {name: to_numpy(g).copy() for name, g in model.grads.items()}
+
 
 class Theirs:
     """The PyTorch port of the official model, eager, on the CPU or CUDA, with t2t_ref's
@@ -339,6 +356,18 @@ class Theirs:
         self.model.eval()
         with self.torch.no_grad():
             return self.model(self.x).cpu().numpy()
+
+    def eval_grads(self):
+        torch = self.torch
+        self.model.eval()
+        self.model.zero_grad(set_to_none=True)
+        loss = torch.nn.functional.cross_entropy(self.model(self.x), self.y,
+                                                 label_smoothing=SMOOTHING)
+        loss.backward()
+        grads = {n: p.grad.cpu().numpy() for n, p in self.model.named_parameters()
+                 if p.grad is not None}
+        self.model.zero_grad(set_to_none=True)
+        return grads
 
 
 # ---- timing ---------------------------------------------------------------------------------
@@ -518,17 +547,32 @@ def memory_child(spec):
             tracemalloc.stop()
         return out
     if side == "ours":
+        # torch.cuda.max_memory_allocated counts the bytes of live tensors at their peak, not
+        # what its caching allocator holds; CuPy's pool says only what it holds, so every
+        # allocation goes through a wrapper that records the pool's bytes in use after it
         import cupy
         pool = cupy.get_default_memory_pool()
         cupy.cuda.Device().synchronize()
         pool.free_all_blocks()
         baseline = pool.used_bytes()
-        runner.prepare()
-        for _ in range(2):
-            runner.step()
-        runner.sync()
-        out["method"] = "CuPy memory pool high-water (total_bytes) - used at baseline"
-        out["peak_mb"] = (pool.total_bytes() - baseline) / 2 ** 20
+        peak = [baseline]
+
+        def counting_malloc(size):
+            memory = pool.malloc(size)
+            peak[0] = max(peak[0], pool.used_bytes())
+            return memory
+
+        cupy.cuda.set_allocator(counting_malloc)
+        try:
+            runner.prepare()
+            for _ in range(2):
+                runner.step()
+            runner.sync()
+        finally:
+            cupy.cuda.set_allocator(pool.malloc)
+        out["method"] = "peak bytes in use in CuPy's pool (every allocation counted) - baseline"
+        out["peak_mb"] = (peak[0] - baseline) / 2 ** 20
+        out["pool_held_mb"] = (pool.total_bytes() - baseline) / 2 ** 20
         return out
     torch = runner.torch
     torch.cuda.synchronize()
@@ -579,11 +623,11 @@ def _profiled_functions():
     backward (their own code, on the whole batch and per shard) and its sum of the shards'
     gradients, AdamW's step and per-thread update, and the wait for the shard threads
     (shards.map_in_threads, which is left out of the rows)."""
-    from . import gaps, layers, model, ops
+    from . import cupy_kernels, gaps, layers, model, ops
     from .model import T2TViT
     from .optim import AdamW
     from .shards import map_in_threads
-    modules = [gaps, layers, ops]
+    modules = [gaps, layers, ops, cupy_kernels]
     for package in (ops, layers):
         modules += [importlib.import_module(f"{package.__name__}.{info.name}")
                     for info in pkgutil.iter_modules(package.__path__)]
@@ -598,7 +642,9 @@ def _profiled_functions():
     functions[T2TViT._backward_shard] = "T2TViT._backward_shard (own code)"
     functions[model._sum_into] = "summing the shards' gradients"
     functions[AdamW.step] = "AdamW.step (own code)"
-    functions[AdamW._update] = "AdamW._update"
+    functions[AdamW._update] = "AdamW._update (per tensor)"
+    functions[AdamW._update_flat] = "AdamW._update_flat (own code)"
+    functions[AdamW._update_range] = "AdamW._update_range (flat buffers)"
     functions[map_in_threads] = WAITING
     return functions
 
@@ -779,7 +825,16 @@ def run_config(config, args, peak_gflops):
     ours = Ours(config, args.backend)
     theirs = Theirs(config, torch_device, state=ours.model.state_dict())
     a, b = ours.eval_logits(), theirs.eval_logits()  # the same model: the same logits
-    logits_rel_diff = float(np.max(np.abs(a - b)) / max(np.max(np.abs(a) + np.abs(b)), 1e-30))
+    logits_rel_diff = _rel_diff(a, b)
+    grads_rel_diff, grads_worst = None, None
+    if config.training:  # and the same gradients
+        ours_grads, their_grads = ours.eval_grads(), theirs.eval_grads()
+        missing = sorted(set(ours_grads) ^ set(their_grads))
+        if missing:
+            raise BenchError(f"gradients of {missing[:5]} on one side only")
+        diffs = {k: _rel_diff(ours_grads[k], their_grads[k]) for k in ours_grads}
+        grads_worst = max(diffs, key=lambda k: np.nan_to_num(diffs[k], nan=np.inf))
+        grads_rel_diff = diffs[grads_worst]
     ours.prepare()
     theirs.prepare()
 
@@ -787,11 +842,13 @@ def run_config(config, args, peak_gflops):
     times = time_interleaved([ours, theirs], make_timer(args.backend), args.warmup, args.repeats,
                              args.pause)
     result = {"config": config.name, **asdict(config), "flops": flops,
-              "logits_rel_diff": logits_rel_diff, "anchor_ms": ANCHOR_MS.get(config.name),
+              "logits_rel_diff": logits_rel_diff, "grads_rel_diff": grads_rel_diff,
+              "grads_worst": grads_worst, "parity_tolerance": PARITY_TOLERANCE,
+              "anchor_ms": ANCHOR_MS.get(config.name),
               "ours": summarize(times["t2t_ref"], flops, config.batch, peak_gflops),
               "torch": summarize(times["PyTorch"], flops, config.batch, peak_gflops)}
     result["ratio"] = result["ours"]["ms"] / result["torch"]["ms"]
-    result["target_ratio"] = TARGET_RATIO[config.mode]
+    result["target_ratio"] = TARGET_RATIO[args.backend][config.mode]
 
     result["profile_ms"], result["profile"], threads = profile_step(ours, args.pause)
     result["profile_thread_ms"], result["profile_threads"] = threads["thread_ms"], \
@@ -813,6 +870,30 @@ def run_config(config, args, peak_gflops):
 
 # ---- printing -------------------------------------------------------------------------------
 
+def _rel_diff(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(a) + np.abs(b)), 1e-30))
+
+
+def failures(result, backend):
+    """What a configuration failed: parity always; on the GPU also the speed and memory
+    targets (the GPU mode is the check the device script runs). [] when all is well."""
+    failed = []
+    tol = result["parity_tolerance"]
+    if not result["logits_rel_diff"] <= tol:
+        failed.append(f"logits differ from PyTorch's by {result['logits_rel_diff']:.1e} > {tol}")
+    if result["grads_rel_diff"] is not None and not result["grads_rel_diff"] <= tol:
+        failed.append(f"gradient {result['grads_worst']} differs from PyTorch's by "
+                      f"{result['grads_rel_diff']:.1e} > {tol}")
+    if backend == "cupy":
+        if not result["ratio"] <= result["target_ratio"]:
+            failed.append(f"{result['ratio']:.2f}x PyTorch's time > {result['target_ratio']}x")
+        target, ratio = result["target_memory_ratio"], result["memory_ratio"]
+        if target is not None and ratio is not None and not ratio <= target:
+            failed.append(f"{ratio:.2f}x PyTorch's peak memory > {target}x")
+    return failed
+
+
 def _verdict(value, target):
     if value is None or target is None:
         return ""
@@ -827,7 +908,9 @@ def print_result(r):
     config = Config(r["model"], r["img_size"], r["batch"], r["mode"])
     row = "   {:<24}{:>16}{:>16}   {}".format
     print(f"\n== {r['config']}: {config.describe()}")
-    print(f"   same model: eval logits agree to {r['logits_rel_diff']:.1e} (relative); "
+    grads = (f", every gradient to {r['grads_rel_diff']:.1e} (worst {r['grads_worst']})"
+             if r.get("grads_rel_diff") is not None else "")
+    print(f"   same model: eval logits agree to {r['logits_rel_diff']:.1e} (relative){grads}; "
           f"{r['flops'] / 1e9:.2f} GFLOP per step (matmuls, from the shapes)")
     print(row("", "t2t_ref", "PyTorch", ""))
     print(row("ms per step (median)", f"{ours['ms']:.1f}", f"{torch_['ms']:.1f}",
@@ -901,7 +984,7 @@ def print_markdown(machine, peak, results, pause):
               f"{o['gflops']:.1f} / {t['gflops']:.1f} ({o['peak_pct']:.0f}% / "
               f"{t['peak_pct']:.0f}%) | {memory} |")
     timing = "CUDA events" if machine["backend"] == "cupy" else "wall clock"
-    memory = ("the memory pools' high-water marks (CuPy's pool, torch.cuda)"
+    memory = ("peak bytes in use (CuPy's pool at every allocation, torch.cuda)"
               if machine["backend"] == "cupy" else "growth of the peak resident set")
     print(f"\nMedian of {len(results[0]['ours']['times_ms'])} interleaved runs ({timing}) "
           "after warm-up" + (f", {pause:g} s pause before each" if pause else "")
@@ -996,11 +1079,12 @@ def run(args, configs):
           f"GFLOP/s (the peak below), torch {peak['torch_gflops']:.1f} GFLOP/s")
     print(f"{args.warmup} warm-up + {args.repeats} timed steps of each side, interleaved"
           + (f", {args.pause:g} s pause before each timed step" if args.pause else ""))
-    results = []
+    results, failed = [], []
     for config in configs:
         result = run_config(config, args, peak_gflops)
         print_result(result)
         results.append(result)
+        failed += [f"{config.name}: {f}" for f in failures(result, args.backend)]
     if args.markdown:
         print_markdown(machine, peak, results, args.pause)
     if args.json:
@@ -1008,6 +1092,9 @@ def run(args, configs):
                   "repeats": args.repeats, "warmup": args.warmup, "results": results}
         Path(args.json).write_text(json.dumps(report, indent=2))
         print(f"\nwrote {args.json}")
+    if failed:
+        print("\nFAILED: " + "; ".join(failed), file=sys.stderr)
+        return 1
     return 0
 
 

@@ -17,6 +17,9 @@ Shapes for a 224 x 224 input (B batch, D backbone width; at size S the grids are
 Parameters live in `model.params` (trained) and `model.buffers` (fixed: `pos_embed` and the
 performers' `w`), both under the official checkpoint names, so `state_dict()` is the official
 format. `forward` keeps a cache of what `backward` needs; `backward` fills `model.grads`.
+model.params and model.grads are FlatTensors (flat.py): dicts whose tensors are views into
+one buffer each, so that the optimizer updates all of them in a few array calls; like
+PyTorch's .grad, model.grads is overwritten by the next backward.
 On NumPy both cut the batch into one shard per core and run the shards in threads (shards.py).
 """
 
@@ -26,6 +29,7 @@ import numpy as np
 
 from .backend import BACKENDS, array_namespace, backend_name, get_dtype, get_namespace, \
     to_device, to_numpy
+from .flat import FlatTensors
 from .gaps import make_rng
 from .init import performer_features, sinusoid_table, trunc_normal
 from .layers import add_prefix, sub_dict
@@ -133,7 +137,14 @@ class T2TViT:
                 host[name] = sinusoid_table(shape[1], shape[2])[None]
             else:
                 host[name] = np.full(shape, 1.0 if how == "ones" else 0.0)
-        self.params, self.buffers = {}, {}
+        trained = {name: shape for name, shape, _ in self._param_specs()
+                   if not self._is_fixed(name)}
+        # matrices first, then the vectors (biases, LayerNorm weights): the tensors that get
+        # weight decay then lie in one stretch of the buffer (see optim.AdamW)
+        order = sorted(trained, key=lambda name: len(trained[name]) <= 1)
+        self.params = FlatTensors(self.xp, trained, self.dtype, self.device, order=order)
+        self.buffers = {}
+        self._grad_buffer = None  # model.grads' storage, made by the first backward
         self.load_state_dict(host)
 
     def _is_fixed(self, name):
@@ -295,18 +306,21 @@ class T2TViT:
             raise RuntimeError("backward() needs a forward(x) first, with keep_cache=True "
                                "(its cache is used once)")
         shard_caches, self._cache = self._cache, None
+        if self._grad_buffer is None or not self._grad_buffer.same_layout(self.params):
+            self._grad_buffer = self.params.zeros_like()
+        self.grads = self._grad_buffer
         if len(shard_caches) == 1:
-            dx, self.grads = self._backward_shard(dlogits, shard_caches[0])
+            dx, grads = self._backward_shard(dlogits, shard_caches[0])
+            self.grads.update(grads)  # copied into the flat buffer's views
             return dx
         sizes = [caches["tokens_shape"][0] for caches in shard_caches]
         results = map_in_threads(self._backward_shard,
                                  list(zip(split_rows(dlogits, sizes), shard_caches)))
         # the loss sums over samples, so each weight's gradient is the sum of the shards':
-        # added in place into the first shard's (fresh) arrays, a group of tensors per thread
-        total, others = results[0][1], [grads for _, grads in results[1:]]
-        map_in_threads(_sum_into, [(total, others, names)
-                                   for names in balanced_groups(total, len(sizes))])
-        self.grads = total
+        # summed into the flat buffer's views, a group of tensors per thread
+        shard_grads = [grads for _, grads in results]
+        map_in_threads(_sum_into, [(self.grads, shard_grads, names)
+                                   for names in balanced_groups(self.grads, len(sizes))])
         return self.xp.concat([dx for dx, _ in results], axis=0)  # (B, 3, S, S)
 
     def _backward_shard(self, dlogits, caches):
@@ -341,11 +355,13 @@ class T2TViT:
         return dx, g
 
 
-def _sum_into(total, others, names):
-    """total[name] += every other shard's gradient of name, for the names given."""
+def _sum_into(total, shard_grads, names):
+    """total[name] = the sum over the shards' gradients of name, for the names given."""
     for name in names:
-        for grads in others:
-            total[name] += grads[name]
+        view = total[name]
+        view[...] = shard_grads[0][name]
+        for grads in shard_grads[1:]:
+            view += grads[name]
 
 
 class _Discard(dict):

@@ -16,6 +16,12 @@ with decoupled_weight_decay=True):
                                                    way; not sqrt(v_hat + eps))
     p = p - lr / (1 - beta1^t) * (m / denom)       the bias correction of m in the step size
 
+With the model's flat buffers (flat.py: every parameter a view into one array, every gradient
+into another), a step is these formulas once over the whole buffer: a dozen array calls (one
+CUDA kernel on CuPy, cupy_kernels.py) whatever the number of tensors; weight decay then
+multiplies the stretch of the buffer that holds the decayed matrices. Given plain dicts, it
+runs the formulas tensor by tensor; the result is the same.
+
 The optimizer keeps only m, v and t. The parameters live in the model's dict; `step` updates
 them, m and v in place (the standard's in-place operators, p -= update), as torch does, so a
 step allocates no new weights: keep a copy (p + 0.0, or model.state_dict()) to compare
@@ -34,7 +40,9 @@ import math
 
 import numpy as np
 
+from . import cupy_kernels
 from .backend import array_namespace, backend_name, device_of, to_device, to_numpy
+from .flat import FlatTensors
 from .shards import balanced_groups, check_threads, map_in_threads, thread_count
 
 # The official model's no_weight_decay(): the class token. (pos_embed is fixed, not trained.)
@@ -80,8 +88,25 @@ class AdamW:
         check_threads(threads)
         self.threads = threads  # NumPy: how many threads share a step's tensors
         self.step_count = 0  # t: updates made so far
-        self.exp_avg = {name: self.xp.zeros_like(p) for name, p in params.items()}  # m
-        self.exp_avg_sq = {name: self.xp.zeros_like(p) for name, p in params.items()}  # v
+        if isinstance(params, FlatTensors):  # m and v laid out as the parameters
+            self.exp_avg, self.exp_avg_sq = params.zeros_like(), params.zeros_like()
+            self._set_decay_runs()
+        else:
+            self.exp_avg = {name: self.xp.zeros_like(p) for name, p in params.items()}  # m
+            self.exp_avg_sq = {name: self.xp.zeros_like(p) for name, p in params.items()}  # v
+
+    def _set_decay_runs(self):
+        """The stretches [start, stop) of the flat buffer whose elements get weight decay
+        (one, with the model's layout), and for the CUDA kernel the same as a 0/1 mask."""
+        runs = []
+        for name, start, stop, _ in self.exp_avg.layout:
+            if self.decay[name]:
+                if runs and runs[-1][1] == start:
+                    runs[-1][1] = stop
+                else:
+                    runs.append([start, stop])
+        self.decay_runs = [tuple(run) for run in runs]
+        self._decay_mask = None
 
     def step(self, params, grads, lr):
         """One update of every parameter, in place (params[name] is the same array after).
@@ -98,6 +123,10 @@ class AdamW:
         bias_correction2_sqrt = math.sqrt(1.0 - beta2 ** t)
         decay_factor = 1.0 - lr * self.weight_decay  # decoupled weight decay
         constants = (step_size, bias_correction2_sqrt, decay_factor)
+        if isinstance(self.exp_avg, FlatTensors) and self.exp_avg.same_layout(params) \
+                and self.exp_avg.same_layout(grads):
+            self._update_flat(params.flat, grads.flat, constants)
+            return
         # NumPy: the tensors shared out among threads, one group each (see shards.py)
         groups = balanced_groups(params, thread_count(backend_name(xp), self.threads))
         if len(groups) == 1:
@@ -107,32 +136,82 @@ class AdamW:
                                           for names in groups])
 
     def _update(self, names, params, grads, constants):
-        """The update of the parameters `names`, in place."""
-        xp = self.xp
-        (beta1, beta2), eps = self.betas, self.eps
-        step_size, bias_correction2_sqrt, decay_factor = constants
+        """The update of the parameters `names`, in place, tensor by tensor."""
+        decay_factor = constants[2]
         for name in names:
             arrays = (params[name], grads[name], self.exp_avg[name], self.exp_avg_sq[name])
             decays = self.decay[name] and self.weight_decay != 0.0
             # NumPy: cache-sized pieces of each tensor, so that the dozen passes below stay in
             # the cache instead of streaming the whole tensor through memory each time
-            for p, g, m, v in _pieces(xp, arrays):
-                # in place, the formulas of the module docstring in the same order: no new
-                # parameter or moment arrays each step, only temporaries of the piece's size
+            for p, g, m, v in _pieces(self.xp, arrays):
                 if decays:
                     p *= decay_factor
-                m *= beta1
-                m += (1.0 - beta1) * g
-                v *= beta2
-                g_squared = (1.0 - beta2) * g
-                g_squared *= g
-                v += g_squared
-                denom = xp.sqrt(v)
-                denom /= bias_correction2_sqrt
-                denom += eps
-                update = m / denom
-                update *= step_size
-                p -= update
+                self._adam(p, g, m, v, constants)
+
+    def _adam(self, p, g, m, v, constants):
+        """The formulas of the module docstring after the decay, in the same order, in place:
+        no new parameter or moment arrays each step, only temporaries of p's size."""
+        xp = self.xp
+        (beta1, beta2), eps = self.betas, self.eps
+        step_size, bias_correction2_sqrt, _ = constants
+        m *= beta1
+        m += (1.0 - beta1) * g
+        v *= beta2
+        g_squared = (1.0 - beta2) * g
+        g_squared *= g
+        v += g_squared
+        denom = xp.sqrt(v)
+        denom /= bias_correction2_sqrt
+        denom += eps
+        update = m / denom
+        update *= step_size
+        p -= update
+
+    def _update_flat(self, p, g, constants):
+        """The update of the flat buffers p (parameters) and g (gradients), in place."""
+        m, v = self.exp_avg.flat, self.exp_avg_sq.flat
+        step_size, bias_correction2_sqrt, decay_factor = constants
+        if cupy_kernels.applies(p):  # CuPy: the whole update in one kernel
+            if self._decay_mask is None:
+                mask = np.zeros(p.shape[0], dtype=np.uint8)
+                for start, stop in self.decay_runs:
+                    mask[start:stop] = 1
+                self._decay_mask = to_device(mask, self.xp, self.device)
+            if self.weight_decay == 0.0:
+                decay_factor = 1.0
+            (beta1, beta2), eps = self.betas, self.eps
+            cupy_kernels.adamw_update(p, g, m, v, self._decay_mask, beta1=beta1, beta2=beta2,
+                                      eps=eps, step_size=step_size,
+                                      bias_correction2_sqrt=bias_correction2_sqrt,
+                                      decay_factor=decay_factor)
+            return
+        # NumPy: cut into one stretch per thread; others: the whole buffer at once
+        n = p.shape[0]
+        threads = thread_count(backend_name(self.xp), self.threads)
+        bounds = [n * i // threads // _PIECE * _PIECE for i in range(threads)] + [n]
+        ranges = [(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if a < b]
+        work = [((p, g, m, v), a, b, constants) for a, b in ranges]
+        if len(work) == 1:
+            self._update_range(*work[0])
+        else:
+            map_in_threads(self._update_range, work)
+
+    def _update_range(self, buffers, start, stop, constants):
+        """The update of elements [start, stop) of the flat buffers, in NumPy's cache-sized
+        pieces (other backends: in one piece); the decay where a piece meets a decay run."""
+        decay_factor = constants[2]
+        numpy = isinstance(buffers[0], np.ndarray)
+        piece = _PIECE if numpy else stop - start
+        for a in range(start, stop, piece):
+            b = min(a + piece, stop)
+            p, g, m, v = (x[a:b] for x in buffers)
+            if self.weight_decay != 0.0:
+                for run_start, run_stop in self.decay_runs:
+                    lo, hi = max(a, run_start), min(b, run_stop)
+                    if lo < hi:
+                        part = p[lo - a:hi - a]
+                        part *= decay_factor
+            self._adam(p, g, m, v, constants)
 
     def _check(self, arrays, what):
         missing = [k for k in self.shapes if k not in arrays]
@@ -187,6 +266,8 @@ class AdamW:
         self.no_weight_decay = frozenset(state["no_weight_decay"])
         self.decay = {name: decays(name, shape, self.no_weight_decay)
                       for name, shape in self.shapes.items()}
+        if isinstance(self.exp_avg, FlatTensors):
+            self._set_decay_runs()
 
 
 # elements per piece: p, g, m, v and the temporaries fit in a 2 MiB cache, and each NumPy call
@@ -218,16 +299,24 @@ def clip_grad_norm(grads, max_norm):
 
     No host transfer: the scale stays on the device and every gradient is multiplied by it,
     clipped or not (by exactly 1 when the norm is already small), as torch does, instead of
-    branching on the norm in Python. Reading the returned norm (float(total_norm), for a log)
+    branching on the norm in Python. (xp.minimum, not xp.clip: array-api-compat's clip
+    indexes with boolean masks, which CuPy resolves on the host.) Flat gradients
+    (model.grads, flat.py) are scaled in place, in one call over the whole buffer. Reading the returned norm (float(total_norm), for a log)
     is the one transfer, and it is the caller's. A NaN or inf norm is not an error (torch's
     default error_if_nonfinite=False): it spreads into the gradients.
     """
     if not grads:
         raise ValueError("clip_grad_norm needs at least one gradient")
     xp = array_namespace(*grads.values())
-    squares = xp.stack([xp.sum(g * g) for g in grads.values()])  # (number of tensors,)
-    total_norm = xp.sqrt(xp.sum(squares))  # ()
-    scale = xp.clip(max_norm / (total_norm + 1e-6), max=1.0)  # ()
+    if isinstance(grads, FlatTensors):
+        total_norm = xp.sqrt(xp.vecdot(grads.flat, grads.flat))  # ()
+    else:
+        squares = xp.stack([xp.sum(g * g) for g in grads.values()])  # (number of tensors,)
+        total_norm = xp.sqrt(xp.sum(squares))  # ()
+    scale = xp.minimum(max_norm / (total_norm + 1e-6), xp.ones_like(total_norm))  # ()
+    if isinstance(grads, FlatTensors):
+        grads.flat *= scale
+        return total_norm
     for name, g in grads.items():
         grads[name] = g * scale
     return total_norm

@@ -277,8 +277,8 @@ def train(config, resume=None):
             model.load_state_dict(weights)
             optimizer.load_state_dict(optimizer_state)
             if ema is not None:
-                ema.params = {k: xp.astype(to_device(v, xp, device), model.dtype)
-                              for k, v in ema_weights.items()}
+                ema.load({k: xp.astype(to_device(v, xp, device), model.dtype)
+                          for k, v in ema_weights.items()})
         except (ValueError, TypeError, AttributeError) as err:
             raise CheckpointError(f"the checkpoint does not fit {config['model']}: {err}") \
                 from None

@@ -98,7 +98,7 @@ def test_profiler_exclusive_times_add_up_to_the_step(one_thread):
                       ("performer_attention_forward", 2), ("performer_attention_backward", 2),
                       ("token_performer_forward", 2), ("block_backward", 7),
                       ("soft_split_forward", 3), ("fold", 3), ("cross_entropy", 1),
-                      ("AdamW.step (own code)", 1), ("AdamW._update", 1),
+                      ("AdamW.step (own code)", 1), ("AdamW._update_range (flat buffers)", 1),
                       ("T2TViT.forward (own code)", 1), ("T2TViT.backward (own code)", 1),
                       ("T2TViT._forward_shard (own code)", 1)]:
         assert by_op[op]["calls"] == calls, (op, by_op.get(op))
@@ -139,7 +139,7 @@ def test_profiler_sums_the_shard_threads(two_threads):
                       ("T2TViT._backward_shard (own code)", 2),
                       ("T2TViT.forward (own code)", 1), ("cross_entropy", 1),
                       ("summing the shards' gradients", 2), ("AdamW.step (own code)", 1),
-                      ("AdamW._update", 2)]:
+                      ("AdamW._update_range (flat buffers)", 2)]:
         assert by_op[op]["calls"] == calls, (op, by_op.get(op))
 
 
@@ -203,3 +203,25 @@ def test_keep_freed_memory_is_accepted_by_glibc():
     the commands would silently run without them)."""
     from t2t_ref.backend import keep_freed_memory
     assert keep_freed_memory() is True
+
+
+def test_failures_name_parity_and_gpu_targets():
+    """Parity is checked on every backend; the speed and memory targets in GPU mode."""
+    good = {"parity_tolerance": 1e-4, "logits_rel_diff": 1e-7, "grads_rel_diff": 2e-7,
+            "grads_worst": "head.weight", "ratio": 1.1, "target_ratio": 1.2,
+            "memory_ratio": 1.2, "target_memory_ratio": 1.5}
+    assert bench.failures(good, "cupy") == [] and bench.failures(good, "numpy") == []
+    slow = dict(good, ratio=1.3, memory_ratio=1.6)
+    assert bench.failures(slow, "numpy") == []
+    assert [f.split()[0] for f in bench.failures(slow, "cupy")] == ["1.30x", "1.60x"]
+    wrong = dict(good, grads_rel_diff=float("nan"), logits_rel_diff=3e-3)
+    failed = bench.failures(wrong, "numpy")
+    assert len(failed) == 2 and "gradient head.weight" in failed[1], failed
+
+
+def test_a_parity_failure_exits_1(monkeypatch, capsys):
+    """If PyTorch's side computed something else, the bench says so and exits 1."""
+    original = bench.Theirs.eval_logits
+    monkeypatch.setattr(bench.Theirs, "eval_logits", lambda self: original(self) + 1.0)
+    assert bench.main(["--config", "t2t_vit_7-32-b2-infer", "--threads", "1"]) == 1
+    assert "FAILED: t2t_vit_7-32-b2-infer: logits differ" in capsys.readouterr().err

@@ -15,6 +15,7 @@ import torch
 
 import t2t_ref
 from t2t_ref.backend import array_namespace, backend_name, get_namespace, to_numpy
+from t2t_ref.flat import FlatTensors
 from t2t_ref.optim import AdamW, clip_grad_norm, decays
 from t2t_ref.schedule import CosineSchedule, lr_at
 
@@ -166,6 +167,93 @@ def test_load_state_dict_names_what_does_not_fit():
     with pytest.raises(ValueError) as err:
         AdamW(params).load_state_dict(state)
     assert "head.weight (5, 4)" in str(err.value) and "missing ['cls_token']" in str(err.value)
+
+
+# ---- the same on flat buffers (flat.py: what the model's params and grads are) -------------
+
+LAYOUTS = {"matrices first": sorted(SHAPES, key=lambda k: len(SHAPES[k]) <= 1),  # the model's
+           "interleaved": list(SHAPES)}  # decayed and not decayed tensors alternate
+
+
+def flat_on(backend, host, order):
+    xp, device = get_namespace(backend)
+    flat = FlatTensors(xp, SHAPES, xp.float64, device, order=order)
+    for k, v in host.items():
+        flat[k] = on(backend, v, "float64")
+    return flat
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_adamw_on_flat_buffers_matches_torch(backend, layout):
+    """The flat update (one pass over the buffer, decay on its decayed stretches) gives what
+    torch gives, within 1e-12, and updates the buffer in place."""
+    start = host_params()
+    params = flat_on(backend, start, LAYOUTS[layout])
+    buffer = params.flat
+    opt = AdamW(params, weight_decay=WD)
+    assert isinstance(opt.exp_avg, FlatTensors) and opt.exp_avg.same_layout(params)
+    expected_runs = 1 if layout == "matrices first" else 2
+    assert len(opt.decay_runs) == expected_runs, opt.decay_runs
+    tparams, topt = torch_adamw(start)
+    for step, lr in enumerate(LRS):
+        opt.step(params, flat_on(backend, host_grads(step), LAYOUTS[layout]), lr)
+        torch_step(tparams, topt, host_grads(step), lr)
+    assert params.flat is buffer
+    for k, p in tparams.items():
+        assert_close(params[k], p.detach().numpy(), 1e-12, k)
+        assert_close(opt.exp_avg[k], topt.state[p]["exp_avg"].numpy(), 1e-12, f"exp_avg {k}")
+        assert_close(opt.exp_avg_sq[k], topt.state[p]["exp_avg_sq"].numpy(), 1e-12,
+                     f"exp_avg_sq {k}")
+
+
+def test_flat_and_per_tensor_updates_are_identical():
+    """NumPy, one thread and two: the flat path computes each element exactly as the
+    per-tensor path does (same operations in the same order), bit for bit."""
+    start = host_params()
+    for threads in (1, 2):
+        flat = flat_on("numpy", start, LAYOUTS["interleaved"])
+        dicts = {k: v.copy() for k, v in start.items()}
+        flat_opt, dict_opt = AdamW(flat, threads=threads), AdamW(dicts, threads=threads)
+        for step, lr in enumerate(LRS):
+            grads = host_grads(step)
+            flat_opt.step(flat, flat_on("numpy", grads, LAYOUTS["interleaved"]), lr)
+            dict_opt.step(dicts, grads, lr)
+        for k in SHAPES:
+            np.testing.assert_array_equal(flat[k], dicts[k], err_msg=f"{k}, {threads} threads")
+
+
+def test_flat_state_dict_is_per_tensor():
+    """A flat optimizer's state_dict has the per-tensor names and values (checkpoints do not
+    change), and loads into a per-tensor optimizer and back."""
+    flat = flat_on("numpy", host_params(), LAYOUTS["interleaved"])
+    opt = AdamW(flat, weight_decay=WD)
+    opt.step(flat, flat_on("numpy", host_grads(0), LAYOUTS["interleaved"]), 1e-2)
+    state = opt.state_dict()
+    assert sorted(state["exp_avg"]) == sorted(SHAPES)
+    dicts = {k: v.copy() for k, v in host_params().items()}
+    other = AdamW(dicts)
+    other.load_state_dict(state)
+    again = AdamW(flat_on("numpy", host_params(), LAYOUTS["matrices first"]))
+    again.load_state_dict(other.state_dict())
+    for k in SHAPES:
+        np.testing.assert_array_equal(again.exp_avg_sq[k], opt.exp_avg_sq[k], err_msg=k)
+
+
+@pytest.mark.parametrize("max_norm", [0.5, 1e3])
+def test_clip_grad_norm_on_flat_buffers_matches_torch(backend, max_norm):
+    host = host_grads(0)
+    grads = flat_on(backend, host, LAYOUTS["interleaved"])
+    buffer = grads.flat
+    total = clip_grad_norm(grads, max_norm)
+    assert grads.flat is buffer, "flat gradients are scaled in place"
+    tparams = {k: torch.nn.Parameter(torch.zeros(v.shape, dtype=torch.float64))
+               for k, v in host.items()}
+    for k, p in tparams.items():
+        p.grad = torch.tensor(host[k])
+    expected = torch.nn.utils.clip_grad_norm_(list(tparams.values()), max_norm)
+    assert_close(total, expected.numpy(), 1e-13, "total norm")
+    for k, p in tparams.items():
+        assert_close(grads[k], p.grad.numpy(), 1e-13, k)
 
 
 # ---- which parameters decay ------------------------------------------------------------------

@@ -1,0 +1,83 @@
+"""Many tensors stored in one contiguous buffer: the model's parameters and gradients.
+
+A T2T-ViT has 110 to 190 parameter tensors. Updating them one by one costs a dozen array
+calls per tensor in AdamW alone (on a GPU each call is a kernel launch, about as slow as the
+work of a small tensor); with every tensor a view into one flat array, AdamW, weight decay,
+the EMA, gradient clipping, zeroing and summing gradients over workers are each a few calls
+over the whole buffer, however many tensors there are. This is what PyTorch's fused
+optimizers and DDP's gradient buckets do too.
+
+    params = FlatTensors(xp, {"w": (3, 4), "b": (3,)}, dtype, device)
+    params["w"]          # a (3, 4) view into params.flat[0:12]
+    params["w"] = w0     # copies w0 into that view: params.flat stays the one storage
+    params.flat          # (15,) all the values, in the layout's order
+
+It is a dict, so code that reads tensors by name (the model's forward and backward, the state
+dict) does not change; assigning to a name copies into its view instead of rebinding it.
+"""
+
+import math
+
+from .backend import array_namespace
+
+
+class FlatTensors(dict):
+    """{name: view} over one 1-D buffer `flat` of one dtype.
+
+    shapes: {name: shape}, in the order the dict iterates. order: the names in the order
+    their values are laid out in `flat` (default: the same); `layout` lists (name, start,
+    stop, shape) in that order.
+    """
+
+    def __init__(self, xp, shapes, dtype, device, order=None):
+        super().__init__()
+        order = list(shapes) if order is None else list(order)
+        if sorted(order) != sorted(shapes):
+            raise ValueError("order must name every tensor exactly once")
+        layout, start = [], 0
+        for name in order:
+            size = math.prod(shapes[name])
+            layout.append((name, start, start + size, tuple(shapes[name])))
+            start += size
+        self.layout = tuple(layout)
+        self.flat = xp.zeros((start,), dtype=dtype, device=device)  # (total,)
+        views = {name: xp.reshape(self.flat[a:b], shape) for name, a, b, shape in layout}
+        for name in shapes:  # the dict's order is the shapes' order, not the layout's
+            dict.__setitem__(self, name, views[name])
+
+    def __setitem__(self, name, value):
+        """Copy value into name's view (it must have the view's shape)."""
+        if name not in self:
+            raise KeyError(f"{name!r} is not one of these tensors")
+        view = self[name]
+        if tuple(value.shape) != tuple(view.shape):
+            raise ValueError(f"{name}: shape {tuple(value.shape)} does not fit "
+                             f"{tuple(view.shape)}")
+        view[...] = value
+
+    def update(self, other=(), **kwargs):
+        for name, value in dict(other, **kwargs).items():
+            self[name] = value
+
+    def zeros_like(self):
+        """New FlatTensors of the same names, layout and dtype, all zero."""
+        xp = array_namespace(self.flat)
+        shapes = {name: tuple(view.shape) for name, view in self.items()}
+        return FlatTensors(xp, shapes, self.flat.dtype, _device(self.flat),
+                           order=[name for name, *_ in self.layout])
+
+    def copy(self):
+        """A copy with its own buffer."""
+        out = self.zeros_like()
+        out.flat[...] = self.flat
+        return out
+
+    def same_layout(self, other):
+        """Does other store the same names at the same places of a buffer of the same size?"""
+        return isinstance(other, FlatTensors) and (other.layout is self.layout
+                                                   or other.layout == self.layout)
+
+
+def _device(x):
+    from .backend import device_of
+    return device_of(x)
