@@ -11,6 +11,13 @@ import t2t_ref
 from t2t_ref.cli import HelpFormatter, user_error
 
 
+def synchronize(xp):
+    """Wait until the GPU has done all the work queued so far (nothing to wait for on a CPU)."""
+    if t2t_ref.backend.backend_name(xp) == "cupy":
+        import cupy
+        cupy.cuda.get_current_stream().synchronize()
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m t2t_ref", description=__doc__,
                                      formatter_class=HelpFormatter)
@@ -35,10 +42,12 @@ def main(argv=None):
     images = t2t_ref.to_device(images, xp, device)
     labels = t2t_ref.to_device(labels, xp, device)
 
+    synchronize(xp)
     start = time.perf_counter()
     logits = model.train().forward(images)  # (B, num_classes)
     loss, dlogits = t2t_ref.cross_entropy(logits, labels, smoothing=0.1)
     model.backward(dlogits)
+    synchronize(xp)  # on a GPU the calls above only queued the work
     seconds = time.perf_counter() - start
     name, grad = max(model.grads.items(), key=lambda kv: float(xp.max(xp.abs(kv[1]))))
     print(f"{args.model} at {S}x{S}, batch {args.batch_size}, {args.backend}/{args.dtype}: "

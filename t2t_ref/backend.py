@@ -10,6 +10,8 @@ This module is the only place that maps a *name* ("numpy", "cupy", "array_api_st
 namespace and a device, and the only place that moves arrays between host and device.
 """
 
+import functools
+
 import numpy as np
 from array_api_compat import array_namespace, device as device_of  # noqa: F401 (re-exported)
 
@@ -33,20 +35,7 @@ def get_namespace(name):
         import array_api_compat.numpy as xp
         return xp, "cpu"
     if name == "cupy":
-        try:
-            import cupy
-        except ImportError:
-            raise BackendError(
-                "backend 'cupy' needs CuPy, which is not installed: "
-                "pip install 't2t_ref[gpu]' on a machine with an NVIDIA GPU, or use --backend numpy"
-            ) from None
-        try:
-            n_gpus = cupy.cuda.runtime.getDeviceCount()
-        except Exception:  # no driver, no runtime: CuPy raises its own CUDA errors
-            n_gpus = 0
-        if n_gpus == 0:
-            raise BackendError("backend 'cupy' needs a CUDA GPU, and none was found: "
-                               "use backend 'numpy' on this machine")
+        cupy = _working_cupy()
         import array_api_compat.cupy as xp
         return xp, cupy.cuda.Device()
     if name == "array_api_strict":
@@ -57,6 +46,60 @@ def get_namespace(name):
                                "pip install array-api-strict") from None
         return xp, xp.Device("device1")
     raise BackendError(f"unknown backend {name!r}: choose one of {', '.join(BACKENDS)}")
+
+
+CUPY_WHEELS = ("cupy", "cupy-cuda11x", "cupy-cuda12x", "cupy-cuda13x")
+
+
+@functools.cache
+def _working_cupy():
+    """CuPy, once it has run one kernel and one cuBLAS matrix product on the GPU.
+
+    Counting devices is not enough: a CuPy built for another CUDA than the driver's, or a
+    missing NVRTC or cuBLAS library, would otherwise fail later, inside the model, as a
+    traceback. Any failure here is one BackendError line saying what to install.
+    """
+    from importlib import metadata
+    installed = []
+    for wheel in CUPY_WHEELS:
+        try:
+            installed.append(f"{wheel} {metadata.version(wheel)}")
+        except metadata.PackageNotFoundError:
+            pass
+    if len(installed) > 1:
+        raise BackendError(f"two CuPy packages are installed ({', '.join(installed)}) and they "
+                           "overwrite each other: pip uninstall all but the one for this "
+                           "machine's CUDA (nvidia-smi shows it)")
+    try:
+        import cupy
+    except ImportError as err:
+        reason = "not installed" if not installed else f"installed but fails to import ({err})"
+        raise BackendError(
+            f"backend 'cupy' needs CuPy, which is {reason}: on a machine with an NVIDIA GPU, "
+            "pip install -e '.[cuda12]' or '.[cuda13]' (the CUDA version nvidia-smi shows), "
+            "or use --backend numpy") from None
+    try:
+        n_gpus = cupy.cuda.runtime.getDeviceCount()
+    except Exception:  # no driver, no runtime: CuPy raises its own CUDA errors
+        n_gpus = 0
+    if n_gpus == 0:
+        raise BackendError("backend 'cupy' needs a CUDA GPU, and none was found: "
+                           "use backend 'numpy' on this machine")
+    try:
+        host = np.arange(16, dtype=np.float32).reshape(4, 4)
+        x = cupy.asarray(host)
+        y = (x * 0.5 + 1.0) @ x  # an elementwise kernel (compiled by NVRTC) and cuBLAS
+        cupy.cuda.Device().synchronize()
+        if not np.array_equal(y.get(), (host * 0.5 + 1.0) @ host):
+            raise RuntimeError("a 4x4 matrix product came out wrong")
+    except Exception as err:
+        first_line = (str(err).strip().splitlines() or [""])[0]
+        raise BackendError(
+            f"backend 'cupy' found {n_gpus} GPU(s) but CUDA failed on a first kernel "
+            f"({type(err).__name__}: {first_line}): install the CuPy wheel that matches this "
+            "machine's CUDA version (nvidia-smi), e.g. pip install -e '.[cuda13]', "
+            "or use --backend numpy") from None
+    return cupy
 
 
 def get_dtype(xp, name):

@@ -92,19 +92,87 @@ def in_chunks(fn, *arrays):
 
 
 def make_rng(xp, seed):
-    """A random generator for the backend: NumPy's Generator, or CuPy's on the GPU.
+    """A random generator for the backend: NumPy's Generator, or on CuPy a CounterRNG.
 
     array_api_strict draws on the host with NumPy (it only exists for tests).
     """
     if backend_name(xp) == "cupy":
-        import cupy
-        return cupy.random.default_rng(seed)
+        return CounterRNG(seed)
     return np.random.default_rng(seed)
 
 
 def uniform(xp, rng, shape, dtype, device):
     """Uniform [0, 1) samples of the given shape, made on the backend's device."""
+    if isinstance(rng, CounterRNG):
+        return rng.random(xp, shape, dtype, device)
     if backend_name(xp) in ("numpy", "cupy"):
         return rng.random(shape, dtype=dtype)
     sample = rng.random(shape)  # array_api_strict: float64 on the host, then to the device
     return xp.astype(to_device(sample, xp, device), dtype)
+
+
+class CounterRNG:
+    """Random numbers that are a hash of (seed, call number, element index): no state to
+    set up and nothing that depends on the GPU.
+
+    The training loop makes a generator per step (every random number is a function of
+    seed and step, so a resumed run repeats an uninterrupted one). CuPy's own generators
+    initialise a state per GPU thread on creation (XORWOW: about 270,000 curand_init calls
+    and 13 MB per generator), and their numbers depend on the GPU's size. Here the k-th call
+    of random(shape) gives element i the value hash32(i ^ key_k) / 2^32, key_k a hash of the
+    seed and k, with hash32 the "lowbias32" integer mixer (Chris Wellons' hash-prospector):
+    a bijection of 32-bit integers whose output bits each depend on every input bit.
+    The plain version below is array-API code; on CuPy one kernel computes the same bits.
+    """
+
+    def __init__(self, seed):
+        self.seed = int(seed) % 2**64
+        self.calls = 0
+
+    def _key(self):
+        """key_k of the next call, a 32-bit integer mixing both halves of the seed and k."""
+        low, high = self.seed % 2**32, self.seed // 2**32
+        key = _hash32_int(_hash32_int(low ^ _hash32_int(high)) ^ _hash32_int(self.calls))
+        self.calls += 1
+        return key
+
+    def random(self, xp, shape, dtype, device):
+        """Uniform [0, 1) of `shape` on `device`, in steps of 2^-24 (exact in float32)."""
+        n = math.prod(shape)
+        if n >= 2**32:
+            raise ValueError(f"CounterRNG draws at most 2^32 - 1 numbers per call, not {n}")
+        key = self._key()
+        from . import cupy_kernels
+        if backend_name(xp) == "cupy" and cupy_kernels.uniform_supported(dtype):
+            return cupy_kernels.hash_uniform(key, shape, dtype)
+        return xp.reshape(hash_uniform(xp, key, n, dtype, device), shape)
+
+
+def _hash32_int(x):
+    """lowbias32 on a Python int (the same bits as _hash32 on an array)."""
+    x &= 0xFFFFFFFF
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & 0xFFFFFFFF
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & 0xFFFFFFFF
+    return x ^ (x >> 16)
+
+
+def _hash32(x):
+    """lowbias32 on a uint32 array, in place (x is ours); multiplications wrap mod 2^32."""
+    xp = array_namespace(x)
+    x ^= xp.bitwise_right_shift(x, 16)
+    x *= 0x7FEB352D
+    x ^= xp.bitwise_right_shift(x, 15)
+    x *= 0x846CA68B
+    x ^= xp.bitwise_right_shift(x, 16)
+    return x
+
+
+def hash_uniform(xp, key, n, dtype, device):
+    """(n,) uniform [0, 1): hash32(i ^ key) for i = 0 .. n-1, its top 24 bits / 2^24."""
+    bits = xp.arange(n, dtype=xp.uint32, device=device)  # (n,)
+    bits ^= key
+    bits = _hash32(bits)
+    top = xp.bitwise_right_shift(bits, 8)  # 24 bits: every value exact in float32
+    return xp.astype(top, dtype) * (1.0 / 2**24)

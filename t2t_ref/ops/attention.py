@@ -31,15 +31,20 @@ def scaled_dot_product_attention_backward(dout, cache):
     forward was out = p v with p = softmax(s), s = q k^T * scale; so
     dv = p^T dout, dp = dout v^T, ds = softmax backward of dp, dq = ds k * scale,
     dk = ds^T q * scale.
+    The two products with a transposed N x N matrix are computed as the transpose of the
+    product the other way round, p^T dout = (dout^T p)^T: only the small (N, d) operand is
+    transposed. (CuPy's batched matmul copies a transposed operand into a contiguous array
+    first: for p at N = 3136 that is a copy of gigabytes.)
     """
     q, k, v, p, scale = cache
     xp = array_namespace(dout)
-    dv = xp.matmul(xp.matrix_transpose(p), dout)  # (B, h, N, d)
-    dp = xp.matmul(dout, xp.matrix_transpose(v))  # (B, h, N, N)
+    t = xp.matrix_transpose
+    dv = t(xp.matmul(t(dout), p))  # (B, h, N, d) = p^T dout
+    dp = xp.matmul(dout, t(v))  # (B, h, N, N)
     dscores = softmax_backward(dp, p)  # (B, h, N, N)
     dscores *= scale
     dq = xp.matmul(dscores, k)  # (B, h, N, d)
-    dk = xp.matmul(xp.matrix_transpose(dscores), q)  # (B, h, N, d)
+    dk = t(xp.matmul(t(q), dscores))  # (B, h, N, d) = dscores^T q
     return dq, dk, dv
 
 

@@ -6,6 +6,7 @@ function), so each is evaluated by gaps.in_chunks: on NumPy, cache-sized pieces 
 
 import math
 
+from .. import cupy_kernels
 from ..backend import array_namespace
 from ..gaps import erf, in_chunks
 
@@ -15,6 +16,8 @@ INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
 def gelu_forward(x):
     """x (any shape) -> y (same shape). cache = (x, cdf) with cdf = Phi(x)."""
+    if cupy_kernels.applies(x):  # CuPy: the same in one kernel (cupy_kernels.py)
+        return cupy_kernels.gelu_forward(x)
     cdf = in_chunks(_normal_cdf, x)
     return x * cdf, (x, cdf)
 
@@ -29,6 +32,8 @@ def _normal_cdf(x):
 
 def gelu_backward(dy, cache):
     """forward was y = x Phi(x), so dy/dx = Phi(x) + x phi(x), phi the normal density."""
+    if cupy_kernels.applies(dy):
+        return cupy_kernels.gelu_backward(dy, cache)
     x, cdf = cache
     return in_chunks(_gelu_grad, x, cdf, dy)
 

@@ -1,0 +1,356 @@
+"""Fused CUDA kernels for the CuPy backend: the same math as the plain ops, in fewer passes.
+
+On CuPy every array operation is one kernel launch and one trip of its operands through the
+GPU's memory. The plain array-API ops (ops/*.py) are chains of such operations: GELU's
+forward is about a dozen, LayerNorm's backward ten, AdamW thirteen per tensor. Each kernel
+here does one of those chains in one launch, reading each input once:
+
+    GELU forward / backward          one elementwise kernel each
+    uniform random numbers           one elementwise kernel (gaps.CounterRNG's hash)
+    LayerNorm forward / backward     one warp per row (row sums by warp shuffles); the
+                                     backward's weight and bias gradients are column sums,
+                                     two matrix-vector products as in the plain op
+    softmax forward / backward       one warp per row; the forward finds the row's maximum
+                                     and its sum of exponentials in one pass ("online")
+    AdamW                            one elementwise kernel over the flat parameter buffer
+
+The plain ops stay the definition and the default everywhere else (NumPy, array_api_strict);
+each op calls its kernel here when its input is a CuPy array (`applies`), and tests compare
+every kernel with its plain twin on the GPU (tests/test_cupy_kernels.py). `plain_ops()` turns
+the kernels off, for those tests; T2T_REF_PLAIN_OPS=1 in the environment turns them off for a
+whole run (to time one against the other). Every kernel is a
+template over float and double; CI compiles this CUDA source with NVRTC on a machine without
+a GPU, so a typo never waits for one.
+
+Shapes: M rows (all leading axes together), D the row length (the last axis), n elements.
+"""
+
+import contextlib
+import functools
+import os
+
+import numpy as np
+
+WARP = 32
+ROWS_PER_BLOCK = 8  # row kernels: one warp per row, 8 warps (256 threads) per block
+THREADS = 256  # elementwise kernels: threads per block (a grid-stride loop covers the rest)
+
+SOURCE = r"""
+// ---- helpers: one name for the float and the double version of each function ----------
+__device__ __forceinline__ float erf_(float x) { return erff(x); }
+__device__ __forceinline__ double erf_(double x) { return erf(x); }
+__device__ __forceinline__ float exp_(float x) { return expf(x); }
+__device__ __forceinline__ double exp_(double x) { return exp(x); }
+__device__ __forceinline__ float sqrt_(float x) { return sqrtf(x); }
+__device__ __forceinline__ double sqrt_(double x) { return sqrt(x); }
+__device__ __forceinline__ float max_(float a, float b) { return fmaxf(a, b); }
+__device__ __forceinline__ double max_(double a, double b) { return fmax(a, b); }
+template <typename T> __device__ __forceinline__ T minus_infinity();
+template <> __device__ __forceinline__ float minus_infinity<float>() {
+    return -__int_as_float(0x7f800000);
+}
+template <> __device__ __forceinline__ double minus_infinity<double>() {
+    return -__longlong_as_double(0x7ff0000000000000LL);
+}
+
+// The sum of v over the 32 lanes of a warp, given to every lane (butterfly of shuffles).
+template <typename T> __device__ __forceinline__ T warp_sum(T v) {
+    for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
+    return v;
+}
+
+#define GRID_STRIDE_LOOP(i, n) \
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < (n); \
+         i += (long long)blockDim.x * gridDim.x)
+
+// One warp per row: the row this warp works on, and this thread's lane in it.
+#define WARP_ROW(row, lane, rows)                                          \
+    const long long row = blockIdx.x * (long long)(blockDim.x / 32) + threadIdx.x / 32; \
+    const int lane = threadIdx.x % 32;                                    \
+    if (row >= (rows)) return;  /* the whole warp leaves: shuffles stay full-warp */
+
+// ---- GELU (ops/gelu.py): y = x Phi(x), Phi(x) = (1 + erf(x / sqrt 2)) / 2 -----------------
+template <typename T>
+__global__ void gelu_forward(const T* x, T* y, T* cdf, long long n) {
+    GRID_STRIDE_LOOP(i, n) {
+        T xi = x[i];
+        T c = T(0.5) * (T(1) + erf_(xi * T(0.70710678118654752440)));
+        cdf[i] = c;
+        y[i] = xi * c;
+    }
+}
+
+// dx = dy (Phi(x) + x phi(x)), phi(x) = exp(-x^2 / 2) / sqrt(2 pi)
+template <typename T>
+__global__ void gelu_backward(const T* x, const T* cdf, const T* dy, T* dx, long long n) {
+    GRID_STRIDE_LOOP(i, n) {
+        T xi = x[i];
+        T slope = cdf[i] + xi * exp_(T(-0.5) * xi * xi) * T(0.39894228040143267794);
+        dx[i] = dy[i] * slope;
+    }
+}
+
+// ---- LayerNorm (ops/layernorm.py) over rows of length D ------------------------------------
+// xhat = (x - mean) * rstd, rstd = 1 / sqrt(var + eps); y = xhat * w + b
+template <typename T>
+__global__ void layernorm_forward(const T* x, const T* w, const T* b, T* y, T* xhat, T* rstd,
+                                  long long rows, int D, T eps) {
+    WARP_ROW(row, lane, rows)
+    const T* xr = x + row * D;
+    T sum = 0;
+    for (int i = lane; i < D; i += 32) sum += xr[i];
+    const T mean = warp_sum(sum) / T(D);
+    T sq = 0;  // two passes, as the plain op: the centred square, not E[x^2] - mean^2
+    for (int i = lane; i < D; i += 32) { T d = xr[i] - mean; sq += d * d; }
+    const T r = T(1) / sqrt_(warp_sum(sq) / T(D) + eps);
+    for (int i = lane; i < D; i += 32) {
+        T h = (xr[i] - mean) * r;
+        xhat[row * D + i] = h;
+        y[row * D + i] = h * w[i] + b[i];
+    }
+    if (lane == 0) rstd[row] = r;
+}
+
+// g = dy * w; dx = rstd (g - mean(g) - xhat mean(g xhat)); also writes dy * xhat, whose
+// column sums are dweight
+template <typename T>
+__global__ void layernorm_backward(const T* dy, const T* xhat, const T* rstd, const T* w,
+                                   T* dx, T* dy_xhat, long long rows, int D) {
+    WARP_ROW(row, lane, rows)
+    const T* dyr = dy + row * D;
+    const T* hr = xhat + row * D;
+    T g_sum = 0, gx_sum = 0;
+    for (int i = lane; i < D; i += 32) {
+        T g = dyr[i] * w[i];
+        g_sum += g;
+        gx_sum += g * hr[i];
+    }
+    const T g_mean = warp_sum(g_sum) / T(D), gx_mean = warp_sum(gx_sum) / T(D);
+    const T r = rstd[row];
+    for (int i = lane; i < D; i += 32) {
+        dx[row * D + i] = r * (dyr[i] * w[i] - g_mean - hr[i] * gx_mean);
+        dy_xhat[row * D + i] = dyr[i] * hr[i];
+    }
+}
+
+// ---- softmax (ops/softmax.py) over rows of length D ----------------------------------------
+// p = exp(x - max) / sum(exp(x - max)); the max and the sum found in one pass: when a larger
+// value turns up, the sum so far is rescaled to the new maximum
+template <typename T>
+__global__ void softmax_forward(const T* x, T* p, long long rows, int D) {
+    WARP_ROW(row, lane, rows)
+    const T* xr = x + row * D;
+    T m = minus_infinity<T>(), s = 0;
+    for (int i = lane; i < D; i += 32) {
+        T v = xr[i];
+        if (v > m) { s = s * exp_(m - v) + T(1); m = v; }
+        else s += exp_(v - m);
+    }
+    for (int offset = 16; offset > 0; offset /= 2) {  // merge the lanes' (max, sum) pairs
+        T m2 = __shfl_xor_sync(0xffffffffu, m, offset);
+        T s2 = __shfl_xor_sync(0xffffffffu, s, offset);
+        T mm = max_(m, m2);
+        s = (s == T(0) ? T(0) : s * exp_(m - mm)) + (s2 == T(0) ? T(0) : s2 * exp_(m2 - mm));
+        m = mm;
+    }
+    const T inv = T(1) / s;
+    for (int i = lane; i < D; i += 32) p[row * D + i] = exp_(xr[i] - m) * inv;
+}
+
+// dx = p (dp - sum(dp p))
+template <typename T>
+__global__ void softmax_backward(const T* dp, const T* p, T* dx, long long rows, int D) {
+    WARP_ROW(row, lane, rows)
+    const T* dr = dp + row * D;
+    const T* pr = p + row * D;
+    T dot = 0;
+    for (int i = lane; i < D; i += 32) dot += dr[i] * pr[i];
+    dot = warp_sum(dot);
+    for (int i = lane; i < D; i += 32) dx[row * D + i] = pr[i] * (dr[i] - dot);
+}
+
+// ---- random numbers (gaps.CounterRNG): u_i = top 24 bits of lowbias32(i ^ key) / 2^24 -------
+__device__ __forceinline__ unsigned int hash32(unsigned int x) {
+    x ^= x >> 16; x *= 0x7feb352du; x ^= x >> 15; x *= 0x846ca68bu; x ^= x >> 16;
+    return x;
+}
+
+template <typename T>
+__global__ void hash_uniform(T* out, long long n, unsigned int key) {
+    GRID_STRIDE_LOOP(i, n) out[i] = T(hash32((unsigned int)i ^ key) >> 8) * T(1.0 / 16777216.0);
+}
+
+// ---- AdamW (optim.py), in place over the flat buffers, torch's order of operations ---------
+template <typename T>
+__global__ void adamw_update(T* p, const T* g, T* m, T* v, const unsigned char* decays,
+                             long long n, T beta1, T beta2, T eps, T step_size,
+                             T bias_correction2_sqrt, T decay_factor) {
+    GRID_STRIDE_LOOP(i, n) {
+        T pi = decays[i] ? p[i] * decay_factor : p[i];
+        T gi = g[i];
+        T mi = m[i] * beta1 + (T(1) - beta1) * gi;
+        T vi = v[i] * beta2 + (T(1) - beta2) * gi * gi;
+        T denom = sqrt_(vi) / bias_correction2_sqrt + eps;
+        m[i] = mi;
+        v[i] = vi;
+        p[i] = pi - mi / denom * step_size;
+    }
+}
+"""
+
+KERNELS = ("gelu_forward", "gelu_backward", "layernorm_forward", "layernorm_backward",
+           "softmax_forward", "softmax_backward", "hash_uniform", "adamw_update")
+C_TYPES = {"float32": "float", "float64": "double"}
+NAME_EXPRESSIONS = tuple(f"{k}<{t}>" for k in KERNELS for t in C_TYPES.values())
+NVRTC_OPTIONS = ("-std=c++17",)
+
+# T2T_REF_PLAIN_OPS=1 in the environment: the plain ops everywhere (to time one against the other)
+_enabled = os.environ.get("T2T_REF_PLAIN_OPS", "") != "1"
+
+
+def applies(x):
+    """Is x a CuPy array that a kernel here should handle (float32 or float64, kernels on)?"""
+    return (_enabled and type(x).__module__.startswith("cupy")
+            and x.dtype.name in C_TYPES)
+
+
+@contextlib.contextmanager
+def plain_ops():
+    """Within this block the ops run their plain array-API code on CuPy too."""
+    global _enabled
+    saved, _enabled = _enabled, False
+    try:
+        yield
+    finally:
+        _enabled = saved
+
+
+@functools.cache
+def _module(device_id):
+    import cupy
+    return cupy.RawModule(code=SOURCE, options=NVRTC_OPTIONS, name_expressions=NAME_EXPRESSIONS)
+
+
+def _kernel(name, dtype):
+    import cupy
+    return _module(cupy.cuda.Device().id).get_function(f"{name}<{C_TYPES[dtype.name]}>")
+
+
+def _contiguous(x):
+    import cupy
+    return cupy.ascontiguousarray(x)
+
+
+def _elementwise_grid(n):
+    return (max(1, min(-(-n // THREADS), 65536)),), (THREADS,)
+
+
+def _row_grid(rows):
+    return (max(1, -(-rows // ROWS_PER_BLOCK)),), (ROWS_PER_BLOCK * WARP,)
+
+
+# ---- GELU ------------------------------------------------------------------------------------
+
+def gelu_forward(x):
+    """As ops.gelu.gelu_forward: -> (y, (x, cdf))."""
+    import cupy
+    x = _contiguous(x)
+    y, cdf = cupy.empty_like(x), cupy.empty_like(x)
+    _kernel("gelu_forward", x.dtype)(*_elementwise_grid(x.size), (x, y, cdf, np.int64(x.size)))
+    return y, (x, cdf)
+
+
+def gelu_backward(dy, cache):
+    """As ops.gelu.gelu_backward: -> dx."""
+    import cupy
+    x, cdf = cache
+    dy = _contiguous(dy)
+    dx = cupy.empty_like(x)
+    _kernel("gelu_backward", x.dtype)(*_elementwise_grid(x.size),
+                                      (x, _contiguous(cdf), dy, dx, np.int64(x.size)))
+    return dx
+
+
+# ---- LayerNorm -------------------------------------------------------------------------------
+
+def layernorm_forward(x, weight, bias, eps):
+    """As ops.layernorm.layernorm_forward: -> (y, (xhat, rstd, weight))."""
+    import cupy
+    x = _contiguous(x)
+    D = x.shape[-1]
+    rows = x.size // D
+    y, xhat = cupy.empty_like(x), cupy.empty_like(x)
+    rstd = cupy.empty((*x.shape[:-1], 1), dtype=x.dtype)
+    scalar = x.dtype.type
+    _kernel("layernorm_forward", x.dtype)(
+        *_row_grid(rows), (x, _contiguous(weight), _contiguous(bias), y, xhat, rstd,
+                           np.int64(rows), np.int32(D), scalar(eps)))
+    return y, (xhat, rstd, weight)
+
+
+def layernorm_backward(dy, cache):
+    """As ops.layernorm.layernorm_backward: -> (dx, dweight, dbias)."""
+    import cupy
+    from .ops.rows import column_sum
+    xhat, rstd, weight = cache
+    dy = _contiguous(dy)
+    D = dy.shape[-1]
+    rows = dy.size // D
+    dx, dy_xhat = cupy.empty_like(dy), cupy.empty_like(dy)
+    _kernel("layernorm_backward", dy.dtype)(
+        *_row_grid(rows), (dy, xhat, rstd, _contiguous(weight), dx, dy_xhat, np.int64(rows),
+                           np.int32(D)))
+    return dx, column_sum(dy_xhat), column_sum(dy)
+
+
+# ---- softmax ---------------------------------------------------------------------------------
+
+def softmax_forward(x):
+    """As ops.softmax.softmax_forward: -> (p, p)."""
+    import cupy
+    x = _contiguous(x)
+    D = x.shape[-1]
+    p = cupy.empty_like(x)
+    _kernel("softmax_forward", x.dtype)(*_row_grid(x.size // D),
+                                        (x, p, np.int64(x.size // D), np.int32(D)))
+    return p, p
+
+
+def softmax_backward(dp, p):
+    """As ops.softmax.softmax_backward: -> dx."""
+    import cupy
+    dp = _contiguous(dp)
+    D = dp.shape[-1]
+    dx = cupy.empty_like(dp)
+    _kernel("softmax_backward", dp.dtype)(*_row_grid(dp.size // D),
+                                          (dp, _contiguous(p), dx, np.int64(dp.size // D),
+                                           np.int32(D)))
+    return dx
+
+
+# ---- random numbers --------------------------------------------------------------------------
+
+def uniform_supported(dtype):
+    return _enabled and np.dtype(dtype).name in C_TYPES
+
+
+def hash_uniform(key, shape, dtype):
+    """As gaps.hash_uniform, reshaped: uniform [0, 1) of `shape` from a 32-bit key."""
+    import cupy
+    out = cupy.empty(shape, dtype=dtype)
+    _kernel("hash_uniform", out.dtype)(*_elementwise_grid(out.size),
+                                       (out, np.int64(out.size), np.uint32(key)))
+    return out
+
+
+# ---- AdamW -----------------------------------------------------------------------------------
+
+def adamw_update(p, g, m, v, decays, *, beta1, beta2, eps, step_size, bias_correction2_sqrt,
+                 decay_factor):
+    """One AdamW update in place of the flat 1-D buffers p, m, v (optim.AdamW's formulas);
+    decays is a uint8 array, 1 where the element gets weight decay."""
+    scalar = p.dtype.type
+    _kernel("adamw_update", p.dtype)(
+        *_elementwise_grid(p.size),
+        (p, g, m, v, decays, np.int64(p.size), scalar(beta1), scalar(beta2), scalar(eps),
+         scalar(step_size), scalar(bias_correction2_sqrt), scalar(decay_factor)))

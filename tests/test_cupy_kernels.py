@@ -1,0 +1,186 @@
+"""The CuPy kernels (cupy_kernels.py) against their plain array-API twins, and their source.
+
+On a machine without a GPU only the first test runs: NVRTC (from CUDA's PyPI wheel) compiles
+the CUDA source for every kernel and dtype, so CI catches a typo without a device. The rest
+need CuPy and a GPU, and are skipped with the reason otherwise: each kernel's output against
+the plain op's on the same CuPy input (cupy_kernels.plain_ops() turns the kernels off), in
+float32 and float64, on shapes with rows longer and shorter than a warp and inputs that are
+not contiguous.
+"""
+
+import numpy as np
+import pytest
+
+from t2t_ref import cupy_kernels
+from t2t_ref.backend import BackendError, get_namespace, to_numpy
+from t2t_ref.gaps import CounterRNG, _hash32_int, hash_uniform
+from t2t_ref.ops.gelu import gelu_backward, gelu_forward
+from t2t_ref.ops.layernorm import layernorm_backward, layernorm_forward
+from t2t_ref.ops.softmax import softmax_backward, softmax_forward
+from t2t_ref.optim import AdamW
+
+from conftest import assert_close, on
+from nvrtc import compile_to_ptx, find_nvrtc
+
+TOL = {"float32": 2e-6, "float64": 1e-13}
+
+
+def test_cuda_source_compiles_without_a_gpu():
+    if find_nvrtc() is None:
+        pytest.skip("libnvrtc not found: pip install nvidia-cuda-nvrtc-cu12 (the test extra)")
+    ok, log, lowered = compile_to_ptx(cupy_kernels.SOURCE, cupy_kernels.NAME_EXPRESSIONS,
+                                      cupy_kernels.NVRTC_OPTIONS)
+    assert ok, f"NVRTC could not compile cupy_kernels.SOURCE:\n{log}"
+    assert sorted(lowered) == sorted(cupy_kernels.NAME_EXPRESSIONS)
+
+
+# ---- the counter-based generator's plain version, on every backend ----------------------------
+
+def test_hash_uniform_is_lowbias32_of_the_index(backend):
+    """The array version equals the hash written on Python integers, element by element."""
+    xp, device = get_namespace(backend)
+    key = 0x9E3779B9
+    u = to_numpy(hash_uniform(xp, key, 300, xp.float64, device))
+    expected = [(_hash32_int(i ^ key) >> 8) / 2**24 for i in range(300)]
+    np.testing.assert_array_equal(u, expected)
+
+
+def test_counter_rng_repeats_and_moves_on():
+    a, b = CounterRNG(7), CounterRNG(7)
+    first = a.random(np, (1000,), np.float32, "cpu")
+    np.testing.assert_array_equal(first, b.random(np, (1000,), np.float32, "cpu"))
+    second = a.random(np, (1000,), np.float32, "cpu")
+    assert not np.array_equal(first, second), "the next call must give other numbers"
+    assert not np.array_equal(first, CounterRNG(8).random(np, (1000,), np.float32, "cpu"))
+    assert not np.array_equal(first, CounterRNG(7 + 2**32).random(np, (1000,), np.float32,
+                                                                    "cpu")), "high seed bits"
+    u = CounterRNG(1).random(np, (400_000,), np.float64, "cpu")
+    assert 0.0 <= u.min() and u.max() < 1.0
+    assert abs(u.mean() - 0.5) < 3e-3 and abs(u.var() - 1 / 12) < 2e-3
+    # a dropout mask at p = 0.1 drops about 10%, in every part of the array
+    keep = (u.reshape(40, -1) >= 0.1).mean(axis=1)
+    assert np.all(np.abs(keep - 0.9) < 0.02), keep
+
+
+# ---- the kernels on a GPU -------------------------------------------------------------------
+
+def _cupy():
+    try:
+        get_namespace("cupy")
+    except BackendError as err:
+        pytest.skip(str(err))
+    import cupy
+    return cupy
+
+
+def _random(shape, seed, dtype, scale=1.0):
+    return on("cupy", np.random.default_rng(seed).normal(size=shape) * scale, dtype)
+
+
+def _both(function, *args):
+    """(kernel's result, plain op's result) of function(*args), as host arrays (nested)."""
+    fused = function(*args)
+    with cupy_kernels.plain_ops():
+        plain = function(*args)
+    return fused, plain
+
+
+def _compare(fused, plain, tol, name):
+    if isinstance(plain, (tuple, list)):
+        for i, (f, p) in enumerate(zip(fused, plain)):
+            _compare(f, p, tol, f"{name}[{i}]")
+    elif plain is not None and not isinstance(plain, (int, float)):
+        assert_close(to_numpy(fused), to_numpy(plain), tol, name)
+
+
+SHAPES = [(3, 5, 64), (2, 7, 147), (4, 384), (2, 3, 1000), (1, 33)]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_gelu_kernels(dtype, shape):
+    _cupy()
+    x = _random(shape, 0, dtype, scale=3.0)
+    dy = _random(shape, 1, dtype)
+    fused, plain = _both(gelu_forward, x)
+    _compare(fused, plain, TOL[dtype], "gelu_forward")
+    _compare(gelu_backward(dy, fused[1]), _both(gelu_backward, dy, plain[1])[1], TOL[dtype],
+             "gelu_backward")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_layernorm_kernels(dtype, shape):
+    cupy = _cupy()
+    D = shape[-1]
+    x = _random(shape, 0, dtype, scale=2.0) + 0.5
+    w, b = _random((D,), 2, dtype), _random((D,), 3, dtype)
+    dy = _random(shape, 4, dtype)
+    fused, plain = _both(layernorm_forward, x, w, b)
+    _compare(fused, plain, TOL[dtype], "layernorm_forward")
+    fused_back = layernorm_backward(dy, fused[1])
+    with cupy_kernels.plain_ops():
+        plain_back = layernorm_backward(dy, plain[1])
+    _compare(fused_back, plain_back, 10 * TOL[dtype], "layernorm_backward")
+    # a non-contiguous input (a transposed view) gives the same as its contiguous copy
+    xt = cupy.swapaxes(x, -1, -2) if x.ndim == 3 else x
+    if xt is not x:
+        xt = cupy.swapaxes(cupy.ascontiguousarray(xt), -1, -2)  # same values, other strides
+        _compare(layernorm_forward(xt, w, b)[0], fused[0], 0.0, "non-contiguous input")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("shape", SHAPES + [(2, 3136)])
+def test_softmax_kernels(dtype, shape):
+    _cupy()
+    x = _random(shape, 0, dtype, scale=4.0)
+    dp = _random(shape, 1, dtype)
+    fused, plain = _both(softmax_forward, x)
+    _compare(fused, plain, TOL[dtype], "softmax_forward")
+    _compare(*_both(softmax_backward, dp, plain[0]), TOL[dtype], "softmax_backward")
+    big = x * 1e3  # rows whose maximum comes late: the online rescaling must hold
+    _compare(*_both(softmax_forward, big), TOL[dtype], "softmax_forward, large values")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_hash_uniform_kernel_gives_the_plain_bits(dtype):
+    cupy = _cupy()
+    xp, device = get_namespace("cupy")
+    for key in (0, 12345, 0xFFFFFFFF):
+        fused = cupy_kernels.hash_uniform(key, (5, 1001), getattr(cupy, dtype))
+        with cupy_kernels.plain_ops():
+            plain = hash_uniform(xp, key, 5 * 1001, getattr(xp, dtype), device)
+        np.testing.assert_array_equal(to_numpy(fused).ravel(), to_numpy(plain))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_adamw_kernel_matches_the_plain_flat_update(dtype):
+    _cupy()
+    import t2t_ref
+    results = []
+    for fused in (True, False):
+        model = t2t_ref.create_model("t2t_vit_7", num_classes=3, img_size=32, backend="cupy",
+                                     dtype=dtype)
+        opt = AdamW(model.params, weight_decay=0.05)
+        grads = model.params.zeros_like()
+        for step in range(3):
+            grads.flat[...] = _random(grads.flat.shape, 10 + step, dtype)
+            if fused:
+                opt.step(model.params, grads, 1e-2)
+            else:
+                with cupy_kernels.plain_ops():
+                    opt.step(model.params, grads, 1e-2)
+        results.append((to_numpy(model.params.flat), to_numpy(opt.exp_avg.flat),
+                        to_numpy(opt.exp_avg_sq.flat)))
+    for name, a, b in zip(("params", "exp_avg", "exp_avg_sq"), *results):
+        assert_close(a, b, 10 * TOL[dtype], name)
+
+
+def test_kernels_are_used_on_cupy():
+    """applies() is what routes the ops: on for CuPy float arrays, off inside plain_ops()."""
+    _cupy()
+    x = _random((2, 3), 0, "float32")
+    assert cupy_kernels.applies(x)
+    with cupy_kernels.plain_ops():
+        assert not cupy_kernels.applies(x)
+    assert not cupy_kernels.applies(np.zeros(3, np.float32))
