@@ -75,9 +75,10 @@ stage evaluate 60 $PY -m t2t_ref.evaluate --backend cupy --checkpoint "$RUN/best
 cp "$RUN"/metrics.jsonl "$LOGS/" 2>/dev/null
 
 # 5. bench against PyTorch CUDA at 224, batch 64
+BENCH_CONFIGS=${BENCH_CONFIGS:-"t2t_vit_7-224-b64-train t2t_vit_7-224-b64-infer
+    t2t_vit_14-224-b64-train t2t_vit_14-224-b64-infer"}
 stage bench 200 $PY -m t2t_ref.bench --backend cupy --repeats 7 --warmup 2 --json "$LOGS/bench.json" \
-    --config t2t_vit_7-224-b64-train --config t2t_vit_7-224-b64-infer \
-    --config t2t_vit_14-224-b64-train --config t2t_vit_14-224-b64-infer
+    $(for c in $BENCH_CONFIGS; do echo --config $c; done)
 
 # 6. the default built-in training run (3 epochs of 40,000 images), end to end
 stage default_run 100 $PY -m t2t_ref.train --backend cupy --out "$WORK/default"
