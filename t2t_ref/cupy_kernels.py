@@ -231,9 +231,17 @@ def _module(device_id):
     return cupy.RawModule(code=SOURCE, options=NVRTC_OPTIONS, name_expressions=NAME_EXPRESSIONS)
 
 
+_functions = {}  # (device id, kernel, dtype name) -> the compiled function: looked up once
+
+
 def _kernel(name, dtype):
     import cupy
-    return _module(cupy.cuda.Device().id).get_function(f"{name}<{C_TYPES[dtype.name]}>")
+    key = (cupy.cuda.runtime.getDevice(), name, dtype.name)
+    function = _functions.get(key)
+    if function is None:
+        function = _functions[key] = _module(key[0]).get_function(
+            f"{name}<{C_TYPES[dtype.name]}>")
+    return function
 
 
 def _contiguous(x):
