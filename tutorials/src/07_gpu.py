@@ -16,7 +16,8 @@
 # backend the tests use: it puts arrays on a second, fake device, which catches the same
 # mistakes a GPU would.
 #
-# To run the GPU cells: a machine with an NVIDIA GPU and CUDA 12, and `pip install -e ".[gpu]"`.
+# To run the GPU cells: a machine with an NVIDIA GPU and CuPy for its CUDA version
+# (`pip install -e ".[cuda12]"` or `".[cuda13]"`, as `nvidia-smi` shows; README, "On a GPU").
 
 # %%
 import time
@@ -82,7 +83,7 @@ for what, attempt in (("host array into a device model", lambda: model_device.fo
 
 # %%
 if not GPU:
-    print("skipped: needs a CUDA GPU and CuPy (pip install -e '.[gpu]')")
+    print("skipped: needs a CUDA GPU and CuPy (README, 'On a GPU')")
 else:
     model_gpu = t2t_ref.create_model("t2t_vit_7", num_classes=10, img_size=64, backend="cupy", seed=0)
     x_gpu = to_device(host, xp_gpu, gpu)                              # host -> GPU
@@ -216,11 +217,8 @@ else:
     model224.backward(dlogits)
     gpu.synchronize()
     print("after backward:     used", gib(pool.used_bytes()), "| pool", gib(pool.total_bytes()),
-          "(cache released; gradients kept)")
-    model224.grads = {}
+          "(cache released; the gradients' flat buffer kept, reused by every backward)")
     del loss, dlogits
-    print("gradients dropped:  used", gib(pool.used_bytes()), "| pool", gib(pool.total_bytes()),
-          "(freed blocks stay in the pool)")
     pool.free_all_blocks()
     print("free_all_blocks():  used", gib(pool.used_bytes()), "| pool", gib(pool.total_bytes()))
 
@@ -254,6 +252,43 @@ else:
     print(f"20 steps of 64 images in {time.perf_counter() - started:.2f} s")
 
 # %% [markdown]
+# ## Fused kernels *(needs a GPU)*
+# On CuPy every array operation is one kernel launch and one trip of its operands through the
+# GPU's memory. LayerNorm's plain forward (`t2t_ref/ops/layernorm.py`, the version these
+# tutorials derive) is eight such operations; on CuPy the same op calls
+# `t2t_ref/cupy_kernels.py`, where one CUDA kernel does the whole row (one warp per row, its
+# sums by warp shuffles). `cupy_kernels.plain_ops()` switches back to the plain code, which is
+# how the tests compare the two:
+
+# %%
+if not GPU:
+    print("skipped: needs a CUDA GPU and CuPy")
+else:
+    from t2t_ref import cupy_kernels
+    from t2t_ref.ops.layernorm import layernorm_forward
+
+    rows = to_device(rng.standard_normal((64, 197, 384), dtype=np.float32), xp_gpu, gpu)
+    w = to_device(np.ones(384, np.float32), xp_gpu, gpu)
+    b = to_device(np.zeros(384, np.float32), xp_gpu, gpu)
+
+    def ms_per_call(fn, repeats=20):
+        fn()
+        gpu.synchronize()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        gpu.synchronize()
+        return 1e3 * (time.perf_counter() - start) / repeats
+
+    fused_ms = ms_per_call(lambda: layernorm_forward(rows, w, b))
+    fused = layernorm_forward(rows, w, b)[0]
+    with cupy_kernels.plain_ops():
+        plain_ms = ms_per_call(lambda: layernorm_forward(rows, w, b))
+        plain = layernorm_forward(rows, w, b)[0]
+    print(f"LayerNorm of (64, 197, 384): plain {plain_ms:.3f} ms, fused {fused_ms:.3f} ms; "
+          f"largest difference {float(xp_gpu.max(xp_gpu.abs(fused - plain))):.1e}")
+
+# %% [markdown]
 # ## What we saw
 # - One code base, two devices: the namespace comes from the arrays, and `to_device` /
 #   `to_numpy` are the only host <-> device copies, explicit and rare.
@@ -262,6 +297,8 @@ else:
 # - GPU timings need a synchronisation (or CUDA events); a warm-up comes first.
 # - CuPy's pool keeps freed memory for reuse: `used_bytes` and `total_bytes` differ, and
 #   `free_all_blocks()` hands it back.
+# - Chains of elementwise and row operations pay a launch and a memory pass each; the fused
+#   kernels of `cupy_kernels.py` do the same math in one, and are tested against the plain ops.
 #
 # That is the end of the tutorials. The [README](../README.md) lists the project's other entry
 # points: training (`python -m t2t_ref.train`), evaluation, and the tests.
