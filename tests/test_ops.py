@@ -662,6 +662,22 @@ def test_op_on_backend(backend, op):
         assert_close(to_numpy(ours), ref, 1e-10, f"{op} output {i}")
 
 
+def test_row_and_column_sums_on_backend(backend):
+    """rows.py's sums against NumPy's, on non-contiguous rows too; the cached ones row of
+    column_sum is not changed by a call."""
+    from t2t_ref.ops.rows import column_sum, row_dots, row_mean, row_sum
+    rng = np.random.default_rng(26)
+    a = rng.standard_normal((3, 5, 7))
+    xa = on(backend, a, "float64")
+    xb = on(backend, rng.standard_normal((3, 5, 14)), "float64")[..., ::2]
+    b = to_numpy(xb)
+    assert_close(to_numpy(row_dots(xa, xb)), np.sum(a * b, -1, keepdims=True), 1e-14, "row_dots")
+    assert_close(to_numpy(row_sum(xa)), np.sum(a, -1, keepdims=True), 1e-14, "row_sum")
+    assert_close(to_numpy(row_mean(xa)), np.mean(a, -1, keepdims=True), 1e-14, "row_mean")
+    for _ in range(2):  # the second call reuses the first one's row of ones
+        assert_close(to_numpy(column_sum(xa)), a.reshape(-1, 7).sum(0), 1e-14, "column_sum")
+
+
 def test_unfold_fold_on_backend(backend):
     rng = np.random.default_rng(24)
     x, y = rng.standard_normal((1, 2, 8, 8)), rng.standard_normal((1, 2 * 49, 4))

@@ -11,7 +11,7 @@ whose random-feature step it calls prm_exp.
 import math
 
 from ..backend import array_namespace
-from .rows import row_sum
+from .rows import row_dots, row_sum
 
 EPS = 1e-8  # the official code's epsilon, "for stable in division"
 
@@ -20,7 +20,7 @@ def random_features_forward(z, w):
     """z (B, N, d), w (m, d) -> phi (B, N, m). cache = (z, w, phi)."""
     xp = array_namespace(z)
     m = w.shape[0]
-    half_sq_norm = xp.vecdot(z, z, axis=-1)[..., None] * 0.5  # (B, N, 1)
+    half_sq_norm = row_dots(z, z) * 0.5  # (B, N, 1)
     wz = _rows_matmul(z, xp.matrix_transpose(w))  # (B, N, m)
     wz -= half_sq_norm
     phi = xp.exp(wz)
@@ -78,7 +78,7 @@ def performer_attention_backward(dy, cache):
     kp_cache, qp_cache, v, kp, qp, kp_sum, denom, kptv, y = cache
     xp = array_namespace(dy)
     dnumer = dy / denom  # (B, N, e)
-    ddenom = -xp.vecdot(dy, y, axis=-1)[..., None] / denom  # (B, N, 1)
+    ddenom = -row_dots(dy, y) / denom  # (B, N, 1)
     dqp = xp.matmul(dnumer, kptv)  # (B, N, m)
     dqp += ddenom * kp_sum[:, None, :]
     dkptv = xp.matmul(xp.matrix_transpose(dnumer), qp)  # (B, e, m)

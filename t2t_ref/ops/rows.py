@@ -6,7 +6,7 @@ x @ column is one BLAS call that runs on every core at full memory speed (5x fas
 NumPy at these shapes). The results equal the plain sums up to float rounding.
 """
 
-from ..backend import array_namespace, device_of
+from ..backend import array_namespace, backend_name, device_of
 
 
 def row_dot(x, column):
@@ -29,9 +29,33 @@ def row_mean(x):
     return row_dot(x, xp.full((D, 1), 1.0 / D, dtype=x.dtype, device=device_of(x)))
 
 
+def row_dots(a, b):
+    """a, b (..., D) -> (..., 1): each row of a dotted with the same row of b, as
+    xp.sum(a * b, axis=-1, keepdims=True)."""
+    xp = array_namespace(a)
+    if backend_name(xp) == "cupy":  # array-api-compat's vecdot on CuPy: a copy and a batched
+        return xp.sum(a * b, axis=-1, keepdims=True)  # matmul; this is two kernels
+    return xp.vecdot(a, b, axis=-1)[..., None]  # NumPy: one pass, no a * b array
+
+
 def column_sum(x):
     """x (..., D) -> (D,): the sum over all rows, as ones (1, M) @ x (M, D)."""
     xp = array_namespace(x)
     rows = xp.reshape(x, (-1, x.shape[-1]))  # (M, D)
-    ones = xp.ones((1, rows.shape[0]), dtype=x.dtype, device=device_of(x))
+    ones = _ones_row(xp, rows.shape[0], x.dtype, device_of(x))  # (1, M)
     return xp.reshape(xp.matmul(ones, rows), (x.shape[-1],))
+
+
+_ONES = {}  # (backend, device, M, dtype) -> ones (1, M): read only, made once per shape
+
+
+def _ones_row(xp, M, dtype, device):
+    """A (1, M) row of ones, kept for the next call of the same shape: a training step sums
+    the same few shapes' columns over and over (on a GPU, a fill kernel each time saved)."""
+    key = (backend_name(xp), str(device), M, str(dtype))
+    ones = _ONES.get(key)
+    if ones is None:
+        if len(_ONES) > 256:  # many shapes (a user sweeping sizes): start over
+            _ONES.clear()
+        ones = _ONES[key] = xp.ones((1, M), dtype=dtype, device=device)
+    return ones
