@@ -5,16 +5,26 @@ EMA weights smooths out the last steps' noise; the official recipe uses decay 0.
 on a short run leaves the EMA near the random initial weights (accuracy looks like zero).
 """
 
+from .backend import array_namespace
+
 
 class WeightEMA:
     def __init__(self, params, decay):
         self.decay = decay
         self.params = {k: v + 0.0 for k, v in params.items()}  # a copy on the same device
 
-    def update(self, params):
-        d = self.decay
+    def update(self, params, found_inf=None):
+        """One step of the average. found_inf (a 0-d boolean device array, see guard.py): where
+        True the step was skipped, and so is this update (decay 1), with no host transfer."""
+        d, rest = self.decay, 1.0 - self.decay
+        if found_inf is not None:
+            xp = array_namespace(found_inf)
+            keep = xp.astype(xp.logical_not(found_inf), xp.float64)
+            d, rest = keep * d + (1.0 - keep), keep * rest  # 1 and 0 for a skipped step
+            dtype = next(iter(params.values())).dtype
+            d, rest = xp.astype(d, dtype), xp.astype(rest, dtype)
         for key, value in params.items():
-            self.params[key] = self.params[key] * d + value * (1.0 - d)
+            self.params[key] = self.params[key] * d + value * rest
 
     def swap_into(self, model):
         """Exchange the model's weights with the EMA's (call twice to swap back)."""

@@ -79,39 +79,70 @@ class AdamW:
                       for name, shape in self.shapes.items()}
         check_threads(threads)
         self.threads = threads  # NumPy: how many threads share a step's tensors
-        self.step_count = 0  # t: updates made so far
+        self.step_count = 0  # calls of step; t, the updates made so far, less any skipped
+        self._skipped = None  # steps skipped by found_inf: a 0-d device array, once there is one
         self.exp_avg = {name: self.xp.zeros_like(p) for name, p in params.items()}  # m
         self.exp_avg_sq = {name: self.xp.zeros_like(p) for name, p in params.items()}  # v
 
-    def step(self, params, grads, lr):
+    def step(self, params, grads, lr, found_inf=None):
         """One update of every parameter, in place (params[name] is the same array after).
 
         lr is a Python float (the schedule's value for this step), not a device array.
+        found_inf: None, or a 0-d boolean array on the parameters' device, True when this
+        step's loss or gradients are NaN or inf (see guard.py). The step is then skipped on the
+        device, with no host transfer: parameters, moments and the count of updates stay as
+        they were, as torch's fused AdamW skips a step under GradScaler's found_inf. (The
+        constants become 0-d device arrays that turn the update into the identity; where
+        found_inf is False, every result is bit for bit the one without it.)
         """
         self._check(params, "params")
         self._check(grads, "grads")
         xp = self.xp
         (beta1, beta2), lr = self.betas, float(lr)
         self.step_count += 1
-        t = self.step_count
-        step_size = lr / (1.0 - beta1 ** t)  # lr / bias correction of m
-        bias_correction2_sqrt = math.sqrt(1.0 - beta2 ** t)
-        decay_factor = 1.0 - lr * self.weight_decay  # decoupled weight decay
-        constants = (step_size, bias_correction2_sqrt, decay_factor)
+        if found_inf is None:
+            t = self.step_count
+            step_size = lr / (1.0 - beta1 ** t)  # lr / bias correction of m
+            bias_correction2_sqrt = math.sqrt(1.0 - beta2 ** t)
+            decay_factor = 1.0 - lr * self.weight_decay  # decoupled weight decay
+            constants = (beta1, 1.0 - beta1, beta2, 1.0 - beta2, step_size,
+                         bias_correction2_sqrt, decay_factor)
+            constants = {dtype: constants for dtype in set(self.dtypes.values())}
+        else:
+            constants = self._skippable_constants(lr, found_inf)
         # NumPy: the tensors shared out among threads, one group each (see shards.py)
         groups = balanced_groups(params, thread_count(backend_name(xp), self.threads))
         if len(groups) == 1:
-            self._update(groups[0], params, grads, constants)
+            self._update(groups[0], params, grads, constants, found_inf)
         else:
-            map_in_threads(self._update, [(names, params, grads, constants)
+            map_in_threads(self._update, [(names, params, grads, constants, found_inf)
                                           for names in groups])
 
-    def _update(self, names, params, grads, constants):
+    def _skippable_constants(self, lr, found_inf):
+        """The step's constants as 0-d device arrays, per parameter dtype: as step computes
+        them where found_inf is False; where it is True, the ones that leave p, m and v as they
+        are (beta 1, 1 - beta 0, step size 0, decay factor 1) and do not count the step."""
+        xp, (beta1, beta2) = self.xp, self.betas
+        keep = xp.astype(xp.logical_not(found_inf), xp.float64)  # 1.0: update, 0.0: skip
+        if self._skipped is None:
+            self._skipped = xp.zeros((), dtype=xp.float64, device=self.device)
+        self._skipped = self._skipped + (1.0 - keep)
+        t = xp.maximum(self.step_count - self._skipped, 1.0)  # updates so far, this one too
+        step_size = keep * lr / (1.0 - beta1 ** t)
+        bias_correction2_sqrt = xp.sqrt(1.0 - beta2 ** t)
+        decay_factor = 1.0 - keep * (lr * self.weight_decay)
+        constants = (keep * beta1 + (1.0 - keep), keep * (1.0 - beta1),
+                     keep * beta2 + (1.0 - keep), keep * (1.0 - beta2), step_size,
+                     bias_correction2_sqrt, decay_factor)
+        return {dtype: tuple(xp.astype(c, dtype) for c in constants)
+                for dtype in set(self.dtypes.values())}
+
+    def _update(self, names, params, grads, constants, found_inf=None):
         """The update of the parameters `names`, in place."""
-        xp = self.xp
-        (beta1, beta2), eps = self.betas, self.eps
-        step_size, bias_correction2_sqrt, decay_factor = constants
+        xp, eps = self.xp, self.eps
         for name in names:
+            (beta1, one_minus_beta1, beta2, one_minus_beta2, step_size, bias_correction2_sqrt,
+             decay_factor) = constants[self.dtypes[name]]
             arrays = (params[name], grads[name], self.exp_avg[name], self.exp_avg_sq[name])
             decays = self.decay[name] and self.weight_decay != 0.0
             # NumPy: cache-sized pieces of each tensor, so that the dozen passes below stay in
@@ -119,12 +150,14 @@ class AdamW:
             for p, g, m, v in _pieces(xp, arrays):
                 # in place, the formulas of the module docstring in the same order: no new
                 # parameter or moment arrays each step, only temporaries of the piece's size
+                if found_inf is not None:
+                    g = xp.where(found_inf, 0.0, g)  # a skipped step's NaN * 0 would be NaN
                 if decays:
                     p *= decay_factor
                 m *= beta1
-                m += (1.0 - beta1) * g
+                m += one_minus_beta1 * g
                 v *= beta2
-                g_squared = (1.0 - beta2) * g
+                g_squared = one_minus_beta2 * g
                 g_squared *= g
                 v += g_squared
                 denom = xp.sqrt(v)
@@ -133,6 +166,12 @@ class AdamW:
                 update = m / denom
                 update *= step_size
                 p -= update
+
+    def updates(self):
+        """t: the updates made so far (calls of step less those skipped). Reads the device's
+        count of skipped steps, if any: a host transfer."""
+        skipped = 0 if self._skipped is None else int(to_numpy(self._skipped))
+        return self.step_count - skipped
 
     def _check(self, arrays, what):
         missing = [k for k in self.shapes if k not in arrays]
@@ -149,7 +188,7 @@ class AdamW:
         """The state as host data, for a checkpoint: the step count, the hyperparameters, and
         {name: NumPy array} for m ('exp_avg') and v ('exp_avg_sq'). A deliberate host transfer."""
         return {
-            "step": self.step_count,
+            "step": self.updates(),
             "weight_decay": self.weight_decay,
             "betas": self.betas,
             "eps": self.eps,
@@ -181,7 +220,7 @@ class AdamW:
             for name in self.shapes:
                 array = to_device(np.asarray(state[part][name]), xp, device)
                 target[name] = xp.astype(array, self.dtypes[name])
-        self.step_count = int(state["step"])
+        self.step_count, self._skipped = int(state["step"]), None
         self.weight_decay, self.eps = float(state["weight_decay"]), float(state["eps"])
         self.betas = tuple(float(b) for b in state["betas"])
         self.no_weight_decay = frozenset(state["no_weight_decay"])
