@@ -6,6 +6,7 @@ import argparse
 import functools
 import json
 import math
+import os
 import sys
 
 import numpy as np
@@ -22,6 +23,7 @@ from t2t_ref.data import decode, eval_transform
 from t2t_ref.pretrained import PretrainedError, imagenet_classes, read_weights, \
     resize_pos_embed
 from conftest import assert_close
+from reliability import tried
 from torch_t2t import create_torch_model
 
 SIZE, BATCH = 32, 2
@@ -292,7 +294,7 @@ def test_predict_uses_a_checkpoints_class_names(tmp_path, capsys):
                     {"model": "t2t_vit_7", "class_names": ["cat", "dog", "eel"], "step": 1,
                      "config": {"img_size": SIZE, "dtype": "float32"}})
     images = write_images(tmp_path / "img")[:1]
-    assert predict.main([*images, "--weights", str(checkpoint)]) == 0
+    assert predict.main([*images, "--checkpoint", str(checkpoint)]) == 0  # evaluate's name
     printed = parse_predictions(capsys.readouterr().out)[images[0]]
     assert sorted(name for _, name in printed) == ["cat", "dog", "eel"]
     assert sum(p for p, _ in printed) == pytest.approx(1.0, abs=2e-4)
@@ -467,15 +469,79 @@ def test_checkpoint_of_another_variant_says_what_does_not_fit(tmp_path, capsys):
     assert_user_error(code, capsys.readouterr(), "does not fit t2t_vit_t_14")
 
 
-def test_undecodable_images(tmp_path, capsys):
+@tried("prediction", "`predict good.png broken.jpg missing.png`",
+       "the good image's classes printed; one `error: cannot read image ...` line for each bad "
+       "one; exit 1")
+def test_a_bad_image_does_not_stop_the_others(tmp_path, capsys):
     path, _, _ = official_pair(tmp_path, "t2t_vit_7")
-    good = write_images(tmp_path / "img")[:1]
+    good = write_images(tmp_path / "img")
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"\xff\xd8\xff not really a jpeg")
-    code = predict.main([*good, str(broken), "--weights", str(path)])
-    assert_user_error(code, capsys.readouterr(), "broken.jpg")
-    code = predict.main([str(tmp_path / "missing.png"), "--weights", str(path)])
-    assert_user_error(code, capsys.readouterr(), "missing.png")
+    missing = tmp_path / "missing.png"
+    code = predict.main([good[0], str(broken), good[1], str(missing), "--weights", str(path)])
+    captured = capsys.readouterr()
+    assert code == 1
+    assert list(parse_predictions(captured.out)) == good[:2]
+    errors = [line for line in captured.err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 2 and "broken.jpg" in errors[0] and "missing.png" in errors[1]
+    assert "2 of 4 images failed" in captured.err
+    code = predict.main([str(missing), "--weights", str(path)])
+    assert code == 1 and "missing.png" in capsys.readouterr().err
+
+
+@tried("prediction", "weights holding NaN (a diverged run's)",
+       "exit 2: `error: ... holds NaN or inf weights (1 tensors, e.g. head.bias) ...`")
+def test_predict_refuses_non_finite_weights(tmp_path, capsys):
+    raw, ema = oracle_weights("t2t_vit_7", 10, SIZE, 1.0)
+    ema = dict(ema, **{"head.bias": torch.full((10,), float("nan"), dtype=torch.float64)})
+    path = save_official(tmp_path / "nan.pth.tar", "t2t_vit_7", raw, ema)
+    code = predict.main([*write_images(tmp_path / "img")[:1], "--weights", str(path)])
+    assert_user_error(code, capsys.readouterr(), "holds NaN or inf weights", "head.bias")
+
+
+@tried("prediction", "finite weights whose outputs overflow to inf or NaN",
+       "`error: IMAGE: the model's output is NaN or inf, no prediction` per image (never a "
+       "`nan disc` line); exit 1")
+def test_predict_refuses_non_finite_outputs(tmp_path, capsys):
+    raw, ema = oracle_weights("t2t_vit_7", 10, SIZE, 1.0)
+    ema = dict(ema, **{"head.weight": torch.full_like(ema["head.weight"], 3e38)})  # < float32's max
+    path = save_official(tmp_path / "huge.pth.tar", "t2t_vit_7", raw, ema)
+    images = write_images(tmp_path / "img")[:2]
+    code = predict.main([*images, "--weights", str(path)])
+    captured = capsys.readouterr()
+    assert code == 1 and captured.out == ""
+    assert captured.err.count("the model's output is NaN or inf") == 2, captured.err
+    assert "nan" not in captured.out.lower()
+
+
+@tried("prediction", "a malicious pickle (`os.system` in a .pth)",
+       "refused unrun: exit 2, `error: ... pickles posix.system, which is not loaded because "
+       "unpickling it could run arbitrary code ...` (t2t_ref's line, not PyTorch's paragraph)")
+def test_a_malicious_pickle_is_refused_with_our_own_line(tmp_path, capsys):
+    class Payload:
+        def __reduce__(self):
+            return os.system, ("echo pwned > " + str(tmp_path / "pwned"),)
+
+    path = tmp_path / "evil.pth"
+    torch.save({"state_dict": {"cls_token": torch.zeros(1, 1, 256)}, "x": Payload()}, path)
+    code = predict.main([*write_images(tmp_path / "img")[:1], "--weights", str(path)])
+    captured = capsys.readouterr()
+    assert_user_error(code, captured, f"pickles {os.system.__module__}.system",
+                      "could run arbitrary code")
+    assert "In PyTorch 2.6" not in captured.err
+    assert not (tmp_path / "pwned").exists()
+
+
+@tried("evaluation", "`evaluate --checkpoint` on a file written by `convert`, without --data",
+       "exit 2: `error: ... holds converted weights, not a run trained here, so it comes with no "
+       "validation set: pass one with --data DIR`")
+def test_evaluate_on_converted_weights_asks_for_data(tmp_path, capsys):
+    path, _, _ = official_pair(tmp_path, "t2t_vit_7")
+    ours = tmp_path / "w.safetensors"
+    assert convert.main([str(path), str(ours)]) == 0
+    capsys.readouterr()
+    code = evaluate.main(["--checkpoint", str(ours), "--workers", "0"])
+    assert_user_error(code, capsys.readouterr(), "holds converted weights", "--data DIR")
 
 
 def test_without_torch_pth_files_say_what_to_install(tmp_path, capsys, monkeypatch):
