@@ -8,7 +8,13 @@
 Each epoch writes to --out: metrics.jsonl (one line per epoch), curves.png, and the
 checkpoints last.safetensors and best.safetensors (see checkpoint.py). Ctrl-C saves `last`
 (mid-epoch, exactly where it stopped) and --resume continues as if never interrupted:
-every random number is a function of (seed, epoch, step), never of the clock.
+every random number is a function of (seed, epoch, step), never of the clock. --resume with a
+larger --epochs extends a run (the schedule becomes the new total's, from the current step).
+
+A step whose loss or gradient norm is NaN or inf is skipped and counted on the device
+(guard.py), read with the logged loss every LOG_EVERY steps; --max-nonfinite-steps of them in
+a row stop the run. Exit codes: 0 done, 2 a user mistake (one line saying what to change),
+3 diverged (checkpoints as the last finished epoch left them), 130 Ctrl-C (`last` saved).
 """
 
 import argparse

@@ -34,8 +34,11 @@ run that diverges stops with exit code 3; Ctrl-C exits with 130.
 """
 
 
+AREAS = ("command line", "data", "checkpoints", "faults", "evaluation", "prediction")
+
+
 def tried(area, what, gets):
-    """The marker: area (a heading of the table), what was tried, what it gets."""
+    """The marker: area (one of AREAS, the table's headings), what was tried, what it gets."""
     return pytest.mark.reliability(area, what, gets)
 
 
@@ -64,11 +67,14 @@ def collect():
 
 
 def render(rows):
-    """The markdown of RELIABILITY.md: one table per area, areas in order of first mention."""
+    """The markdown of RELIABILITY.md: one table per area, in the order of AREAS."""
     def cell(text):
         return text.replace("|", "\\|").replace("\n", " ")
 
-    areas = list(dict.fromkeys(area for area, *_ in rows))
+    unknown = sorted({area for area, *_ in rows} - set(AREAS))
+    if unknown:
+        raise ValueError(f"areas {unknown} are not in reliability.AREAS")
+    areas = [area for area in AREAS if any(row[0] == area for row in rows)]
     parts = [HEADER]
     for area in areas:
         parts.append(f"\n## {area}\n\n| what was tried | what it gets | test |\n|---|---|---|\n")

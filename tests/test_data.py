@@ -123,27 +123,36 @@ def _empty_files(root):
     (root / "train" / "y" / "0.jpg").write_bytes(b"")
 
 
+def folder_case(what, make, kwargs, expected):
+    """A dataset folder find_splits refuses: one line containing expected (exit 2 in the CLIs)."""
+    return pytest.param(make, kwargs, expected, marks=tried(
+        "data", what, f"exit 2: `error: ...{expected}...` (the problem, then the fix)"))
+
+
 @pytest.mark.parametrize("make, kwargs, expected", [
-    (lambda root: None, {}, "does not exist"),
-    (lambda root: root.write_text("x"), {}, "is a file"),
+    folder_case("`--data` a folder that does not exist", lambda root: None, {},
+                "does not exist"),
+    folder_case("`--data` a file", lambda root: root.write_text("x"), {}, "is a file"),
     (lambda root: root.mkdir(), {}, "no train/ folder"),
     (lambda root: (root / "train").mkdir(parents=True), {}, "no class folders"),
-    (_flat_val, {}, "no class folders"),
-    (lambda root: (make_class_folders(root, {"x": 2}), (root / "train" / "y").mkdir()), {},
-     "has no images"),
-    (_empty_files, {}, "empty (0 bytes)"),
+    folder_case("val/ images not sorted into class folders (ImageNet's val/ as downloaded)",
+                _flat_val, {}, "no class folders"),
+    folder_case("a class folder without images", lambda root: (
+        make_class_folders(root, {"x": 2}), (root / "train" / "y").mkdir()), {},
+        "has no images"),
+    folder_case("a class folder of empty (0-byte) files", _empty_files, {}, "empty (0 bytes)"),
     (lambda root: (make_class_folders(root, {"x": 2, "y": 2, "z": 2}),
                    make_class_folders(root, {"x": 1, "w": 1}, split="val")), {},
      "only in train: 'y', 'z'; only in val: 'w'"),
-    (lambda root: make_class_folders(root, {"x": 20, "y": 2}), {"val_fraction": 0.1},
-     "class 'y' (2 images) with 0 validation"),
-    (lambda root: make_class_folders(root, {"x": 2}), {"val_fraction": 0.9},
-     "with 2 validation and 0 training"),
+    folder_case("`--val-fraction` too small for a class", lambda root: make_class_folders(
+        root, {"x": 20, "y": 2}), {"val_fraction": 0.1}, "class 'y' (2 images) with 0 validation"),
+    folder_case("`--val-fraction` leaving a class no training image", lambda root:
+                make_class_folders(root, {"x": 2, "y": 2}), {"val_fraction": 0.9},
+                "with 2 validation and 0 training"),
     (lambda root: make_class_folders(root, {"x": 2}), {"val_fraction": 1.0}, "outside [0, 1)"),
-    pytest.param(lambda root: make_class_folders(root, {"only": 4}), {"val_fraction": 0.5},
-                 "has one class folder, 'only': a classifier needs at least two classes",
-                 marks=tried("data", "a dataset with one class", "exit 2: `error: ... has one "
-                             "class folder, 'only': a classifier needs at least two classes`")),
+    folder_case("a dataset with one class", lambda root: make_class_folders(root, {"only": 4}),
+                {"val_fraction": 0.5}, "has one class folder, 'only': a classifier needs at "
+                "least two classes"),
     (lambda root: (make_class_folders(root, {"only": 2}),
                    make_class_folders(root, {"only": 2}, split="val")), {}, "has one class"),
 ])

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import on
+from reliability import tried
 from t2t_ref.backend import get_namespace, to_numpy
 from t2t_ref.ema import WeightEMA
 from t2t_ref.guard import StepMonitor, grad_norm
@@ -38,6 +39,9 @@ def run_adamw(backend, skip_at=None, drop=None):
     return {k: to_numpy(v) for k, v in params.items()}, opt
 
 
+@tried("faults", "a NaN gradient in one step, seen by AdamW (the first step, or a later one)",
+       "the step skipped on the device: weights, moments and the count of updates bit-identical "
+       "to a run without that step")
 @pytest.mark.parametrize("skip_at", [0, 2])
 def test_a_flagged_step_is_skipped_exactly(backend, skip_at):
     """The run with a skipped NaN step equals, bit for bit, the run without that step: the

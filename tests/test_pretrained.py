@@ -348,6 +348,9 @@ def test_init_from_official_weights_and_from_a_t2t_ref_checkpoint(tmp_path, caps
     assert_user_error(code, capsys.readouterr(), "--init-from", "--resume")
 
 
+@tried("checkpoints", "`--resume` a weights-only file (written by `convert`)",
+       "exit 2: `error: ... holds weights only, not a training run to continue: start from it "
+       "with --init-from ...`")
 def test_resume_refuses_a_weights_only_file(tmp_path, capsys):
     path, _, _ = official_pair(tmp_path, "t2t_vit_7")
     converted = tmp_path / "w.safetensors"
@@ -366,6 +369,9 @@ def write_val_folder(root, classes, per_class=2, seed=0):
             Image.fromarray(pixels).save(root / "val" / name / f"{i}.png")
 
 
+@tried("evaluation", "an unreadable image in the validation folder",
+       "skipped, warned once, and counted: `skipped 1 unreadable image`, `unreadable` in the "
+       "JSON result")
 def test_evaluate_official_weights_on_a_val_only_folder(tmp_path, capsys):
     path, _, ema = official_pair(tmp_path, "t2t_vit_7", num_classes=3, head_scale=300.0)
     data = tmp_path / "data"
@@ -381,6 +387,16 @@ def test_evaluate_official_weights_on_a_val_only_folder(tmp_path, capsys):
     top1 = [top[0] for top, _ in oracle_top(oracle, files, k=1)]
     assert result["images"] == 6 and result["which"] == "state_dict_ema"
     assert result["top1"] == pytest.approx(100.0 * np.mean(np.asarray(top1) == labels))
+    assert "top2" in result and "top5" not in result  # 3 classes: top-2 is the top-k
+
+    # an unreadable validation image is skipped, and counted in the summary
+    (data / "val" / "b" / "broken.png").write_bytes(b"\x89PNG broken")
+    code = evaluate.main(["--weights", str(path), "--data", str(data), "--workers", "0"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert json.loads(captured.out.strip().splitlines()[-1])["unreadable"] == 1
+    assert "skipped 1 unreadable image" in captured.err
+    (data / "val" / "b" / "broken.png").unlink()
 
     # 1000-class (ImageNet) weights need the 1000 synset folders
     imagenet, _, _ = official_pair(tmp_path, "t2t_vit_7", num_classes=1000)
@@ -436,6 +452,9 @@ def not_checkpoints(tmp_path):
     return cases
 
 
+@tried("checkpoints", "a missing file, garbage, a damaged pickle, a picture, a dict without "
+       "weights, a ResNet's weights, an unsafe pickle, given to predict, convert, evaluate and "
+       "train --init-from", "exit 2: one line naming the file and what it is")
 def test_missing_and_non_checkpoint_files_in_every_cli(tmp_path, capsys):
     images = write_images(tmp_path / "img")[:1]
     cases = [(tmp_path / "nowhere.pth.tar", "does not exist")] + not_checkpoints(tmp_path)
@@ -448,6 +467,9 @@ def test_missing_and_non_checkpoint_files_in_every_cli(tmp_path, capsys):
             assert_user_error(code, captured, str(weights) if cli != "train" else "", needle)
 
 
+@tried("checkpoints", "weights of another variant (`--model` that does not fit the file)",
+       "exit 2: `error: ... does not fit t2t_vit_10: 33 missing keys (...); the file looks like "
+       "t2t_vit_7`")
 def test_checkpoint_of_another_variant_says_what_does_not_fit(tmp_path, capsys):
     path, _, _ = official_pair(tmp_path, "t2t_vit_7")
     out = str(tmp_path / "o.safetensors")
@@ -544,6 +566,9 @@ def test_evaluate_on_converted_weights_asks_for_data(tmp_path, capsys):
     assert_user_error(code, capsys.readouterr(), "holds converted weights", "--data DIR")
 
 
+@tried("checkpoints", "a .pth file without PyTorch installed",
+       "exit 2: `error: reading the PyTorch file ... needs PyTorch, which is not installed: pip "
+       "install 't2t_ref[torch]'`")
 def test_without_torch_pth_files_say_what_to_install(tmp_path, capsys, monkeypatch):
     path, _, _ = official_pair(tmp_path, "t2t_vit_7")
     ours = tmp_path / "w.safetensors"

@@ -476,6 +476,21 @@ def test_a_learning_rate_far_too_high_stops_the_run(tmp_path, capsys):
     assert not (out / "last.safetensors").exists() and not (out / "best.safetensors").exists()
 
 
+@tried("faults", "weights that blow up but stay finite (`--lr 1e30`, 3 steps per epoch): the "
+       "validation outputs overflow", "`last` written (finite weights), `best` not: only a "
+       "model with all outputs finite and a strictly better score replaces it; then exit 3")
+def test_best_is_never_a_model_with_non_finite_outputs(tmp_path, capsys):
+    out = tmp_path / "run"
+    code, captured = run_train(TINY + ["--lr", "1e30", "--epochs", "2", "--out", str(out)],
+                               capsys)
+    assert code == 3, captured.err
+    assert (out / "last.safetensors").exists() and not (out / "best.safetensors").exists()
+    record = json.loads((out / "metrics.jsonl").read_text())
+    assert record["val_nonfinite"] == 40 and record["val_top1"] == 0.0
+    assert "40 validation images with non-finite outputs (counted wrong)" in captured.out
+    assert f"{out / 'last.safetensors'} is as epoch 1 left it" in captured.err
+
+
 @tried("faults", "a run that diverges after a good epoch", "exit 3 at the next read of the "
        "counters; `last` and `best` stay those of the good epoch (finite, not overwritten)")
 def test_divergence_after_a_good_epoch_keeps_its_checkpoints(tmp_path, capsys, monkeypatch):
