@@ -236,7 +236,8 @@ def resumed_config(flags, given, meta):
                          + ("the built-in shapes" if saved["data"] is None else saved["data"])
                          + ": resume with the same --data")
     config = {**saved, **{k: flags[k] for k in RESUME_MAY_CHANGE}}
-    config["epochs"] = given.get("epochs", saved["epochs"])
+    for k in ("epochs", "max_nonfinite_steps"):  # the checkpoint's, unless given
+        config[k] = given.get(k, saved.get(k, flags[k]))
     if "out" not in given:
         config["out"] = os.path.dirname(os.path.abspath(flags["resume"]))
     return config

@@ -5,6 +5,7 @@ import pytest
 
 from reliability import tried
 from t2t_ref import convert, evaluate, predict, train
+from t2t_ref.cli import plural
 
 CLIS = {"train": train.main, "evaluate": evaluate.main, "predict": predict.main,
         "convert": convert.main}
@@ -81,3 +82,10 @@ def test_help_says_each_default_once(capsys):
         options = capsys.readouterr().out.split("options:", 1)[1]
         for entry in ("\n" + options).split("\n  -")[1:]:  # from one option to the next
             assert entry.count("(default:") <= 1, f"{cli.__name__}: -{' '.join(entry.split())}"
+
+
+def test_counts_read_as_english():
+    assert plural(1, "class", "classes") == "1 class" and plural(3, "class", "classes") == \
+        "3 classes"
+    assert plural(1, "unreadable image") == "1 unreadable image"
+    assert plural(0, "non-finite step") == "0 non-finite steps"

@@ -315,7 +315,8 @@ def test_bad_checkpoint_paths(tmp_path, capsys, content, needle):
 def test_resume_refuses_a_contradicting_flag_even_at_its_default(tmp_path, capsys):
     out = tmp_path / "run"
     code, _ = run_train(TINY + ["--model", "t2t_vit_10", "--lr", "1e-3", "--epochs", "1",
-                                "--out", str(out), "--stop-after", "1"], capsys)
+                                "--max-nonfinite-steps", "5", "--out", str(out),
+                                "--stop-after", "1"], capsys)
     assert code == 130
     last = str(out / "last.safetensors")
     code, captured = run_train(["--resume", last, "--model", "t2t_vit_7"], capsys)
@@ -324,6 +325,7 @@ def test_resume_refuses_a_contradicting_flag_even_at_its_default(tmp_path, capsy
     assert_user_error(code, captured, "--lr 0.0005 (checkpoint: 0.001)")
     code, captured = run_train(["--resume", last, "--lr", "1e-3", "--workers", "1"], capsys)
     assert code == 0, captured.err  # agreeing flags, and where-the-run-is flags, are fine
+    assert final_state(out)[1]["config"]["max_nonfinite_steps"] == 5  # kept, as not given
 
 
 @tried("checkpoints", "`--resume` of a finished run, and `--epochs N` with N not above the "
