@@ -238,6 +238,10 @@ def resumed_config(flags, given, meta):
     config = {**saved, **{k: flags[k] for k in RESUME_MAY_CHANGE}}
     for k in ("epochs", "max_nonfinite_steps"):  # the checkpoint's, unless given
         config[k] = given.get(k, saved.get(k, flags[k]))
+    if config["warmup_epochs"] > config["epochs"]:
+        raise UsageError(f"--epochs {config['epochs']} is shorter than the run's warmup "
+                         f"({config['warmup_epochs']:g} epochs): give at least "
+                         f"{math.ceil(config['warmup_epochs'])}")
     if "out" not in given:
         config["out"] = os.path.dirname(os.path.abspath(flags["resume"]))
     return config

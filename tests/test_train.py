@@ -341,6 +341,16 @@ def test_resume_of_a_finished_run_says_how_to_extend_it(tmp_path, capsys):
     assert_user_error(code, captured, "has trained 1 of 1 epoch already")
 
 
+def test_a_run_is_not_shortened_below_its_warmup(tmp_path, capsys):
+    out = tmp_path / "run"
+    code, _ = run_train(TINY + ["--epochs", "4", "--warmup-epochs", "3", "--out", str(out),
+                                "--stop-after", "4"], capsys)
+    assert code == 130
+    code, captured = run_train(["--resume", str(out / "last.safetensors"), "--epochs", "2"],
+                               capsys)
+    assert_user_error(code, captured, "--epochs 2 is shorter than the run's warmup (3 epochs)")
+
+
 @tried("checkpoints", "`--resume last --epochs 3` on a finished 2-epoch run",
        "trains on to epoch 3 on the cosine schedule of 3 epochs from the current step, and "
        "prints the learning rate's jump; `--epochs 3 --lr 1e-3` is still refused")
