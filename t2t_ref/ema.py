@@ -5,7 +5,7 @@ EMA weights smooths out the last steps' noise; the official recipe uses decay 0.
 on a short run leaves the EMA near the random initial weights (accuracy looks like zero).
 """
 
-from .backend import array_namespace
+from .backend import array_namespace, backend_name
 
 
 class WeightEMA:
@@ -15,10 +15,15 @@ class WeightEMA:
 
     def update(self, params, found_inf=None):
         """One step of the average. found_inf (a 0-d boolean device array, see guard.py): where
-        True the step was skipped, and so is this update (decay 1), with no host transfer."""
+        True the step was skipped, and so is this update (decay 1), with no host transfer (NumPy,
+        whose device is the host, reads the flag)."""
         d, rest = self.decay, 1.0 - self.decay
+        xp = array_namespace(*params.values())
+        if found_inf is not None and backend_name(xp) == "numpy":  # on the host: read it
+            if bool(found_inf):
+                return
+            found_inf = None
         if found_inf is not None:
-            xp = array_namespace(found_inf)
             keep = xp.astype(xp.logical_not(found_inf), xp.float64)
             d, rest = keep * d + (1.0 - keep), keep * rest  # 1 and 0 for a skipped step
             dtype = next(iter(params.values())).dtype
