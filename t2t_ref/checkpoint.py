@@ -9,17 +9,23 @@ Layout of a checkpoint file (readable by any safetensors reader, e.g. safetensor
   the best accuracy so far. Random numbers in training are derived from (seed, step), so the
   position is the whole RNG state.
 
-Writing goes to a temporary file in the same folder, flushed to disk, then renamed over the
-target: a kill at any moment leaves either the old file or the new one, never half of one.
+Writing goes through atomic.write_atomic (a temporary file in the same folder, flushed to
+disk, then renamed over the target): a kill at any moment leaves either the old file or the new
+one, never half of one. The file is serialised in memory (safetensors.numpy.save) and written
+by write_atomic alone: safetensors' save_file would go through a temporary file of its own,
+which a kill leaves behind under a name nothing recognises. A checkpoint is never written with
+a NaN or inf in it (NonFiniteError): a diverged model is not worth keeping, and must not
+replace one that is.
 """
 
 import json
 import os
-import tempfile
 
 import numpy as np
 from safetensors import SafetensorError
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file, save
+
+from .atomic import write_atomic
 
 META_KEY = "t2t_ref"
 FORMAT_VERSION = 1
@@ -27,6 +33,10 @@ FORMAT_VERSION = 1
 
 class CheckpointError(ValueError):
     """A file that is not a readable t2t_ref checkpoint."""
+
+
+class NonFiniteError(CheckpointError):
+    """Weights (or optimizer moments) with a NaN or inf in them, refused by save_checkpoint."""
 
 
 def flatten(tree, prefix=""):
@@ -58,21 +68,13 @@ def unflatten(arrays, scalars=None):
 
 
 def atomic_save(tensors, path, metadata):
-    """Write a safetensors file via temp file + fsync + rename."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=folder)
-    os.close(fd)
-    try:
-        save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, tmp, metadata)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    """Write a safetensors file atomically; NonFiniteError if a float tensor is not finite."""
+    tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+    for key, value in tensors.items():
+        if value.dtype.kind == "f" and not np.isfinite(value).all():
+            raise NonFiniteError(f"{key} holds NaN or inf: not written to {path}")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    write_atomic(path, save(tensors, metadata))  # the bytes in memory, then one temp file
 
 
 def save_checkpoint(path, weights, meta, optimizer=None, ema=None):

@@ -1,12 +1,67 @@
 """What the command-line tools share: help that keeps the docstring's layout and shows every
-default, and the rule that user mistakes end as one line on stderr with exit code 2."""
+default once, arguments checked as they are parsed, and the rule that user mistakes end as one
+line on stderr with exit code 2 (no usage block, no traceback)."""
 
 import argparse
+import math
 import sys
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """--help shows the module docstring as written, and '(default: ...)' after every option."""
+    """--help shows the module docstring as written, and '(default: ...)' after every option
+    whose help does not already say its default in words."""
+
+    def _get_help_string(self, action):
+        if "(default:" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a bad command line is one line, as every other user mistake is."""
+
+    def __init__(self, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(**kwargs)
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def number(kind, low=None, high=None, *, above=None, below=None):
+    """An argparse type: a finite int or float within [low, high] (or (above, below), open).
+
+    e.g. type=number(float, above=0) for a learning rate, number(int, low=0) for a count."""
+    if low is not None and high is not None:
+        wanted = f"from {low} to {high}"
+    elif (low, above) != (None, None) and (high, below) != (None, None):
+        wanted = (f"[{low}" if low is not None else f"({above}") + ", " \
+            + (f"{high}]" if high is not None else f"{below})")
+        wanted = f"in {wanted}"
+    else:
+        wanted = next(f"{sign} {bound}" for sign, bound in
+                      ((">=", low), (">", above), ("<=", high), ("<", below)) if bound is not None)
+
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text} is not a finite number: give one {wanted}")
+        if ((low is not None and value < low) or (above is not None and value <= above)
+                or (high is not None and value > high) or (below is not None and value >= below)):
+            raise argparse.ArgumentTypeError(f"{text} is out of range: give a number {wanted}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in some messages
+    return parse
+
+
+def plural(n, word, words=None):
+    """'1 class', '3 classes': a count with its noun."""
+    return f"{n} {word if n == 1 else words or word + 's'}"
 
 
 def user_error(message):

@@ -13,11 +13,11 @@ The input may be either kind (official files: their EMA weights unless --no-ema)
 shape is checked against the model on the way through. PyTorch is needed for .pth files only.
 """
 
-import argparse
 import os
 import sys
 
-from .cli import HelpFormatter, user_error
+from .checkpoint import CheckpointError
+from .cli import Parser, user_error
 from .pretrained import PretrainedError, export_pth, model_from_weights, read_weights, \
     save_weights
 from .variants import list_models
@@ -45,8 +45,7 @@ def convert(source, target, model_name=None, use_ema=True):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m t2t_ref.convert", description=__doc__,
-                                     formatter_class=HelpFormatter)
+    parser = Parser(prog="python -m t2t_ref.convert", description=__doc__)
     parser.add_argument("input", metavar="IN", help="official .pth(.tar) or t2t_ref .safetensors")
     parser.add_argument("output", metavar="OUT", help="the file to write; its extension picks "
                         "the format")
@@ -58,7 +57,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         print(convert(args.input, args.output, args.model, use_ema=not args.no_ema))
-    except (PretrainedError, OSError) as err:
+    except (PretrainedError, CheckpointError, OSError) as err:
         return user_error(err)
     return 0
 

@@ -181,16 +181,28 @@ __global__ void hash_uniform(T* out, long long n, unsigned int key) {
 }
 
 // ---- AdamW (optim.py), in place over the flat buffers, torch's order of operations ---------
+// found_inf (may be null): a skipped step changes nothing. t = calls less skipped steps (the
+// count of skipped steps, may be null, stays on the device); the constants are computed in
+// double, as optim.py computes them in Python, then rounded to T.
 template <typename T>
 __global__ void adamw_update(T* p, const T* g, T* m, T* v, const unsigned char* decays,
-                             long long n, T beta1, T beta2, T eps, T step_size,
-                             T bias_correction2_sqrt, T decay_factor) {
+                             long long n, double beta1, double beta2, double eps, double lr,
+                             double weight_decay, long long calls, const bool* found_inf,
+                             const double* skipped) {
+    if (found_inf != nullptr && *found_inf) return;
+    double t = double(calls) - (skipped != nullptr ? *skipped : 0.0);
+    t = t < 1.0 ? 1.0 : t;
+    const T step_size = T(lr / (1.0 - pow(beta1, t)));  // lr / bias correction of m
+    const T bias_correction2_sqrt = T(sqrt(1.0 - pow(beta2, t)));
+    const T decay_factor = T(1.0 - lr * weight_decay);
+    const T b1 = T(beta1), b2 = T(beta2), one_minus_b1 = T(1.0 - beta1);
+    const T one_minus_b2 = T(1.0 - beta2), e = T(eps);
     GRID_STRIDE_LOOP(i, n) {
         T pi = decays[i] ? p[i] * decay_factor : p[i];
         T gi = g[i];
-        T mi = m[i] * beta1 + (T(1) - beta1) * gi;
-        T vi = v[i] * beta2 + (T(1) - beta2) * gi * gi;
-        T denom = sqrt_(vi) / bias_correction2_sqrt + eps;
+        T mi = m[i] * b1 + one_minus_b1 * gi;
+        T vi = v[i] * b2 + one_minus_b2 * gi * gi;
+        T denom = sqrt_(vi) / bias_correction2_sqrt + e;
         m[i] = mi;
         v[i] = vi;
         p[i] = pi - mi / denom * step_size;
@@ -353,12 +365,14 @@ def hash_uniform(key, shape, dtype):
 
 # ---- AdamW -----------------------------------------------------------------------------------
 
-def adamw_update(p, g, m, v, decays, *, beta1, beta2, eps, step_size, bias_correction2_sqrt,
-                 decay_factor):
+def adamw_update(p, g, m, v, decays, *, beta1, beta2, eps, lr, weight_decay, step_count,
+                 found_inf=None, skipped=None):
     """One AdamW update in place of the flat 1-D buffers p, m, v (optim.AdamW's formulas);
-    decays is a uint8 array, 1 where the element gets weight decay."""
-    scalar = p.dtype.type
+    decays is a uint8 array, 1 where the element gets weight decay; found_inf a 0-d bool
+    array (True: skip) and skipped a 0-d float64 array (steps skipped so far), or None."""
+    null = np.uint64(0)  # a null pointer, passed by value
     _kernel("adamw_update", p.dtype)(
         *_elementwise_grid(p.size),
-        (p, g, m, v, decays, np.int64(p.size), scalar(beta1), scalar(beta2), scalar(eps),
-         scalar(step_size), scalar(bias_correction2_sqrt), scalar(decay_factor)))
+        (p, g, m, v, decays, np.int64(p.size), np.float64(beta1), np.float64(beta2),
+         np.float64(eps), np.float64(lr), np.float64(weight_decay), np.int64(step_count),
+         null if found_inf is None else found_inf, null if skipped is None else skipped))

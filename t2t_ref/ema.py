@@ -7,6 +7,7 @@ With the model's flat parameters (flat.py) the EMA is flat too, and an update is
 calls over the whole buffer.
 """
 
+from .backend import array_namespace, backend_name
 from .flat import FlatTensors
 
 
@@ -22,15 +23,28 @@ class WeightEMA:
         for name, value in weights.items():
             self.params[name] = value
 
-    def update(self, params):
-        d = self.decay
+    def update(self, params, found_inf=None):
+        """One step of the average. found_inf (a 0-d boolean device array, see guard.py): where
+        True the step was skipped, and so is this update (decay 1), with no host transfer (NumPy,
+        whose device is the host, reads the flag)."""
+        d, rest = self.decay, 1.0 - self.decay
+        xp = array_namespace(*params.values())
+        if found_inf is not None and backend_name(xp) == "numpy":  # on the host: read it
+            if bool(found_inf):
+                return
+            found_inf = None
+        if found_inf is not None:
+            keep = xp.astype(xp.logical_not(found_inf), xp.float64)
+            d, rest = keep * d + (1.0 - keep), keep * rest  # 1 and 0 for a skipped step
+            dtype = next(iter(params.values())).dtype
+            d, rest = xp.astype(d, dtype), xp.astype(rest, dtype)
         if isinstance(self.params, FlatTensors) and self.params.same_layout(params):
             ema = self.params.flat
-            ema *= d  # in place; the same roundings as ema * d + value * (1 - d)
-            ema += params.flat * (1.0 - d)
+            ema *= d  # in place: the same roundings as ema * d + value * rest
+            ema += params.flat * rest
             return
         for key, value in params.items():
-            self.params[key] = self.params[key] * d + value * (1.0 - d)
+            self.params[key] = self.params[key] * d + value * rest
 
     def swap_into(self, model):
         """Exchange the model's weights with the EMA's (call twice to swap back)."""

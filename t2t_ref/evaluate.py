@@ -12,7 +12,6 @@ itself). For ImageNet the class folders are the 1000 synsets n01440764 ...: thei
 is the class order of the official weights.
 """
 
-import argparse
 import json
 import os
 import sys
@@ -20,11 +19,12 @@ import time
 
 from tqdm import tqdm
 
-from .backend import BackendError, keep_freed_memory, to_device
-from .cli import HelpFormatter, user_error
+from .backend import BackendError, keep_freed_memory, to_device, to_numpy
+from .cli import Parser, number, plural, user_error
 from .checkpoint import CheckpointError, load_checkpoint
 from .data import ArrayDataset, DataError, FileDataset, Loader, find_splits, make_shapes_splits
 from .data.folder import scan_split, short_list
+from .guard import quiet_float_warnings
 from .model import create_model
 from .ops.cross_entropy import cross_entropy
 from .pretrained import PretrainedError, imagenet_classes, model_from_weights, read_weights
@@ -33,14 +33,30 @@ from .variants import list_models
 USER_ERRORS = (DataError, CheckpointError, BackendError, PretrainedError)
 
 
-def evaluate(model, loader, progress=True, desc="eval"):
-    """Mean loss (no smoothing), top-1 and top-5 accuracy (in %) of model over loader.
+def top_k(num_classes):
+    """The k of the top-k accuracy reported beside top-1: 5, or num_classes - 1 for fewer
+    than 6 classes (top-K of K classes is always 100%); None for 2 classes, where top-1 is
+    all there is."""
+    k = min(5, num_classes - 1)
+    return k if k >= 2 else None
 
-    Sums stay on the device; the only host transfers are the three numbers at the end.
+
+def evaluate(model, loader, progress=True, desc="eval"):
+    """Mean loss (no smoothing), top-1 and top-k accuracy (in %) of model over loader:
+    {"loss", "top1", "top<k>" (k = top_k(classes), left out for 2 classes), "images",
+    "nonfinite"}.
+
+    Scoring is honest about broken models: a sample is right at top-k only if fewer than k
+    other classes score at least as high as its true class, so a tie counts against it (a model
+    whose logits are all equal scores 0%, not 100%); a sample with any NaN or inf logit is
+    wrong at every k, and "nonfinite" counts those samples (the loss is then NaN too).
+    Sums stay on the device; the only host transfer is one stack of the sums at the end.
     """
     xp, device = model.xp, model.device
     model.eval()
-    loss_sum = top1 = top5 = 0.0
+    K = model.num_classes
+    k = top_k(K)
+    loss_sum = top1 = topk = nonfinite = 0.0
     count = 0
     for images, labels in tqdm(loader.epoch_batches(0), total=len(loader), desc=desc,
                                leave=False, disable=not progress):
@@ -48,20 +64,43 @@ def evaluate(model, loader, progress=True, desc="eval"):
             continue
         x = xp.astype(to_device(images, xp, device), model.dtype)
         y = to_device(labels, xp, device)
-        logits = model.forward(x, keep_cache=False)  # (B, K)
-        loss, _ = cross_entropy(logits, y)
-        loss_sum = loss_sum + loss * len(labels)
-        # the true class's rank: how many classes scored higher than it
-        classes = xp.arange(logits.shape[1], device=device)
+        with quiet_float_warnings():  # non-finite outputs are counted below
+            logits = model.forward(x, keep_cache=False)  # (B, K)
+            loss, _ = cross_entropy(logits, y)
+        loss_sum = loss_sum + xp.astype(loss, xp.float64) * len(labels)
+        finite = xp.all(xp.isfinite(logits), axis=1)  # (B,)
+        # the true class's rank: how many other classes scored at least as high as it (the
+        # true class itself is one of those >=, hence the - 1); K for a non-finite sample
+        classes = xp.arange(K, device=device)
         true_logit = xp.sum(xp.where(y[:, None] == classes[None, :], logits, 0.0), axis=1)
-        rank = xp.sum(xp.astype(logits > true_logit[:, None], xp.int64), axis=1)  # (B,)
-        top1 = top1 + xp.sum(xp.astype(rank < 1, model.dtype))
-        top5 = top5 + xp.sum(xp.astype(rank < 5, model.dtype))
+        rank = xp.sum(xp.astype(logits >= true_logit[:, None], xp.int64), axis=1) - 1  # (B,)
+        rank = xp.where(finite, rank, K)
+        top1 = top1 + xp.sum(xp.astype(rank < 1, xp.float64))
+        topk = topk + xp.sum(xp.astype(rank < (k or 1), xp.float64))
+        nonfinite = nonfinite + xp.sum(xp.astype(xp.logical_not(finite), xp.float64))
         count += len(labels)
     if count == 0:
         raise DataError("no validation image could be read: check the val/ folder")
-    return {"loss": float(loss_sum) / count, "top1": 100.0 * float(top1) / count,
-            "top5": 100.0 * float(top5) / count, "images": count}
+    loss_sum, top1, topk, nonfinite = (float(v) for v in to_numpy(xp.stack(
+        [xp.asarray(v, dtype=xp.float64, device=device) for v in (loss_sum, top1, topk,
+                                                                   nonfinite)])))
+    result = {"loss": loss_sum / count, "top1": 100.0 * top1 / count}
+    if k:
+        result[f"top{k}"] = 100.0 * topk / count
+    result.update(images=count, nonfinite=int(nonfinite))
+    return result
+
+
+def summary(name, result):
+    """The printed line: 'NAME on N images: top-1 ..%  top-5 ..%  loss ..', and how many
+    images had non-finite outputs, if any."""
+    scores = "  ".join(f"top-{key[3:]} {value:.2f}%" for key, value in result.items()
+                       if key.startswith("top") and key[3:].isdigit())
+    line = f"{name} on {result['images']} images: {scores}  loss {result['loss']:.4f}"
+    if result["nonfinite"]:
+        line += (f"  ({result['nonfinite']} images had NaN or inf outputs: counted wrong; the "
+                 "weights are broken)")
+    return line
 
 
 def model_from_checkpoint(path, backend, dtype=None):
@@ -81,11 +120,14 @@ def model_from_checkpoint(path, backend, dtype=None):
     return model, meta, ema
 
 
-def validation_loader(meta, data, batch_size, workers, val_fraction=None):
+def validation_loader(meta, data, batch_size, workers, val_fraction=None, source="the file"):
     """The validation split a checkpoint's model is evaluated on, checked against its classes."""
     config = meta["config"]
     size = config["img_size"]
     if data is None:
+        if meta.get("weights_only"):  # written by convert (pretrained.save_weights)
+            raise DataError(f"{source} holds converted weights, not a run trained here, so it "
+                            "comes with no validation set: pass one with --data DIR")
         if config.get("data") is not None:
             raise DataError("this checkpoint was trained on a dataset folder: pass it with "
                             "--data DIR")
@@ -108,7 +150,7 @@ def validation_loader(meta, data, batch_size, workers, val_fraction=None):
             "the model was trained on")
     # the built-in shapes are scored as drawn, as in training (see train.py)
     return Loader(dataset, batch_size, size, train=False, workers=workers,
-                  eval_resize=isinstance(dataset, FileDataset))
+                  eval_resize=isinstance(dataset, FileDataset), on_bad_file=warn_bad_file)
 
 
 def val_folder_loader(data, class_names, num_classes, size, batch_size, workers):
@@ -138,31 +180,44 @@ def val_folder_loader(data, class_names, num_classes, size, batch_size, workers)
     if len(classes) != num_classes:
         raise DataError(f"{val_dir!r} has {len(classes)} class folders but the weights classify "
                         f"{num_classes} classes")
-    return Loader(FileDataset(samples), batch_size, size, train=False, workers=workers)
+    return Loader(FileDataset(samples), batch_size, size, train=False, workers=workers,
+                  on_bad_file=warn_bad_file)
+
+
+def warn_bad_file(path, reason):
+    """An unreadable image's report: on its own line, above the progress bar."""
+    tqdm.write(f"warning: skipping unreadable image {path}: {reason}", file=sys.stderr)
+
+
+def report(result, loader, name, **extra):
+    """Print the summary line and the JSON result (and how many files were unreadable)."""
+    if loader.bad_files:
+        print(f"skipped {plural(len(loader.bad_files), 'unreadable image')}", file=sys.stderr)
+    result.update(unreadable=len(loader.bad_files), **extra)
+    print(summary(name, result))
+    print(json.dumps(result))
 
 
 def main(argv=None):
     keep_freed_memory()  # reuse freed arrays' memory: see backend.keep_freed_memory
-    parser = argparse.ArgumentParser(
-        prog="python -m t2t_ref.evaluate", description=__doc__,
-        formatter_class=HelpFormatter)
+    parser = Parser(prog="python -m t2t_ref.evaluate", description=__doc__)
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", help="a t2t_ref training checkpoint")
+    source.add_argument("--checkpoint", metavar="FILE", help="a t2t_ref training checkpoint")
     source.add_argument("--weights", metavar="FILE",
                         help="official T2T-ViT weights (*.pth.tar) or a t2t_ref weight file, "
                         "evaluated on --data DIR's val/ split")
     parser.add_argument("--data", default=None,
                         help="ImageNet-style folder (its val/ split, or the held-out part of "
-                             "train/); default: the built-in shapes the model was trained on")
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--workers", type=int, default=2)
+                             "train/) (default: the built-in shapes the model was trained on)")
+    parser.add_argument("--batch-size", type=number(int, low=1), default=128)
+    parser.add_argument("--workers", type=number(int, low=0), default=2)
     parser.add_argument("--backend", default="numpy", choices=["numpy", "cupy"])
     parser.add_argument("--ema", action="store_true",
                         help="evaluate the checkpoint's EMA weights instead of the raw ones")
     parser.add_argument("--model", default=None, choices=list_models(), metavar="NAME",
                         help="with --weights: the variant (default: from the file's metadata, "
                         "its training arguments, or its shapes)")
-    parser.add_argument("--img-size", type=int, default=None,
+    parser.add_argument("--img-size", type=number(int, low=16), default=None,
                         help="with --weights: image side (default: the file's; 224 for the "
                         "official weights)")
     parser.add_argument("--no-ema", action="store_true",
@@ -178,15 +233,13 @@ def main(argv=None):
                                       "without --ema-decay)")
             model.load_state_dict({**model.state_dict(), **ema})
         start = time.perf_counter()
-        with validation_loader(meta, args.data, args.batch_size, args.workers) as loader:
+        with validation_loader(meta, args.data, args.batch_size, args.workers,
+                               source=args.checkpoint) as loader:
             result = evaluate(model, loader)
     except USER_ERRORS as err:
         return user_error(err)
-    result.update(checkpoint=args.checkpoint, model=meta["model"],
-                  seconds=round(time.perf_counter() - start, 2))
-    print(f"{meta['model']} on {result['images']} images: top-1 {result['top1']:.2f}%  "
-          f"top-5 {result['top5']:.2f}%  loss {result['loss']:.4f}")
-    print(json.dumps(result))
+    report(result, loader, meta["model"], checkpoint=args.checkpoint, model=meta["model"],
+           seconds=round(time.perf_counter() - start, 2))
     return 0
 
 
@@ -205,12 +258,10 @@ def main_weights(args):
             result = evaluate(model, loader)
     except USER_ERRORS as err:
         return user_error(err)
-    result.update(weights=args.weights, which=weight_file.which, model=model.name,
-                  img_size=model.img_size, seconds=round(time.perf_counter() - start, 2))
-    print(f"{model.name} ({weight_file.which}) on {result['images']} images at "
-          f"{model.img_size}x{model.img_size}: top-1 {result['top1']:.2f}%  "
-          f"top-5 {result['top5']:.2f}%  loss {result['loss']:.4f}")
-    print(json.dumps(result))
+    report(result, loader, f"{model.name} ({weight_file.which}) at "
+           f"{model.img_size}x{model.img_size}", weights=args.weights, which=weight_file.which,
+           model=model.name, img_size=model.img_size,
+           seconds=round(time.perf_counter() - start, 2))
     return 0
 
 

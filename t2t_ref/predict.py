@@ -4,20 +4,22 @@
     python -m t2t_ref.predict shape.png --weights runs/t2t/best.safetensors
 
 Prints, for each image, its path and then one "probability  class" line per class, best first.
+An image that cannot be read, or whose output is NaN or inf, gets an "error:" line on stderr
+instead, and the others go on; the exit code is then 1.
 Each image goes through the evaluation transform (short side resized to int(S / 0.9),
 bicubic; centre crop S x S; ImageNet mean/std). Class names: those stored in a t2t_ref
 checkpoint; the 1000 ImageNet-1k classes (index 0 tench) for 1000-class weights without
 names, as the official ones; otherwise class_0, class_1, ...
 """
 
-import argparse
 import sys
 
 import numpy as np
 
 from .backend import BackendError, keep_freed_memory, to_device, to_numpy
-from .cli import HelpFormatter, user_error
+from .cli import Parser, number, plural, user_error
 from .data import CorruptImage, decode, eval_transform
+from .guard import quiet_float_warnings
 from .pretrained import PretrainedError, display_names, model_from_weights, read_weights
 from .variants import list_models
 
@@ -29,53 +31,77 @@ def softmax_host(logits):
     return z / z.sum(axis=1, keepdims=True)
 
 
-def predict(model, paths, batch_size=16):
-    """Probabilities (N, K) float64 for image files; raises CorruptImage for an unreadable one
-    (all files are decoded before the model runs)."""
-    S = model.img_size
-    images = np.stack([eval_transform(decode(path), S) for path in paths])  # (N, 3, S, S)
+def predict(model, images, batch_size=16):
+    """Probabilities (N, K) float64 for images (N, 3, S, S) as eval_transform makes them; the
+    row of an image whose logits are not all finite is NaN."""
     model.eval()
     probs = []
     for start in range(0, len(images), batch_size):
         x = to_device(images[start:start + batch_size], model.xp, model.device)
-        logits = model.forward(model.xp.astype(x, model.dtype), keep_cache=False)  # (B, K)
-        probs.append(softmax_host(to_numpy(logits)))
+        with quiet_float_warnings():  # a non-finite output is refused below, per image
+            logits = to_numpy(model.forward(model.xp.astype(x, model.dtype), keep_cache=False))
+            p = softmax_host(logits)  # (B, K)
+        p[~np.isfinite(logits).all(axis=1)] = np.nan
+        probs.append(p)
     return np.concatenate(probs)
 
 
 def main(argv=None):
     keep_freed_memory()  # reuse freed arrays' memory: see backend.keep_freed_memory
-    parser = argparse.ArgumentParser(prog="python -m t2t_ref.predict", description=__doc__,
-                                     formatter_class=HelpFormatter)
+    parser = Parser(prog="python -m t2t_ref.predict", description=__doc__)
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
-    parser.add_argument("--weights", required=True, metavar="FILE",
-                        help="official .pth(.tar) or a t2t_ref .safetensors checkpoint")
+    parser.add_argument("--weights", "--checkpoint", required=True, metavar="FILE",
+                        help="official .pth(.tar) or a t2t_ref .safetensors checkpoint "
+                        "(--checkpoint: the same, by evaluate's name)")
     parser.add_argument("--model", default=None, choices=list_models(), metavar="NAME",
                         help="the variant (default: from the file's metadata, its training "
                         "arguments, or its shapes)")
-    parser.add_argument("--img-size", type=int, default=None,
+    parser.add_argument("--img-size", type=number(int, low=16), default=None,
                         help="image side, a multiple of 16 (default: the file's; 224 for the "
                         "official weights)")
-    parser.add_argument("--top", type=int, default=5, help="classes shown per image")
+    parser.add_argument("--top", type=number(int, low=1), default=5,
+                        help="classes shown per image")
     parser.add_argument("--no-ema", action="store_true",
                         help="use the raw weights, not the EMA ones where the file has both")
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=number(int, low=1), default=16)
     parser.add_argument("--backend", default="numpy", choices=["numpy", "cupy"])
     args = parser.parse_args(argv)
     try:
         weight_file = read_weights(args.weights, use_ema=not args.no_ema)
+        broken = [k for k, v in weight_file.weights.items()
+                  if v.dtype.kind == "f" and not np.isfinite(v).all()]
+        if broken:
+            raise PretrainedError(f"{args.weights} holds NaN or inf weights ({len(broken)} "
+                                  f"tensors, e.g. {broken[0]}), as a diverged run leaves: "
+                                  "predict with another checkpoint")
         model, _ = model_from_weights(weight_file, args.model, img_size=args.img_size,
                                       backend=args.backend)
         names = display_names(weight_file.class_names, model.num_classes)
-        probs = predict(model, args.images, max(args.batch_size, 1))
-    except (PretrainedError, BackendError, CorruptImage, ValueError) as err:
+    except (PretrainedError, BackendError, ValueError) as err:
         return user_error(err)
-    k = max(1, min(args.top, model.num_classes))
-    for path, p in zip(args.images, probs):
+    # every image on its own: one that cannot be read is reported, and the rest go on
+    images, good, failed = [], [], 0
+    for path in args.images:
+        try:
+            images.append(eval_transform(decode(path), model.img_size))  # (3, S, S)
+            good.append(path)
+        except CorruptImage as err:
+            print(f"error: {err}", file=sys.stderr)
+            failed += 1
+    probs = predict(model, np.stack(images), args.batch_size) if images else []
+    k = min(args.top, model.num_classes)
+    for path, p in zip(good, probs):
+        if not np.isfinite(p).all():
+            print(f"error: {path}: the model's output is NaN or inf, no prediction",
+                  file=sys.stderr)
+            failed += 1
+            continue
         print(path)
         for index in np.argsort(-p, kind="stable")[:k]:
             print(f"  {p[index]:.4f}  {names[index]}")
-    return 0
+    if failed:
+        print(f"{failed} of {plural(len(args.images), 'image')} failed", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

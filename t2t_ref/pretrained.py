@@ -163,7 +163,9 @@ def _read_torch(path, use_ema):
         with torch.serialization.safe_globals([argparse.Namespace]):
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        found = re.search(r"GLOBAL (\S+) was not an allowed global", str(err))
+        # torch names the refused global: "GLOBAL x.y was not an allowed global" (older), or
+        # "Trying to load unsupported GLOBAL x.y whose module x is blocked" (2.6 and later)
+        found = re.search(r"GLOBAL (\S+) (was not an allowed|whose module)", str(err))
         if found:
             raise PretrainedError(
                 f"{path} pickles {found.group(1)}, which is not loaded because unpickling it "

@@ -8,27 +8,38 @@
 Each epoch writes to --out: metrics.jsonl (one line per epoch), curves.png, and the
 checkpoints last.safetensors and best.safetensors (see checkpoint.py). Ctrl-C saves `last`
 (mid-epoch, exactly where it stopped) and --resume continues as if never interrupted:
-every random number is a function of (seed, epoch, step), never of the clock.
+every random number is a function of (seed, epoch, step), never of the clock. --resume with a
+larger --epochs extends a run (the schedule becomes the new total's, from the current step).
+
+A step whose loss or gradient norm is NaN or inf is skipped and counted on the device
+(guard.py), read with the logged loss every LOG_EVERY steps; --max-nonfinite-steps of them in
+a row stop the run. Exit codes: 0 done, 2 a user mistake (one line saying what to change),
+3 diverged (checkpoints as the last finished epoch left them), 130 Ctrl-C (`last` saved).
 """
 
 import argparse
+import io
 import json
+import math
 import os
 import signal
 import sys
+import tempfile
 import time
 
 import numpy as np
 from tqdm import tqdm
 
+from .atomic import remove_leftovers, write_atomic
 from .backend import BackendError, keep_freed_memory, to_device, to_numpy
-from .cli import HelpFormatter, user_error
-from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from .data import (ArrayDataset, DataError, FileDataset, Loader,
+from .checkpoint import CheckpointError, NonFiniteError, load_checkpoint, save_checkpoint
+from .cli import Parser, number, plural, user_error
+from .data import (SHAPE_CLASSES, ArrayDataset, DataError, FileDataset, Loader,
                    find_splits, make_shapes_splits)
 from .ema import WeightEMA
-from .evaluate import evaluate
+from .evaluate import evaluate, top_k
 from .gaps import make_rng
+from .guard import StepMonitor, grad_norm, quiet_float_warnings
 from .mixup import mix_batch
 from .model import PATCH, create_model
 from .ops.cross_entropy import cross_entropy
@@ -38,12 +49,19 @@ from .schedule import CosineSchedule
 from .variants import list_models
 
 USER_ERRORS = (DataError, CheckpointError, BackendError, PretrainedError)
+LOG_EVERY = 10  # steps between reads of the loss and the non-finite counters: one host sync
 # Flags that may differ when resuming: where the run is, not what it computes.
-RESUME_MAY_CHANGE = ("data", "workers", "backend", "out", "resume", "stop_after")
+RESUME_MAY_CHANGE = ("data", "workers", "backend", "out", "resume", "stop_after",
+                     "max_nonfinite_steps")
 
 
 class UsageError(ValueError):
     """A command line that cannot work; the message says what to change."""
+
+
+class Diverged(Exception):
+    """The run stopped because its steps kept coming out NaN or inf (exit code 3); the message
+    names the step, the last finite loss and the learning rate."""
 
 
 class Interrupted(Exception):
@@ -73,52 +91,73 @@ class CtrlC:
         signal.signal(signal.SIGINT, self._previous)
 
 
-def build_parser():
-    p = argparse.ArgumentParser(prog="python -m t2t_ref.train", description=__doc__,
-                                formatter_class=HelpFormatter)
-    add = p.add_argument
+def build_parser(defaults=True):
+    """The command line. defaults=False leaves every flag not given out of the parsed result:
+    how a resumed run tells a flag written out from one left at its default."""
+    p = Parser(prog="python -m t2t_ref.train", description=__doc__)
+
+    def add(*names, **options):
+        if not defaults:
+            options["default"] = argparse.SUPPRESS
+        p.add_argument(*names, **options)
+
+    fraction = number(float, low=0, below=1)  # [0, 1)
     add("--data", default=None, help="ImageNet-style folder: DIR/train/<class>/*, optional "
-        "DIR/val/<class>/*; default: the built-in procedurally generated shapes")
+        "DIR/val/<class>/* (default: the built-in procedurally generated shapes)")
     add("--model", default="t2t_vit_7", choices=list_models(), metavar="NAME",
         help="T2T-ViT variant: " + ", ".join(list_models()))
     add("--img-size", type=int, default=None,
         help="image side, a multiple of 16 (default: 32 for the built-in shapes, else 224)")
-    add("--epochs", type=int, default=3, help="passes over the training set")
-    add("--batch-size", type=int, default=64, help="images per optimizer step")
-    add("--lr", type=float, default=5e-4, help="peak learning rate, after warmup")
-    add("--weight-decay", type=float, default=0.05,
+    add("--epochs", type=number(int, low=1), default=3,
+        help="passes over the training set; with --resume, more than the checkpoint's "
+        "extends the run")
+    add("--batch-size", type=number(int, low=1), default=64, help="images per optimizer step")
+    add("--lr", type=number(float, above=0), default=5e-4, help="peak learning rate, after warmup")
+    add("--weight-decay", type=number(float, low=0), default=0.05,
         help="AdamW's decoupled decay; none on biases, norm weights and the class token")
-    add("--warmup-epochs", type=float, default=0.3,
+    add("--warmup-epochs", type=number(float, low=0), default=0.3,
         help="linear warmup from --warmup-lr to --lr, per step")
-    add("--warmup-lr", type=float, default=1e-6, help="learning rate at the first step")
-    add("--min-lr", type=float, default=1e-5, help="the cosine schedule's floor")
-    add("--label-smoothing", type=float, default=0.1, help="weight spread over all classes")
-    add("--clip-grad", type=float, default=None, help="clip the gradients' global L2 norm")
-    add("--drop", type=float, default=0.0, help="dropout rate of the backbone")
-    add("--drop-path", type=float, default=0.0,
+    add("--warmup-lr", type=number(float, low=0), default=1e-6,
+        help="learning rate at the first step")
+    add("--min-lr", type=number(float, low=0), default=1e-5, help="the cosine schedule's floor")
+    add("--label-smoothing", type=fraction, default=0.1, help="weight spread over all classes")
+    add("--clip-grad", type=number(float, above=0), default=None,
+        help="clip the gradients' global L2 norm")
+    add("--drop", type=fraction, default=0.0, help="dropout rate of the backbone")
+    add("--drop-path", type=fraction, default=0.0,
         help="stochastic depth rate of the last block (official recipe: 0.1)")
-    add("--mixup", type=float, default=0.0, help="mixup alpha (official recipe: 0.8)")
-    add("--cutmix", type=float, default=0.0, help="cutmix alpha (official recipe: 1.0)")
-    add("--ema-decay", type=float, default=0.0,
+    add("--mixup", type=number(float, low=0), default=0.0,
+        help="mixup alpha (official recipe: 0.8)")
+    add("--cutmix", type=number(float, low=0), default=0.0,
+        help="cutmix alpha (official recipe: 1.0)")
+    add("--ema-decay", type=fraction, default=0.0,
         help="weight EMA decay, 0 = off (official: 0.99996, far too slow for short runs)")
-    add("--crop-scale", type=float, nargs=2, default=None, metavar=("MIN", "MAX"),
-        help="random resized crop area range (default: 0.08 1.0, the official one; 1 1, no "
-        "crop, for the built-in shapes: every image is new and already randomly placed)")
-    add("--crop-ratio", type=float, nargs=2, default=None, metavar=("MIN", "MAX"),
+    add("--crop-scale", type=number(float, above=0, high=1), nargs=2, default=None,
+        metavar=("MIN", "MAX"), help="random resized crop area range (default: 0.08 1.0, the "
+        "official one; 1 1, no crop, for the built-in shapes: every image is new and already "
+        "randomly placed)")
+    add("--crop-ratio", type=number(float, above=0), nargs=2, default=None,
+        metavar=("MIN", "MAX"),
         help="random resized crop aspect-ratio range (default: 0.75 1.333; 1 1 built-in)")
-    add("--val-fraction", type=float, default=0.1,
+    add("--val-fraction", type=fraction, default=0.1,
         help="part of train/ held out for validation when DIR has no val/")
-    add("--synthetic-train", type=int, default=40_000, help="built-in set: training images")
-    add("--synthetic-val", type=int, default=2_000, help="built-in set: validation images")
-    add("--synthetic-classes", type=int, default=10, help="built-in set: classes (2-10)")
-    add("--workers", type=int, default=2,
+    add("--synthetic-train", type=number(int, low=1), default=40_000,
+        help="built-in set: training images (at least one batch)")
+    add("--synthetic-val", type=number(int, low=1), default=2_000,
+        help="built-in set: validation images")
+    add("--synthetic-classes", type=number(int, low=2, high=len(SHAPE_CLASSES)), default=10,
+        help=f"built-in set: classes (2-{len(SHAPE_CLASSES)})")
+    add("--workers", type=number(int, low=0), default=2,
         help="background threads decoding and augmenting images (0: none)")
     add("--backend", default="numpy", choices=["numpy", "cupy"],
         help="numpy on the CPU, cupy on an NVIDIA GPU")
     add("--dtype", default="float32", choices=["float32", "float64"], help="compute precision")
-    add("--seed", type=int, default=0,
+    add("--seed", type=number(int, low=0), default=0,
         help="seeds the weights, data order, augmentation, dropout and the built-in set")
     add("--out", default="runs/t2t", help="folder for checkpoints, metrics and plots")
+    add("--max-nonfinite-steps", type=number(int, low=1), default=3, metavar="N",
+        help="a step whose loss or gradient norm is NaN or inf is skipped; after N such steps "
+        "in a row the run stops (exit code 3), its checkpoints untouched")
     add("--resume", default=None, metavar="PATH", help="continue from a checkpoint")
     add("--init-from", default=None, metavar="FILE",
         help="start from these weights (official .pth.tar or t2t_ref .safetensors; EMA ones "
@@ -129,7 +168,8 @@ def build_parser():
 
 
 def resolve_config(args):
-    """The run's full configuration as a dict: the flags, with 'auto' defaults filled in."""
+    """The run's full configuration as a dict: the flags, with 'auto' defaults filled in.
+    (Each flag's own range is checked as it is parsed; here, what depends on several.)"""
     config = vars(args).copy()
     builtin = config["data"] is None
     if config["img_size"] is None:
@@ -144,24 +184,48 @@ def resolve_config(args):
     if S < PATCH or S % PATCH:
         raise UsageError(f"--img-size {S} is not a multiple of {PATCH}: T2T-ViT's three soft "
                          f"splits shrink the image 16x; try {max(PATCH, S // PATCH * PATCH)}")
-    for flag in ("epochs", "batch_size"):
-        if config[flag] < 1:
-            raise UsageError(f"--{flag.replace('_', '-')} must be at least 1")
-    for flag in ("drop", "drop_path", "label_smoothing"):
-        if not 0.0 <= config[flag] < 1.0:
-            raise UsageError(f"--{flag.replace('_', '-')} must be in [0, 1)")
+    for flag in ("crop_scale", "crop_ratio"):
+        low, high = config[flag]
+        if low > high:
+            raise UsageError(f"--{flag.replace('_', '-')} {low:g} {high:g}: MIN is above MAX: "
+                             f"give --{flag.replace('_', '-')} {high:g} {low:g}")
+    if config["warmup_epochs"] > config["epochs"]:
+        raise UsageError(f"--warmup-epochs {config['warmup_epochs']:g} is longer than the run "
+                         f"(--epochs {config['epochs']}): give at most {config['epochs']}")
+    if builtin and config["synthetic_train"] < config["batch_size"]:
+        raise UsageError(f"--synthetic-train {config['synthetic_train']} images make no whole "
+                         f"batch of --batch-size {config['batch_size']}: give at least "
+                         f"{config['batch_size']} images, or a smaller batch")
     return config
 
 
-def resumed_config(flags, meta, parser):
-    """The checkpoint's configuration. Flags given now must agree with it, apart from where
-    the run is (data path, workers, backend, out), else the run would not continue as it was.
-    --out defaults to the checkpoint's folder."""
+def check_out_folder(out):
+    """Refuse an --out that cannot hold a run (a file, a path under a file, a folder that
+    cannot be written) now, before any training, rather than at the first checkpoint. Creates
+    nothing: the nearest folder that exists is probed with a temporary file."""
+    path = os.path.abspath(out)
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        where = "is a file" if existing == path else f"lies under {existing}, which is a file"
+        raise UsageError(f"--out {out} {where}: choose a folder path")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        raise UsageError(f"--out {out}: cannot write in {existing} ({err.strerror}): "
+                         "choose a folder you can write to") from None
+
+
+def resumed_config(flags, given, meta):
+    """The checkpoint's configuration. Flags written on the command line (`given`; a flag set
+    to its default value counts) must agree with it, apart from where the run is (data path,
+    workers, backend, out) and --epochs, which extends (or shortens) the run; else the run
+    would not continue as it was. --out defaults to the checkpoint's folder."""
     saved = meta["config"]
-    defaults = vars(parser.parse_args([]))
-    given = {k: v for k, v in flags.items() if v != defaults[k]}
-    conflicts = [f"--{k.replace('_', '-')} {v} (checkpoint: {saved.get(k)})"
-                 for k, v in given.items() if k not in RESUME_MAY_CHANGE
+    conflicts = [f"--{k.replace('_', '-')} {_shown(v)} (checkpoint: {_shown(saved.get(k))})"
+                 for k, v in given.items() if k not in RESUME_MAY_CHANGE + ("epochs",)
                  and _listify(v) != _listify(saved.get(k))]
     if conflicts:
         raise UsageError("a resumed run continues with its checkpoint's settings, but "
@@ -172,9 +236,19 @@ def resumed_config(flags, meta, parser):
                          + ("the built-in shapes" if saved["data"] is None else saved["data"])
                          + ": resume with the same --data")
     config = {**saved, **{k: flags[k] for k in RESUME_MAY_CHANGE}}
+    for k in ("epochs", "max_nonfinite_steps"):  # the checkpoint's, unless given
+        config[k] = given.get(k, saved.get(k, flags[k]))
+    if config["warmup_epochs"] > config["epochs"]:
+        raise UsageError(f"--epochs {config['epochs']} is shorter than the run's warmup "
+                         f"({config['warmup_epochs']:g} epochs): give at least "
+                         f"{math.ceil(config['warmup_epochs'])}")
     if "out" not in given:
         config["out"] = os.path.dirname(os.path.abspath(flags["resume"]))
     return config
+
+
+def _shown(value):
+    return " ".join(map(str, value)) if isinstance(value, (tuple, list)) else value
 
 
 def _listify(value):
@@ -192,6 +266,10 @@ def load_data(config):
     if not val:
         raise DataError(f"{config['data']} has no validation images: add val/<class>/ "
                         "folders or use --val-fraction > 0")
+    if len(train) < config["batch_size"]:
+        raise DataError(f"{config['data']} has {plural(len(train), 'training image')}, no "
+                        f"whole batch of --batch-size {config['batch_size']}: use a batch of "
+                        f"at most {len(train)}, or more images")
     return names, FileDataset(train), FileDataset(val)
 
 
@@ -201,11 +279,18 @@ def step_seed(seed, step):
 
 
 def save_run_state(path, model, optimizer, ema, config, class_names, position):
-    """Write a checkpoint with everything needed to continue exactly from `position`."""
+    """Write a checkpoint with everything needed to continue exactly from `position`.
+    Diverged if the weights are not finite (checkpoint.py writes no NaN or inf)."""
     meta = {"model": config["model"], "class_names": class_names, "config": config,
             "shard_threads": model.shard_threads(), **position}
-    save_checkpoint(path, model.state_dict(), meta, optimizer=optimizer.state_dict(),
-                    ema=None if ema is None else {k: to_numpy(v) for k, v in ema.params.items()})
+    try:
+        save_checkpoint(path, model.state_dict(), meta, optimizer=optimizer.state_dict(),
+                        ema=None if ema is None else {k: to_numpy(v)
+                                                      for k, v in ema.params.items()})
+    except NonFiniteError as err:
+        raise Diverged(f"the weights became NaN or inf by step {position['step']} ({err}): "
+                       f"the learning rate ({config['lr']:g} at its peak) is too high for "
+                       "this run; lower --lr or set --clip-grad and start a new run") from None
 
 
 def plot_curves(history, path):
@@ -221,7 +306,10 @@ def plot_curves(history, path):
     ax_loss.plot(epochs, [h["val_loss"] for h in history], "o-", label="validation")
     ax_loss.set(xlabel="epoch", ylabel="cross-entropy loss", title="Loss")
     ax_acc.plot(epochs, [h["val_top1"] for h in history], "o-", label="top-1")
-    ax_acc.plot(epochs, [h["val_top5"] for h in history], "o-", label="top-5")
+    topk = [key for key in history[-1] if key.startswith("val_top") and key[7:].isdigit()
+            and key != "val_top1"]
+    for key in topk:  # val_top5, or val_top{k} for fewer classes (evaluate.top_k)
+        ax_acc.plot(epochs, [h.get(key) for h in history], "o-", label=f"top-{key[7:]}")
     if any("val_top1_ema" in h for h in history):
         ax_acc.plot(epochs, [h.get("val_top1_ema") for h in history], "o--", label="top-1 EMA")
     ax_acc.set(xlabel="epoch", ylabel="validation accuracy (%)", title="Accuracy", ylim=(0, 100))
@@ -230,10 +318,10 @@ def plot_curves(history, path):
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=100)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100)
     plt.close(fig)
-    os.replace(tmp, path)
+    write_atomic(path, png.getvalue())
 
 
 def read_history(path):
@@ -243,8 +331,15 @@ def read_history(path):
         return [json.loads(line) for line in f if line.strip()]
 
 
+def warn_bad_file(path, reason):
+    """The loaders' report of an unreadable image: on its own line, above the progress bar."""
+    tqdm.write(f"warning: skipping unreadable image {path}: {reason}", file=sys.stderr)
+
+
 def train(config, resume=None):
-    """Run (or continue) training as configured. Returns the metrics history."""
+    """Run (or continue) training as configured. Returns the metrics history.
+
+    resume: load_checkpoint's (weights, meta, optimizer, ema) of the run to continue."""
     out = config["out"]
     last_path = os.path.join(out, "last.safetensors")
     best_path = os.path.join(out, "best.safetensors")
@@ -252,6 +347,10 @@ def train(config, resume=None):
     if resume is None and os.path.exists(last_path):
         raise UsageError(f"{out} already holds a run: continue it with --resume {last_path}, "
                          "or choose another --out")
+    left = remove_leftovers(out)
+    if left:
+        print(f"removed {plural(len(left), 'temporary file')} that an interrupted write left "
+              f"in {out}: {', '.join(left)}", file=sys.stderr)
 
     class_names, train_set, val_set = load_data(config)
     model = create_model(config["model"], num_classes=len(class_names),
@@ -264,9 +363,13 @@ def train(config, resume=None):
     xp, device = model.xp, model.device
     optimizer = AdamW(model.params, weight_decay=config["weight_decay"])
     ema = WeightEMA(model.params, config["ema_decay"]) if config["ema_decay"] > 0 else None
+    # where the run is; the epoch_* and nonfinite_* entries are this epoch's so far
     position = {"epoch": 0, "batch": 0, "step": 0, "best_top1": -1.0,
-                "epoch_loss_sum": 0.0, "epoch_images": 0, "epoch_seconds": 0.0}
+                "epoch_loss_sum": 0.0, "epoch_loss_images": 0, "epoch_images": 0,
+                "epoch_seconds": 0.0, "nonfinite_steps": 0, "nonfinite_run": 0,
+                "last_finite_loss": None, "last_finite_step": None}
 
+    saved_epochs = config["epochs"]
     if resume is not None:
         weights, meta, optimizer_state, ema_weights = resume
         if meta["class_names"] != class_names:
@@ -282,7 +385,15 @@ def train(config, resume=None):
         except (ValueError, TypeError, AttributeError) as err:
             raise CheckpointError(f"the checkpoint does not fit {config['model']}: {err}") \
                 from None
-        position = {k: meta[k] for k in position}
+        # older checkpoints lack the newer entries: they start from the defaults above
+        position = {k: meta.get(k, v) for k, v in position.items()}
+        if "epoch_loss_images" not in meta:
+            position["epoch_loss_images"] = position["epoch_images"]
+        saved_epochs = meta["config"]["epochs"]
+        if position["epoch"] >= config["epochs"]:
+            raise UsageError(f"the run has trained {position['epoch']} of "
+                             f"{plural(config['epochs'], 'epoch')} already: to train on, "
+                             f"resume with --epochs N, N more than {position['epoch']}")
         saved_threads, threads = meta.get("shard_threads"), model.shard_threads()
         if saved_threads is not None and saved_threads != threads:
             print(f"note: the run so far cut its batches into {saved_threads} shard thread(s), "
@@ -290,144 +401,226 @@ def train(config, resume=None):
                   "an uninterrupted run's (the training is as valid)", file=sys.stderr)
 
     os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "config.json"), "w") as f:
-        json.dump(config, f, indent=2)
+    write_atomic(os.path.join(out, "config.json"), json.dumps(config, indent=2))
     history = read_history(metrics_path)[:position["epoch"]]
 
     loader = Loader(train_set, config["batch_size"], config["img_size"], train=True,
                     seed=config["seed"], workers=config["workers"],
-                    scale=config["crop_scale"], ratio=config["crop_ratio"])
+                    scale=config["crop_scale"], ratio=config["crop_ratio"],
+                    on_bad_file=warn_bad_file)
     # the built-in shapes are drawn at the training size: scored as drawn, not zoomed by the
     # photo recipe's resize-to-S/0.9-and-crop (which would cut shapes near the border)
     val_loader = Loader(val_set, config["batch_size"], config["img_size"], train=False,
-                        workers=config["workers"], eval_resize=isinstance(val_set, FileDataset))
+                        workers=config["workers"], eval_resize=isinstance(val_set, FileDataset),
+                        on_bad_file=warn_bad_file)
     steps_per_epoch = len(loader)
-    schedule = CosineSchedule(config["lr"], config["epochs"] * steps_per_epoch,
+
+    def cosine(epochs):
+        return CosineSchedule(config["lr"], epochs * steps_per_epoch,
                               warmup_steps=round(config["warmup_epochs"] * steps_per_epoch),
                               warmup_lr=config["warmup_lr"], min_lr=config["min_lr"])
+
+    schedule = cosine(config["epochs"])
     K = len(class_names)
     mixing = config["mixup"] > 0 or config["cutmix"] > 0
     print(f"{config['model']}: {model.num_parameters(True):,} trainable parameters, "
-          f"{len(train_set)} training and {len(val_set)} validation images of {K} classes, "
-          f"{config['img_size']}x{config['img_size']}, {config['backend']}/{config['dtype']}, "
-          f"{steps_per_epoch} steps per epoch")
+          f"{len(train_set)} training and {plural(len(val_set), 'validation image')} of "
+          f"{plural(K, 'class', 'classes')}, {config['img_size']}x{config['img_size']}, "
+          f"{config['backend']}/{config['dtype']}, {steps_per_epoch} steps per epoch")
+    if resume is not None:
+        print(f"resuming at epoch {position['epoch'] + 1} of {config['epochs']}, step "
+              f"{position['step']} (batch {position['batch']} of {steps_per_epoch})")
+    if saved_epochs != config["epochs"]:  # timm's way: the schedule the new total defines
+        step = position["step"]
+        print(f"{'extending' if config['epochs'] > saved_epochs else 'shortening'} the run "
+              f"from {saved_epochs} to {plural(config['epochs'], 'epoch')}: the cosine "
+              f"schedule now ends at step {schedule.total_steps}, and the learning rate at "
+              f"step {step} goes from {cosine(saved_epochs)(step):.4g} to {schedule(step):.4g}")
+
+    monitor = StepMonitor(xp, device, config["max_nonfinite_steps"], state={
+        "loss_sum": position["epoch_loss_sum"], "images": position["epoch_loss_images"],
+        "skipped": position["nonfinite_steps"], "run": position["nonfinite_run"],
+        "last_loss": _or_nan(position["last_finite_loss"]),
+        "last_loss_step": _or_nan(position["last_finite_step"])})
+
+    def kept():
+        """What a diverged run leaves: the checkpoints of its last finished epoch."""
+        files = [path for path in (last_path, best_path) if os.path.exists(path)]
+        if not files:
+            return "no checkpoint was written"
+        return f"{' and '.join(files)} {'are' if len(files) > 1 else 'is'} as epoch " \
+            f"{position['epoch']} left {'them' if len(files) > 1 else 'it'}"
+
+    def read_monitor():
+        """The one host transfer of the logging interval: the loss and the non-finite
+        counters. Stops the run (Diverged) once max_nonfinite_steps in a row were skipped."""
+        r = monitor.read()
+        finite = math.isfinite(r["last_loss"])
+        position.update(epoch_loss_sum=r["loss_sum"], epoch_loss_images=int(r["images"]),
+                        nonfinite_steps=int(r["skipped"]), nonfinite_run=int(r["run"]),
+                        last_finite_loss=r["last_loss"] if finite else None,
+                        last_finite_step=int(r["last_loss_step"]) if finite else None)
+        if r["tripped"] >= 0:
+            step = int(r["tripped"])
+            last = (f"the last finite loss was {r['last_loss']:.4f} at step "
+                    f"{int(r['last_loss_step'])}" if finite else "no step had a finite loss")
+            raise Diverged(
+                f"training diverged: {config['max_nonfinite_steps']} steps in a row up to step "
+                f"{step} had a NaN or inf loss or gradient norm (skipped, not applied); {last}; "
+                f"the learning rate at step {step} was {schedule(step):.4g}: lower --lr or set "
+                f"--clip-grad and start a new run ({kept()})")
+        return r
 
     bar = None
-    loss_sum = 0.0
-    try:
-        with loader, val_loader, CtrlC() as ctrl_c:
-            for epoch in range(position["epoch"], config["epochs"]):
-                model.train()
-                bar = tqdm(total=steps_per_epoch, initial=position["batch"],
-                           desc=f"epoch {epoch + 1}/{config['epochs']}", dynamic_ncols=True)
-                loss_sum = 0.0  # on the device until the bar needs it
-                started = time.perf_counter() - position["epoch_seconds"]
-                for images, labels in loader.epoch_batches(epoch, position["batch"]):
-                    step = position["step"]
-                    if len(labels) == 0:  # every file of this batch was unreadable
+    with quiet_float_warnings():  # the monitor counts what NumPy would warn about
+        try:
+            with loader, val_loader, CtrlC() as ctrl_c:
+                for epoch in range(position["epoch"], config["epochs"]):
+                    model.train()
+                    bar = tqdm(total=steps_per_epoch, initial=position["batch"],
+                               desc=f"epoch {epoch + 1}/{config['epochs']}", dynamic_ncols=True)
+                    started = time.perf_counter() - position["epoch_seconds"]
+                    for images, labels in loader.epoch_batches(epoch, position["batch"]):
+                        step = position["step"]
+                        if len(labels) == 0:  # every file of this batch was unreadable
+                            position["batch"] += 1
+                            bar.update(1)
+                            continue
+                        if ctrl_c.pressed or (config["stop_after"] is not None
+                                              and step >= config["stop_after"]):
+                            raise Interrupted  # between two steps: the state is consistent
+                        lr = schedule(step)
+                        seed = step_seed(config["seed"], step)
+                        step_rng = np.random.default_rng(seed)
+                        targets = labels
+                        if mixing:
+                            images, targets = mix_batch(images, labels, K, step_rng,
+                                                        config["mixup"], config["cutmix"])
+                        x = xp.astype(to_device(images, xp, device), model.dtype)
+                        t = to_device(targets, xp, device)
+                        if mixing:
+                            t = xp.astype(t, model.dtype)
+                        model.rng = make_rng(xp, seed)
+                        logits = model.forward(x)
+                        loss, dlogits = cross_entropy(logits, t, config["label_smoothing"])
+                        model.backward(dlogits)
+                        if config["clip_grad"] is not None:
+                            norm = clip_grad_norm(model.grads, config["clip_grad"])
+                        else:
+                            norm = grad_norm(model.grads)
+                        found_inf = monitor.step(step, loss, norm, len(labels))  # on device
+                        optimizer.step(model.params, model.grads, lr, found_inf=found_inf)
+                        if ema is not None:
+                            ema.update(model.params, found_inf=found_inf)
+                        model.grads = {}
+
+                        position["step"] += 1
                         position["batch"] += 1
+                        position["epoch_images"] += len(labels)
                         bar.update(1)
-                        continue
-                    if ctrl_c.pressed or (config["stop_after"] is not None
-                                          and step >= config["stop_after"]):
-                        raise Interrupted  # between two steps: the state is consistent
-                    lr = schedule(step)
-                    seed = step_seed(config["seed"], step)
-                    step_rng = np.random.default_rng(seed)
-                    targets = labels
-                    if mixing:
-                        images, targets = mix_batch(images, labels, K, step_rng,
-                                                    config["mixup"], config["cutmix"])
-                    x = xp.astype(to_device(images, xp, device), model.dtype)
-                    t = to_device(targets, xp, device)
-                    if mixing:
-                        t = xp.astype(t, model.dtype)
-                    model.rng = make_rng(xp, seed)
-                    logits = model.forward(x)
-                    loss, dlogits = cross_entropy(logits, t, config["label_smoothing"])
-                    model.backward(dlogits)
-                    if config["clip_grad"] is not None:
-                        clip_grad_norm(model.grads, config["clip_grad"])
-                    optimizer.step(model.params, model.grads, lr)
-                    if ema is not None:
-                        ema.update(model.params)
-                    model.grads = {}
+                        if position["batch"] % LOG_EVERY == 0 \
+                                or position["batch"] == steps_per_epoch:
+                            r = read_monitor()  # the one host sync per LOG_EVERY steps
+                            seconds = time.perf_counter() - started
+                            bar.set_postfix(loss=f"{r['loss']:.3f}", lr=f"{lr:.2e}",
+                                            img_s=f"{position['epoch_images'] / seconds:.0f}")
+                        position["epoch_seconds"] = time.perf_counter() - started
+                    read_monitor()
+                    bar.close()
+                    train_seconds = time.perf_counter() - started
 
-                    loss_sum = loss_sum + loss * len(labels)
-                    position["step"] += 1
-                    position["batch"] += 1
-                    position["epoch_images"] += len(labels)
-                    bar.update(1)
-                    if position["batch"] % 10 == 0 or position["batch"] == steps_per_epoch:
-                        position["epoch_loss_sum"] += float(loss_sum)  # one sync per 10 steps
-                        loss_sum = 0.0
-                        seconds = time.perf_counter() - started
-                        bar.set_postfix(loss=f"{float(loss):.3f}", lr=f"{lr:.2e}",
-                                        img_s=f"{position['epoch_images'] / seconds:.0f}")
-                    position["epoch_seconds"] = time.perf_counter() - started
-                position["epoch_loss_sum"] += float(loss_sum)
-                bar.close()
-                train_seconds = time.perf_counter() - started
-
-                record = epoch_record(model, ema, val_loader, position, epoch, schedule,
-                                      train_seconds)
-                history.append(record)
-                is_best = record["val_top1"] > position["best_top1"]
-                position.update(epoch=epoch + 1, batch=0, epoch_loss_sum=0.0, epoch_images=0,
-                                epoch_seconds=0.0,
-                                best_top1=max(position["best_top1"], record["val_top1"]))
-                save_run_state(last_path, model, optimizer, ema, config, class_names, position)
-                if is_best:
-                    save_run_state(best_path, model, optimizer, ema, config, class_names,
+                    record = epoch_record(model, ema, val_loader, position, epoch, schedule,
+                                          train_seconds)
+                    history.append(record)
+                    # only a finite model with a strictly better score replaces `best`
+                    is_best = (record["val_nonfinite"] == 0
+                               and record["val_top1"] > position["best_top1"])
+                    position.update(epoch=epoch + 1, batch=0, epoch_loss_sum=0.0,
+                                    epoch_loss_images=0, epoch_images=0, epoch_seconds=0.0,
+                                    nonfinite_steps=0)
+                    if is_best:
+                        position["best_top1"] = record["val_top1"]
+                    monitor.new_epoch()
+                    save_run_state(last_path, model, optimizer, ema, config, class_names,
                                    position)
-                with open(metrics_path, "w") as f:
-                    f.writelines(json.dumps(h) + "\n" for h in history)
-                plot_curves(history, os.path.join(out, "curves.png"))
-                print(f"epoch {epoch + 1}: train loss {record['train_loss']:.4f}, val loss "
-                      f"{record['val_loss']:.4f}, top-1 {record['val_top1']:.2f}%, top-5 "
-                      f"{record['val_top5']:.2f}%"
-                      + (f", EMA top-1 {record['val_top1_ema']:.2f}%" if ema else "")
-                      + f" ({record['images_per_sec']:.0f} img/s)")
-    except Interrupted:
-        if bar is not None:
-            bar.close()
-        position["epoch_loss_sum"] += float(loss_sum)
-        save_run_state(last_path, model, optimizer, ema, config, class_names, position)
-        print(f"\ninterrupted at step {position['step']}: saved {last_path}; continue with "
-              f"--resume {last_path}", file=sys.stderr)
-        raise KeyboardInterrupt from None
-    finally:
-        if loader.bad_files:
-            print(f"skipped {len(loader.bad_files)} unreadable training images",
-                  file=sys.stderr)
+                    if is_best:
+                        save_run_state(best_path, model, optimizer, ema, config, class_names,
+                                       position)
+                    write_atomic(metrics_path, "".join(json.dumps(h) + "\n" for h in history))
+                    plot_curves(history, os.path.join(out, "curves.png"))
+                    print(epoch_line(record, ema is not None))
+        except Interrupted:
+            if bar is not None:
+                bar.close()
+            read_monitor()
+            save_run_state(last_path, model, optimizer, ema, config, class_names, position)
+            print(f"\ninterrupted at step {position['step']}: saved {last_path}; continue with "
+                  f"--resume {last_path}", file=sys.stderr)
+            raise KeyboardInterrupt from None
+        except Diverged:
+            if bar is not None:
+                bar.close()
+            raise
+        finally:
+            for what, source in (("training", loader), ("validation", val_loader)):
+                if source.bad_files:
+                    print(f"skipped {plural(len(source.bad_files), f'unreadable {what} image')}",
+                          file=sys.stderr)
     print(f"done: best validation top-1 {position['best_top1']:.2f}%; checkpoints in {out}")
     return history
 
 
+def _or_nan(value):
+    return math.nan if value is None else float(value)
+
+
 def epoch_record(model, ema, val_loader, position, epoch, schedule, train_seconds):
     """Evaluate and assemble one line of metrics.jsonl."""
-    images = max(position["epoch_images"], 1)
     started = time.perf_counter()
     result = evaluate(model, val_loader, desc="validation")
+    k = top_k(model.num_classes)
+    loss_images = position["epoch_loss_images"]
     record = {"epoch": epoch + 1, "step": position["step"],
               "lr": schedule(max(position["step"] - 1, 0)),
-              "train_loss": position["epoch_loss_sum"] / images,
-              "val_loss": result["loss"], "val_top1": result["top1"], "val_top5": result["top5"],
+              # the mean over the images of the finite steps; NaN if none was finite
+              "train_loss": position["epoch_loss_sum"] / loss_images if loss_images
+              else math.nan,
+              "nonfinite_steps": position["nonfinite_steps"],
+              "val_loss": result["loss"], "val_top1": result["top1"],
+              "val_nonfinite": result["nonfinite"],
               "images_per_sec": position["epoch_images"] / max(train_seconds, 1e-9)}
+    if k:
+        record[f"val_top{k}"] = result[f"top{k}"]
     if ema is not None:
         ema.swap_into(model)
         ema_result = evaluate(model, val_loader, desc="validation (EMA)")
         ema.swap_into(model)
-        record.update(val_loss_ema=ema_result["loss"], val_top1_ema=ema_result["top1"],
-                      val_top5_ema=ema_result["top5"])
+        record.update(val_loss_ema=ema_result["loss"], val_top1_ema=ema_result["top1"])
+        if k:
+            record[f"val_top{k}_ema"] = ema_result[f"top{k}"]
     record["seconds"] = train_seconds + time.perf_counter() - started
     return record
 
 
+def epoch_line(record, with_ema):
+    """The line printed after each epoch."""
+    topk = [key for key in record if key.startswith("val_top") and key[7:].isdigit()
+            and key != "val_top1"]
+    return (f"epoch {record['epoch']}: train loss {record['train_loss']:.4f}, val loss "
+            f"{record['val_loss']:.4f}, top-1 {record['val_top1']:.2f}%"
+            + "".join(f", top-{key[7:]} {record[key]:.2f}%" for key in topk)
+            + (f", EMA top-1 {record['val_top1_ema']:.2f}%" if with_ema else "")
+            + (f", {plural(record['nonfinite_steps'], 'non-finite step')} skipped"
+               if record["nonfinite_steps"] else "")
+            + (f", {record['val_nonfinite']} validation images with non-finite outputs "
+               "(counted wrong)" if record["val_nonfinite"] else "")
+            + f" ({record['images_per_sec']:.0f} img/s)")
+
+
 def main(argv=None):
     keep_freed_memory()  # reuse freed arrays' memory: see backend.keep_freed_memory
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser().parse_args(argv)
     try:
         resume = None
         if args.resume is not None and args.init_from is not None:
@@ -441,10 +634,15 @@ def main(argv=None):
                 raise CheckpointError(f"{args.resume} holds weights only, not a training run "
                                       f"to continue: start from it with --init-from "
                                       f"{args.resume}")
-            config = resumed_config(vars(args), resume[1], parser)
+            given = vars(build_parser(defaults=False).parse_args(argv))
+            config = resumed_config(vars(args), given, resume[1])
+        check_out_folder(config["out"])
         train(config, resume)
     except (UsageError, *USER_ERRORS) as err:
         return user_error(err)
+    except Diverged as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         return 130
     return 0

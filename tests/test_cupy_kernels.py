@@ -176,6 +176,33 @@ def test_adamw_kernel_matches_the_plain_flat_update(dtype):
         assert_close(a, b, 10 * TOL[dtype], name)
 
 
+def test_adamw_kernel_skips_a_flagged_step_on_the_device():
+    """found_inf True: parameters and moments unchanged, and the next step's bias correction
+    counts only the steps taken, as the plain path does."""
+    _cupy()
+    import t2t_ref
+    results = []
+    for fused in (True, False):
+        model = t2t_ref.create_model("t2t_vit_7", num_classes=3, img_size=32, backend="cupy")
+        opt = AdamW(model.params, weight_decay=0.05)
+        grads = model.params.zeros_like()
+        xp = model.xp
+        for step, flagged in enumerate([False, True, False]):
+            grads.flat[...] = _random(grads.flat.shape, 20 + step, "float32")
+            before = to_numpy(model.params.flat).copy()
+            flag = xp.asarray(flagged)
+            if fused:
+                opt.step(model.params, grads, 1e-2, found_inf=flag)
+            else:
+                with cupy_kernels.plain_ops():
+                    opt.step(model.params, grads, 1e-2, found_inf=flag)
+            if flagged:
+                np.testing.assert_array_equal(to_numpy(model.params.flat), before)
+        assert opt.updates() == 2
+        results.append(to_numpy(model.params.flat))
+    assert_close(results[0], results[1], 10 * TOL["float32"], "params after a skipped step")
+
+
 def test_kernels_are_used_on_cupy():
     """applies() is what routes the ops: on for CuPy float arrays, off inside plain_ops()."""
     _cupy()

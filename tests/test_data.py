@@ -6,12 +6,15 @@ or synthetic arrays), small enough that the whole file runs in seconds.
 
 import math
 import os
+import struct
+import zlib
 
 import numpy as np
 import pytest
 from PIL import Image, features
 from scipy import stats
 
+from reliability import tried
 from t2t_ref.data import (IMAGENET_MEAN, IMAGENET_STD, SHAPE_CLASSES, ArrayDataset,
                           CorruptImage, DataError, FileDataset, Loader, decode, eval_transform,
                           find_splits, make_shapes, make_shapes_splits,
@@ -120,23 +123,38 @@ def _empty_files(root):
     (root / "train" / "y" / "0.jpg").write_bytes(b"")
 
 
+def folder_case(what, make, kwargs, expected):
+    """A dataset folder find_splits refuses: one line containing expected (exit 2 in the CLIs)."""
+    return pytest.param(make, kwargs, expected, marks=tried(
+        "data", what, f"exit 2: `error: ...{expected}...` (the problem, then the fix)"))
+
+
 @pytest.mark.parametrize("make, kwargs, expected", [
-    (lambda root: None, {}, "does not exist"),
-    (lambda root: root.write_text("x"), {}, "is a file"),
+    folder_case("`--data` a folder that does not exist", lambda root: None, {},
+                "does not exist"),
+    folder_case("`--data` a file", lambda root: root.write_text("x"), {}, "is a file"),
     (lambda root: root.mkdir(), {}, "no train/ folder"),
     (lambda root: (root / "train").mkdir(parents=True), {}, "no class folders"),
-    (_flat_val, {}, "no class folders"),
-    (lambda root: (make_class_folders(root, {"x": 2}), (root / "train" / "y").mkdir()), {},
-     "has no images"),
-    (_empty_files, {}, "empty (0 bytes)"),
+    folder_case("val/ images not sorted into class folders (ImageNet's val/ as downloaded)",
+                _flat_val, {}, "no class folders"),
+    folder_case("a class folder without images", lambda root: (
+        make_class_folders(root, {"x": 2}), (root / "train" / "y").mkdir()), {},
+        "has no images"),
+    folder_case("a class folder of empty (0-byte) files", _empty_files, {}, "empty (0 bytes)"),
     (lambda root: (make_class_folders(root, {"x": 2, "y": 2, "z": 2}),
                    make_class_folders(root, {"x": 1, "w": 1}, split="val")), {},
      "only in train: 'y', 'z'; only in val: 'w'"),
-    (lambda root: make_class_folders(root, {"x": 20, "y": 2}), {"val_fraction": 0.1},
-     "class 'y' (2 images) with 0 validation"),
-    (lambda root: make_class_folders(root, {"x": 2}), {"val_fraction": 0.9},
-     "with 2 validation and 0 training"),
+    folder_case("`--val-fraction` too small for a class", lambda root: make_class_folders(
+        root, {"x": 20, "y": 2}), {"val_fraction": 0.1}, "class 'y' (2 images) with 0 validation"),
+    folder_case("`--val-fraction` leaving a class no training image", lambda root:
+                make_class_folders(root, {"x": 2, "y": 2}), {"val_fraction": 0.9},
+                "with 2 validation and 0 training"),
     (lambda root: make_class_folders(root, {"x": 2}), {"val_fraction": 1.0}, "outside [0, 1)"),
+    folder_case("a dataset with one class", lambda root: make_class_folders(root, {"only": 4}),
+                {"val_fraction": 0.5}, "has one class folder, 'only': a classifier needs at "
+                "least two classes"),
+    (lambda root: (make_class_folders(root, {"only": 2}),
+                   make_class_folders(root, {"only": 2}, split="val")), {}, "has one class"),
 ])
 def test_folder_errors_name_the_problem(tmp_path, make, kwargs, expected):
     root = tmp_path / "data"
@@ -161,6 +179,47 @@ def test_decode_converts_every_mode_to_rgb_and_rejects_bad_files(image_folder):
         with pytest.raises(CorruptImage) as info:
             decode(bad)
         assert info.value.path == bad and info.value.reason
+
+
+def write_png16(path, pixels):
+    """A 16-bit PNG of pixels (H, W, C) uint16, C = 1 gray, 2 gray+alpha, 3 RGB, 4 RGBA, written
+    by hand (Pillow cannot write 16-bit colour)."""
+    H, W, C = pixels.shape
+    rows = b"".join(b"\0" + pixels[y].astype(">u2").tobytes() for y in range(H))
+
+    def chunk(kind, data):
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data)))
+
+    header = struct.pack(">IIBBBBB", W, H, 16, {1: 0, 2: 4, 3: 2, 4: 6}[C], 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+                     + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
+@tried("data", "16-bit PNG images (grey, grey+alpha, RGB, RGBA) and a 16-bit TIFF",
+       "scaled to 8 bits (0..65535 to 0..255, within one level), not clipped to white")
+@pytest.mark.parametrize("channels", [1, 2, 3, 4])
+def test_16_bit_images_are_scaled_to_8_bits(tmp_path, channels):
+    """A dark 16-bit image (values up to 20000 of 65535) must decode dark; clipped at 255, as
+    convert('RGB') does with mode I;16, it came out all white."""
+    rng = np.random.default_rng(channels)
+    pixels = rng.integers(0, 20_000, (6, 7, channels)).astype(np.uint16)
+    write_png16(tmp_path / "deep.png", pixels)
+    decoded = np.asarray(decode(tmp_path / "deep.png")).astype(np.int64)  # (6, 7, 3)
+    colour = pixels[..., :3] if channels >= 3 else np.repeat(pixels[..., :1], 3, axis=2)
+    assert np.abs(decoded - colour / 257).max() <= 1
+    assert decoded.max() < 90
+
+
+def test_16_and_32_bit_integer_tiffs_are_scaled_and_float_ones_refused(tmp_path):
+    pixels = np.arange(0, 60_000, 1000, dtype=np.uint16).reshape(6, 10)
+    for dtype in (np.uint16, np.int32):  # Pillow: modes I;16 and I
+        Image.fromarray(pixels.astype(dtype)).save(tmp_path / "deep.tif")
+        decoded = np.asarray(decode(tmp_path / "deep.tif"))[..., 0]
+        assert np.array_equal(decoded, np.rint(pixels / 257).astype(np.uint8))
+    Image.fromarray(pixels.astype(np.float32) / 65535).save(tmp_path / "float.tif")
+    with pytest.raises(CorruptImage, match="float image has no agreed value range"):
+        decode(tmp_path / "float.tif")
 
 
 def test_eval_transform_matches_a_hand_computed_centre_crop():

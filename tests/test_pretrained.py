@@ -6,6 +6,7 @@ import argparse
 import functools
 import json
 import math
+import os
 import sys
 
 import numpy as np
@@ -22,6 +23,7 @@ from t2t_ref.data import decode, eval_transform
 from t2t_ref.pretrained import PretrainedError, imagenet_classes, read_weights, \
     resize_pos_embed
 from conftest import assert_close
+from reliability import tried
 from torch_t2t import create_torch_model
 
 SIZE, BATCH = 32, 2
@@ -292,7 +294,7 @@ def test_predict_uses_a_checkpoints_class_names(tmp_path, capsys):
                     {"model": "t2t_vit_7", "class_names": ["cat", "dog", "eel"], "step": 1,
                      "config": {"img_size": SIZE, "dtype": "float32"}})
     images = write_images(tmp_path / "img")[:1]
-    assert predict.main([*images, "--weights", str(checkpoint)]) == 0
+    assert predict.main([*images, "--checkpoint", str(checkpoint)]) == 0  # evaluate's name
     printed = parse_predictions(capsys.readouterr().out)[images[0]]
     assert sorted(name for _, name in printed) == ["cat", "dog", "eel"]
     assert sum(p for p, _ in printed) == pytest.approx(1.0, abs=2e-4)
@@ -346,6 +348,9 @@ def test_init_from_official_weights_and_from_a_t2t_ref_checkpoint(tmp_path, caps
     assert_user_error(code, capsys.readouterr(), "--init-from", "--resume")
 
 
+@tried("checkpoints", "`--resume` a weights-only file (written by `convert`)",
+       "exit 2: `error: ... holds weights only, not a training run to continue: start from it "
+       "with --init-from ...`")
 def test_resume_refuses_a_weights_only_file(tmp_path, capsys):
     path, _, _ = official_pair(tmp_path, "t2t_vit_7")
     converted = tmp_path / "w.safetensors"
@@ -364,6 +369,9 @@ def write_val_folder(root, classes, per_class=2, seed=0):
             Image.fromarray(pixels).save(root / "val" / name / f"{i}.png")
 
 
+@tried("evaluation", "an unreadable image in the validation folder",
+       "skipped, warned once, and counted: `skipped 1 unreadable image`, `unreadable` in the "
+       "JSON result")
 def test_evaluate_official_weights_on_a_val_only_folder(tmp_path, capsys):
     path, _, ema = official_pair(tmp_path, "t2t_vit_7", num_classes=3, head_scale=300.0)
     data = tmp_path / "data"
@@ -379,6 +387,16 @@ def test_evaluate_official_weights_on_a_val_only_folder(tmp_path, capsys):
     top1 = [top[0] for top, _ in oracle_top(oracle, files, k=1)]
     assert result["images"] == 6 and result["which"] == "state_dict_ema"
     assert result["top1"] == pytest.approx(100.0 * np.mean(np.asarray(top1) == labels))
+    assert "top2" in result and "top5" not in result  # 3 classes: top-2 is the top-k
+
+    # an unreadable validation image is skipped, and counted in the summary
+    (data / "val" / "b" / "broken.png").write_bytes(b"\x89PNG broken")
+    code = evaluate.main(["--weights", str(path), "--data", str(data), "--workers", "0"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert json.loads(captured.out.strip().splitlines()[-1])["unreadable"] == 1
+    assert "skipped 1 unreadable image" in captured.err
+    (data / "val" / "b" / "broken.png").unlink()
 
     # 1000-class (ImageNet) weights need the 1000 synset folders
     imagenet, _, _ = official_pair(tmp_path, "t2t_vit_7", num_classes=1000)
@@ -434,6 +452,9 @@ def not_checkpoints(tmp_path):
     return cases
 
 
+@tried("checkpoints", "a missing file, garbage, a damaged pickle, a picture, a dict without "
+       "weights, a ResNet's weights, an unsafe pickle, given to predict, convert, evaluate and "
+       "train --init-from", "exit 2: one line naming the file and what it is")
 def test_missing_and_non_checkpoint_files_in_every_cli(tmp_path, capsys):
     images = write_images(tmp_path / "img")[:1]
     cases = [(tmp_path / "nowhere.pth.tar", "does not exist")] + not_checkpoints(tmp_path)
@@ -446,6 +467,9 @@ def test_missing_and_non_checkpoint_files_in_every_cli(tmp_path, capsys):
             assert_user_error(code, captured, str(weights) if cli != "train" else "", needle)
 
 
+@tried("checkpoints", "weights of another variant (`--model` that does not fit the file)",
+       "exit 2: `error: ... does not fit t2t_vit_10: 33 missing keys (...); the file looks like "
+       "t2t_vit_7`")
 def test_checkpoint_of_another_variant_says_what_does_not_fit(tmp_path, capsys):
     path, _, _ = official_pair(tmp_path, "t2t_vit_7")
     out = str(tmp_path / "o.safetensors")
@@ -467,17 +491,84 @@ def test_checkpoint_of_another_variant_says_what_does_not_fit(tmp_path, capsys):
     assert_user_error(code, capsys.readouterr(), "does not fit t2t_vit_t_14")
 
 
-def test_undecodable_images(tmp_path, capsys):
+@tried("prediction", "`predict good.png broken.jpg missing.png`",
+       "the good image's classes printed; one `error: cannot read image ...` line for each bad "
+       "one; exit 1")
+def test_a_bad_image_does_not_stop_the_others(tmp_path, capsys):
     path, _, _ = official_pair(tmp_path, "t2t_vit_7")
-    good = write_images(tmp_path / "img")[:1]
+    good = write_images(tmp_path / "img")
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"\xff\xd8\xff not really a jpeg")
-    code = predict.main([*good, str(broken), "--weights", str(path)])
-    assert_user_error(code, capsys.readouterr(), "broken.jpg")
-    code = predict.main([str(tmp_path / "missing.png"), "--weights", str(path)])
-    assert_user_error(code, capsys.readouterr(), "missing.png")
+    missing = tmp_path / "missing.png"
+    code = predict.main([good[0], str(broken), good[1], str(missing), "--weights", str(path)])
+    captured = capsys.readouterr()
+    assert code == 1
+    assert list(parse_predictions(captured.out)) == good[:2]
+    errors = [line for line in captured.err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 2 and "broken.jpg" in errors[0] and "missing.png" in errors[1]
+    assert "2 of 4 images failed" in captured.err
+    code = predict.main([str(missing), "--weights", str(path)])
+    assert code == 1 and "missing.png" in capsys.readouterr().err
 
 
+@tried("prediction", "weights holding NaN (a diverged run's)",
+       "exit 2: `error: ... holds NaN or inf weights (1 tensors, e.g. head.bias) ...`")
+def test_predict_refuses_non_finite_weights(tmp_path, capsys):
+    raw, ema = oracle_weights("t2t_vit_7", 10, SIZE, 1.0)
+    ema = dict(ema, **{"head.bias": torch.full((10,), float("nan"), dtype=torch.float64)})
+    path = save_official(tmp_path / "nan.pth.tar", "t2t_vit_7", raw, ema)
+    code = predict.main([*write_images(tmp_path / "img")[:1], "--weights", str(path)])
+    assert_user_error(code, capsys.readouterr(), "holds NaN or inf weights", "head.bias")
+
+
+@tried("prediction", "finite weights whose outputs overflow to inf or NaN",
+       "`error: IMAGE: the model's output is NaN or inf, no prediction` per image (never a "
+       "`nan disc` line); exit 1")
+def test_predict_refuses_non_finite_outputs(tmp_path, capsys):
+    raw, ema = oracle_weights("t2t_vit_7", 10, SIZE, 1.0)
+    ema = dict(ema, **{"head.weight": torch.full_like(ema["head.weight"], 3e38)})  # < float32's max
+    path = save_official(tmp_path / "huge.pth.tar", "t2t_vit_7", raw, ema)
+    images = write_images(tmp_path / "img")[:2]
+    code = predict.main([*images, "--weights", str(path)])
+    captured = capsys.readouterr()
+    assert code == 1 and captured.out == ""
+    assert captured.err.count("the model's output is NaN or inf") == 2, captured.err
+    assert "nan" not in captured.out.lower()
+
+
+@tried("prediction", "a malicious pickle (`os.system` in a .pth)",
+       "refused unrun: exit 2, `error: ... pickles posix.system, which is not loaded because "
+       "unpickling it could run arbitrary code ...` (t2t_ref's line, not PyTorch's paragraph)")
+def test_a_malicious_pickle_is_refused_with_our_own_line(tmp_path, capsys):
+    class Payload:
+        def __reduce__(self):
+            return os.system, ("echo pwned > " + str(tmp_path / "pwned"),)
+
+    path = tmp_path / "evil.pth"
+    torch.save({"state_dict": {"cls_token": torch.zeros(1, 1, 256)}, "x": Payload()}, path)
+    code = predict.main([*write_images(tmp_path / "img")[:1], "--weights", str(path)])
+    captured = capsys.readouterr()
+    assert_user_error(code, captured, f"pickles {os.system.__module__}.system",
+                      "could run arbitrary code")
+    assert "In PyTorch 2.6" not in captured.err
+    assert not (tmp_path / "pwned").exists()
+
+
+@tried("evaluation", "`evaluate --checkpoint` on a file written by `convert`, without --data",
+       "exit 2: `error: ... holds converted weights, not a run trained here, so it comes with no "
+       "validation set: pass one with --data DIR`")
+def test_evaluate_on_converted_weights_asks_for_data(tmp_path, capsys):
+    path, _, _ = official_pair(tmp_path, "t2t_vit_7")
+    ours = tmp_path / "w.safetensors"
+    assert convert.main([str(path), str(ours)]) == 0
+    capsys.readouterr()
+    code = evaluate.main(["--checkpoint", str(ours), "--workers", "0"])
+    assert_user_error(code, capsys.readouterr(), "holds converted weights", "--data DIR")
+
+
+@tried("checkpoints", "a .pth file without PyTorch installed",
+       "exit 2: `error: reading the PyTorch file ... needs PyTorch, which is not installed: pip "
+       "install 't2t_ref[torch]'`")
 def test_without_torch_pth_files_say_what_to_install(tmp_path, capsys, monkeypatch):
     path, _, _ = official_pair(tmp_path, "t2t_vit_7")
     ours = tmp_path / "w.safetensors"

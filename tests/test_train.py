@@ -1,6 +1,9 @@
 """The training workflow end to end: outputs, exact resume, evaluation and bad input."""
 
 import json
+import math
+import os
+import re
 import signal
 import subprocess
 import sys
@@ -11,6 +14,7 @@ import pytest
 from PIL import Image
 from safetensors.numpy import load_file
 
+from reliability import tried
 from t2t_ref import evaluate, train
 from t2t_ref.backend import BackendError, get_namespace
 from t2t_ref.checkpoint import load_checkpoint
@@ -94,6 +98,9 @@ def final_state(out):
     return weights, meta, optimizer, ema
 
 
+@tried("faults", "Ctrl-C mid-epoch (with mixup, cutmix, EMA, clipping, dropout, drop path), "
+       "then `--resume`", "exit 130 and `last` saved between two steps; the resumed run says "
+       "`resuming at epoch 2 of 2, step 4` and ends bit-identical to an uninterrupted one")
 def test_interrupted_and_resumed_run_ends_with_identical_weights(tmp_path, capsys):
     """Mixup, cutmix, EMA, clipping, dropout and drop path on: every random number must be
     reproduced after the interruption. The resumed half also uses background workers."""
@@ -108,8 +115,10 @@ def test_interrupted_and_resumed_run_ends_with_identical_weights(tmp_path, capsy
     _, meta, _, _ = final_state(parts)
     assert (meta["epoch"], meta["batch"], meta["step"]) == (1, 1, 4)  # mid-epoch 2
 
-    code, _ = run_train(["--resume", str(parts / "last.safetensors"), "--workers", "2"], capsys)
+    code, out = run_train(["--resume", str(parts / "last.safetensors"), "--workers", "2"],
+                          capsys)
     assert code == 0
+    assert "resuming at epoch 2 of 2, step 4 (batch 1 of 3)" in out.out
     w1, m1, o1, e1 = final_state(whole)
     w2, m2, o2, e2 = final_state(parts)
     assert m2["step"] == m1["step"] == 6
@@ -147,6 +156,8 @@ def test_resume_with_another_thread_count_says_the_masks_will_differ(tmp_path, c
     assert final_state(out)[1]["shard_threads"] == 1
 
 
+@tried("faults", "Ctrl-C (SIGINT) of a training process", "exit 130, no traceback, `last` "
+       "saved, `continue with --resume` said")
 def test_ctrl_c_saves_last_and_exits_cleanly(tmp_path):
     out = tmp_path / "run"
     args = [sys.executable, "-m", "t2t_ref.train", *TINY, "--synthetic-train", "640",
@@ -165,6 +176,9 @@ def test_ctrl_c_saves_last_and_exits_cleanly(tmp_path):
     assert meta["epoch"] < 50
 
 
+@tried("data", "an unreadable image in the training set",
+       "skipped; one warning line of its own (not inside the progress bar's), and "
+       "`skipped 1 unreadable training image` at the end")
 def test_trains_on_an_image_folder_with_held_out_validation(tmp_path, capsys):
     data = tmp_path / "data"
     write_image_folder(data, ["cat", "dog", "eel"], per_class=8)
@@ -174,10 +188,18 @@ def test_trains_on_an_image_folder_with_held_out_validation(tmp_path, capsys):
                                 "--epochs", "1", "--workers", "0", "--val-fraction", "0.25",
                                 "--out", str(out)], capsys)
     assert code == 0, captured.err
-    assert captured.err.count("broken.jpg") == 2  # the warning once, and the count at the end
-    assert "skipped 1 unreadable training images" in captured.err
+    assert captured.err.count("warning: skipping unreadable image") == 1
+    # on a line of its own, not written into the progress bar's
+    segments = re.split(r"[\r\n]", captured.err)
+    assert any(s.startswith("warning: skipping unreadable image") for s in segments), captured.err
+    assert "skipped 1 unreadable training image\n" in captured.err
     _, meta, _, _ = load_checkpoint(out / "last.safetensors")
     assert meta["class_names"] == ["cat", "dog", "eel"]
+    # 3 classes: top-2 beside top-1, labelled so (top-5 of 3 classes is always 100%)
+    record = json.loads((out / "metrics.jsonl").read_text())
+    assert "val_top2" in record and "val_top5" not in record
+    assert "top-2 " in captured.out and "top-5" not in captured.out
+    assert "of 3 classes" in captured.out
     assert evaluate.main(["--checkpoint", str(out / "last.safetensors"), "--data", str(data),
                           "--workers", "0"]) == 0
     assert '"images": 6' in capsys.readouterr().out  # 2 of 8 (or 9) per class held out
@@ -195,9 +217,13 @@ def assert_user_error(code, captured, *needles):
 
 
 @pytest.mark.parametrize("make, needles", [
-    (lambda root: None, ["does not exist"]),
-    (lambda root: root.mkdir(), ["no train/ folder"]),
-    (lambda root: (root / "train").mkdir(parents=True), ["class"]),
+    pytest.param(lambda root: None, ["does not exist"], marks=tried(
+        "data", "`--data` a folder that does not exist", "exit 2: `error: dataset folder ... "
+        "does not exist: check the path ...`")),
+    pytest.param(lambda root: root.mkdir(), ["no train/ folder"], marks=tried(
+        "data", "`--data` a folder without train/", "exit 2: `error: no train/ folder in ...`")),
+    pytest.param(lambda root: (root / "train").mkdir(parents=True), ["class"], marks=tried(
+        "data", "`--data` with an empty train/", "exit 2: `error: no class folders in ...`")),
 ])
 def test_missing_or_empty_data_folder(tmp_path, capsys, make, needles):
     root = tmp_path / "data"
@@ -206,6 +232,8 @@ def test_missing_or_empty_data_folder(tmp_path, capsys, make, needles):
     assert_user_error(code, captured, *needles)
 
 
+@tried("data", "train/ and val/ with different class folders",
+       "exit 2, naming the folders only in one of them")
 def test_train_and_val_with_different_classes(tmp_path, capsys):
     write_image_folder(tmp_path / "d", ["a", "b"], split="train")
     write_image_folder(tmp_path / "d", ["a", "c"], split="val")
@@ -214,6 +242,8 @@ def test_train_and_val_with_different_classes(tmp_path, capsys):
     assert_user_error(code, captured, "b", "c")
 
 
+@tried("command line", "`--backend cupy` without CuPy or a GPU", "exit 2: `error: backend "
+       "'cupy' needs ...`")
 def test_cupy_without_cupy_or_gpu(tmp_path, capsys):
     try:
         get_namespace("cupy")
@@ -230,6 +260,9 @@ def test_image_size_not_divisible_by_16(tmp_path, capsys):
     assert_user_error(code, captured, "--img-size 50", "multiple of 16")
 
 
+@tried("checkpoints", "`--resume` with `--model` or `--synthetic-classes` other than the "
+       "checkpoint's", "exit 2: `error: a resumed run continues with its checkpoint's settings, "
+       "but --model t2t_vit_10 (checkpoint: t2t_vit_7) differ: ...`")
 def test_resume_refuses_another_model_and_another_class_count(tmp_path, capsys):
     out = tmp_path / "run"
     assert run_train(TINY + ["--epochs", "1", "--out", str(out)], capsys)[0] == 0
@@ -245,6 +278,8 @@ def test_resume_refuses_another_model_and_another_class_count(tmp_path, capsys):
     assert_user_error(code, capsys.readouterr(), "classes differ")
 
 
+@tried("checkpoints", "a new run into an `--out` that holds one", "exit 2: `error: ... already "
+       "holds a run: continue it with --resume ...`; nothing overwritten")
 def test_existing_run_is_not_overwritten(tmp_path, capsys):
     out = tmp_path / "run"
     assert run_train(TINY + ["--epochs", "1", "--out", str(out)], capsys)[0] == 0
@@ -254,8 +289,13 @@ def test_existing_run_is_not_overwritten(tmp_path, capsys):
     assert (out / "last.safetensors").read_bytes() == before
 
 
-@pytest.mark.parametrize("content, needle", [(None, "does not exist"),
-                                             (b"garbage" * 10, "not a readable")])
+@pytest.mark.parametrize("content, needle", [
+    pytest.param(None, "does not exist", marks=tried(
+        "checkpoints", "`--resume` / `evaluate --checkpoint` a missing file",
+        "exit 2: `error: checkpoint ... does not exist: check the path`")),
+    pytest.param(b"garbage" * 10, "not a readable", marks=tried(
+        "checkpoints", "`--resume` / `evaluate --checkpoint` a file of garbage",
+        "exit 2: `error: ... is not a readable safetensors checkpoint (...)`"))])
 def test_bad_checkpoint_paths(tmp_path, capsys, content, needle):
     path = tmp_path / "ckpt.safetensors"
     if content is not None:
@@ -264,3 +304,249 @@ def test_bad_checkpoint_paths(tmp_path, capsys, content, needle):
     assert_user_error(code, captured, needle)
     code = evaluate.main(["--checkpoint", str(path)])
     assert_user_error(code, capsys.readouterr(), needle)
+
+
+# ---- issue 11: flags that cannot work, paths that cannot be written, runs that diverge ------
+
+
+@tried("checkpoints", "`--resume` with a flag written out at its default value that the "
+       "checkpoint contradicts (`--model t2t_vit_7` on a t2t_vit_10 run, `--lr 0.0005` on a "
+       "1e-3 run)", "exit 2, naming the flag (it used to be ignored: it equals the default)")
+def test_resume_refuses_a_contradicting_flag_even_at_its_default(tmp_path, capsys):
+    out = tmp_path / "run"
+    code, _ = run_train(TINY + ["--model", "t2t_vit_10", "--lr", "1e-3", "--epochs", "1",
+                                "--max-nonfinite-steps", "5", "--out", str(out),
+                                "--stop-after", "1"], capsys)
+    assert code == 130
+    last = str(out / "last.safetensors")
+    code, captured = run_train(["--resume", last, "--model", "t2t_vit_7"], capsys)
+    assert_user_error(code, captured, "--model t2t_vit_7 (checkpoint: t2t_vit_10)")
+    code, captured = run_train(["--resume", last, "--lr", "0.0005"], capsys)
+    assert_user_error(code, captured, "--lr 0.0005 (checkpoint: 0.001)")
+    code, captured = run_train(["--resume", last, "--lr", "1e-3", "--workers", "1"], capsys)
+    assert code == 0, captured.err  # agreeing flags, and where-the-run-is flags, are fine
+    assert final_state(out)[1]["config"]["max_nonfinite_steps"] == 5  # kept, as not given
+
+
+@tried("checkpoints", "`--resume` of a finished run, and `--epochs N` with N not above the "
+       "epochs done", "exit 2: `error: the run has trained 1 of 1 epoch already: to train on, "
+       "resume with --epochs N, N more than 1`")
+def test_resume_of_a_finished_run_says_how_to_extend_it(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run_train(TINY + ["--epochs", "1", "--out", str(out)], capsys)[0] == 0
+    code, captured = run_train(["--resume", str(out / "last.safetensors")], capsys)
+    assert_user_error(code, captured, "has trained 1 of 1 epoch already", "--epochs N")
+    code, captured = run_train(["--resume", str(out / "last.safetensors"), "--epochs", "1"],
+                               capsys)
+    assert_user_error(code, captured, "has trained 1 of 1 epoch already")
+
+
+def test_a_run_is_not_shortened_below_its_warmup(tmp_path, capsys):
+    out = tmp_path / "run"
+    code, _ = run_train(TINY + ["--epochs", "4", "--warmup-epochs", "3", "--out", str(out),
+                                "--stop-after", "4"], capsys)
+    assert code == 130
+    code, captured = run_train(["--resume", str(out / "last.safetensors"), "--epochs", "2"],
+                               capsys)
+    assert_user_error(code, captured, "--epochs 2 is shorter than the run's warmup (3 epochs)")
+
+
+@tried("checkpoints", "`--resume last --epochs 3` on a finished 2-epoch run",
+       "trains on to epoch 3 on the cosine schedule of 3 epochs from the current step, and "
+       "prints the learning rate's jump; `--epochs 3 --lr 1e-3` is still refused")
+def test_a_finished_run_is_extended_by_more_epochs(tmp_path, capsys):
+    from t2t_ref.schedule import CosineSchedule
+    out = tmp_path / "run"
+    assert run_train(TINY + ["--epochs", "2", "--out", str(out)], capsys)[0] == 0
+    last = str(out / "last.safetensors")
+    code, captured = run_train(["--resume", last, "--epochs", "3", "--lr", "1e-3"], capsys)
+    assert_user_error(code, captured, "--lr 0.001 (checkpoint: 0.0005)")
+
+    code, captured = run_train(["--resume", last, "--epochs", "3"], capsys)
+    assert code == 0, captured.err
+    # TINY: 3 steps per epoch, warmup 0.5 epochs (2 steps), min lr 1e-5
+    old, new = (CosineSchedule(5e-4, total, warmup_steps=2, warmup_lr=1e-6, min_lr=1e-5)
+                for total in (6, 9))
+    assert (f"extending the run from 2 to 3 epochs: the cosine schedule now ends at step 9, "
+            f"and the learning rate at step 6 goes from {old(6):.4g} to {new(6):.4g}"
+            in captured.out), captured.out
+    _, meta, optimizer, _ = load_checkpoint(out / "last.safetensors")
+    assert (meta["epoch"], meta["step"], meta["config"]["epochs"]) == (3, 9, 3)
+    assert optimizer["step"] == 9
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2, 3]
+    assert records[2]["lr"] == pytest.approx(new(8))  # the new schedule's last step
+
+
+@tried("command line", "`--out` an existing file, a path under a file, a folder that cannot be "
+       "written", "exit 2 before any training: `error: --out X is a file: choose a folder path`, "
+       "`... lies under F, which is a file ...`, `... cannot write in X (Permission denied) ...`")
+def test_out_paths_that_cannot_hold_a_run(tmp_path, capsys, monkeypatch):
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    code, captured = run_train(TINY + ["--out", str(a_file)], capsys)
+    assert_user_error(code, captured, f"--out {a_file} is a file: choose a folder path")
+    code, captured = run_train(TINY + ["--out", str(a_file / "run")], capsys)
+    assert_user_error(code, captured, f"lies under {a_file}, which is a file")
+
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    if os.geteuid() == 0:  # root writes anywhere: make the probe fail as it would for a user
+        def refuse(*args, **kwargs):
+            raise PermissionError(13, "Permission denied")
+        monkeypatch.setattr(train.tempfile, "TemporaryFile", refuse)
+    code, captured = run_train(TINY + ["--out", str(locked / "run")], capsys)
+    assert_user_error(code, captured, f"cannot write in {locked} (Permission denied)")
+    assert not (locked / "run").exists()
+
+
+@tried("data", "a dataset folder with fewer training images than one batch",
+       "exit 2: `error: ... has 6 training images, no whole batch of --batch-size 64 ...`")
+def test_a_dataset_smaller_than_a_batch(tmp_path, capsys):
+    write_image_folder(tmp_path / "d", ["a", "b"], per_class=3)
+    write_image_folder(tmp_path / "d", ["a", "b"], per_class=1, split="val")
+    code, captured = run_train(["--data", str(tmp_path / "d"), "--out", str(tmp_path / "o"),
+                                "--workers", "0"], capsys)
+    assert_user_error(code, captured, "has 6 training images, no whole batch of --batch-size 64")
+
+
+@tried("faults", "leftover temporary files of a checkpoint write killed mid-way (ours, and "
+       "the safetensors library's own)", "removed when the run starts again in that folder, "
+       "with one line saying so")
+def test_temporary_files_of_killed_writes_are_removed_on_the_next_start(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run_train(TINY + ["--epochs", "1", "--out", str(out)], capsys)[0] == 0
+    leftovers = [".tmp-t2t_ref-999-0a0b0c0d-last.safetensors", ".tmp-abcd1234.safetensors",
+                 ".tmpXy12Z9"]
+    for name in leftovers:
+        (out / name).write_bytes(b"\0" * 100)
+    code, captured = run_train(["--resume", str(out / "last.safetensors"), "--epochs", "2"],
+                               capsys)
+    assert code == 0, captured.err
+    assert f"removed 3 temporary files that an interrupted write left in {out}" in captured.err
+    assert not any(name.startswith(".tmp") for name in os.listdir(out))
+
+
+@tried("faults", "kill -9 of a training process at a random moment, then `--resume`",
+       "the run goes on from the last epoch's checkpoint and ends bit-identical to an "
+       "uninterrupted run")
+def test_kill_9_then_resume_ends_with_identical_weights(tmp_path, capsys):
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    args = TINY + ["--epochs", "3", "--drop", "0.1"]
+    assert run_train(args + ["--out", str(whole)], capsys)[0] == 0
+    proc = subprocess.Popen([sys.executable, "-m", "t2t_ref.train", *args, "--out",
+                             str(killed)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (killed / "metrics.jsonl").exists() and time.time() < deadline:  # an epoch done
+        time.sleep(0.02)
+    time.sleep(float(np.random.default_rng().uniform(0, 0.5)))  # somewhere in epoch 2 or 3
+    proc.kill()
+    proc.wait()
+    if not (killed / "last.safetensors").exists():
+        pytest.fail("the process was killed before its first checkpoint")
+    code, captured = run_train(["--resume", str(killed / "last.safetensors")], capsys)
+    if code == 2 and "already" in captured.err:
+        pytest.skip("the kill came after the run had finished")
+    assert code == 0, captured.err
+    w1, w2 = final_state(whole)[0], final_state(killed)[0]
+    for key in w1:
+        assert np.array_equal(w1[key], w2[key]), key
+
+
+def nan_from_step(monkeypatch, first, last=None):
+    """Training's loss (and gradient) become NaN at steps first..last: a run diverging there."""
+    from t2t_ref.ops.cross_entropy import cross_entropy
+    steps = iter(range(10 ** 6))
+
+    def diverging(logits, targets, smoothing=0.0):
+        loss, dlogits = cross_entropy(logits, targets, smoothing)
+        step = next(steps)
+        if first <= step and (last is None or step <= last):
+            return loss * float("nan"), dlogits * float("nan")
+        return loss, dlogits
+
+    monkeypatch.setattr(train, "cross_entropy", diverging)
+
+
+@tried("faults", "`--lr 1e30`: the loss turns NaN within the first steps",
+       "exit 3: `error: training diverged: 3 steps in a row up to step S had a NaN or inf loss "
+       "or gradient norm (skipped, not applied); the last finite loss was L at step S'; the "
+       "learning rate at step S was R: lower --lr ...`; no NumPy warnings; no checkpoint")
+def test_a_learning_rate_far_too_high_stops_the_run(tmp_path, capsys):
+    out = tmp_path / "run"
+    code, captured = run_train(TINY + ["--lr", "1e30", "--synthetic-train", "320", "--out",
+                                       str(out)], capsys)  # 10 steps per epoch
+    assert code == 3
+    lines = [line for line in captured.err.splitlines() if line.strip()
+             and "it/s" not in line and "s/it" not in line]  # the progress bar's
+    assert len(lines) == 1 and lines[0].startswith("error: training diverged: 3 steps in a row "
+                                                   "up to step "), captured.err
+    for needle in ("the last finite loss was", "the learning rate at step", "lower --lr",
+                   "no checkpoint was written"):
+        assert needle in lines[0], lines[0]
+    assert "Warning" not in captured.err
+    assert not (out / "last.safetensors").exists() and not (out / "best.safetensors").exists()
+
+
+@tried("faults", "weights that blow up but stay finite (`--lr 1e30`, 3 steps per epoch): the "
+       "validation outputs overflow", "`last` written (finite weights), `best` not: only a "
+       "model with all outputs finite and a strictly better score replaces it; then exit 3")
+def test_best_is_never_a_model_with_non_finite_outputs(tmp_path, capsys):
+    out = tmp_path / "run"
+    code, captured = run_train(TINY + ["--lr", "1e30", "--epochs", "2", "--out", str(out)],
+                               capsys)
+    assert code == 3, captured.err
+    assert (out / "last.safetensors").exists() and not (out / "best.safetensors").exists()
+    record = json.loads((out / "metrics.jsonl").read_text())
+    assert record["val_nonfinite"] == 40 and record["val_top1"] == 0.0
+    assert "40 validation images with non-finite outputs (counted wrong)" in captured.out
+    assert f"{out / 'last.safetensors'} is as epoch 1 left it" in captured.err
+
+
+@tried("faults", "a run that diverges after a good epoch", "exit 3 at the next read of the "
+       "counters; `last` and `best` stay those of the good epoch (finite, not overwritten)")
+def test_divergence_after_a_good_epoch_keeps_its_checkpoints(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    nan_from_step(monkeypatch, 3)  # epoch 2 (steps 3, 4, 5) diverges
+    code, captured = run_train(TINY + ["--epochs", "2", "--out", str(out)], capsys)
+    assert code == 3, captured.err
+    assert "up to step 5" in captured.err and "the last finite loss was" in captured.err
+    assert f"{out / 'last.safetensors'} and {out / 'best.safetensors'} are as epoch 1 left " \
+           "them" in captured.err
+    for name in ("last", "best"):
+        weights, meta, optimizer, _ = load_checkpoint(out / f"{name}.safetensors")
+        assert (meta["epoch"], meta["step"]) == (1, 3), name
+        assert all(np.isfinite(w).all() for w in weights.values()), name
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+@tried("faults", "one NaN step in an otherwise healthy run",
+       "skipped (weights, moments and EMA untouched) and counted: `1 non-finite step skipped` "
+       "in the epoch's line and `nonfinite_steps` in metrics.jsonl; the run goes on")
+def test_an_isolated_non_finite_step_is_skipped_and_counted(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    nan_from_step(monkeypatch, 1, last=1)
+    code, captured = run_train(TINY + ["--epochs", "2", "--ema-decay", "0.9", "--out", str(out)],
+                               capsys)
+    assert code == 0, captured.err
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["nonfinite_steps"] for r in records] == [1, 0]
+    assert all(math.isfinite(r["train_loss"]) for r in records)
+    assert "1 non-finite step skipped" in captured.out
+    weights, meta, optimizer, ema = load_checkpoint(out / "last.safetensors")
+    assert meta["step"] == 6 and optimizer["step"] == 5  # 6 steps, 5 updates
+    assert all(np.isfinite(w).all() for w in list(weights.values()) + list(ema.values()))
+
+
+def test_the_non_finite_check_reads_the_device_once_per_log_interval(tmp_path, capsys,
+                                                                     monkeypatch):
+    """20 steps: the counters come to the host at steps 10 and 20 and once at the epoch's end,
+    never per step."""
+    from t2t_ref.guard import StepMonitor
+    reads = []
+    read = StepMonitor.read
+    monkeypatch.setattr(StepMonitor, "read", lambda self: reads.append(1) or read(self))
+    code, _ = run_train(TINY + ["--synthetic-train", "640", "--epochs", "1", "--out",
+                                str(tmp_path / "run")], capsys)
+    assert code == 0
+    assert len(reads) == 3

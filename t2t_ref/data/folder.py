@@ -68,7 +68,7 @@ def find_splits(root, val_fraction=0.1, seed=0):
         train = [(path, label) for label, name in enumerate(classes)
                  for path in train_files[name]]
         val = [(path, label) for label, name in enumerate(classes) for path in val_files[name]]
-        return classes, train, val
+        return _at_least_two(classes, train_dir), train, val
 
     if not 0.0 <= val_fraction < 1.0:
         raise DataError(f"val_fraction={val_fraction} is outside [0, 1): "
@@ -90,7 +90,16 @@ def find_splits(root, val_fraction=0.1, seed=0):
         held_out = set(rng.permutation(n)[:n_val].tolist())
         for i, path in enumerate(paths):
             (val if i in held_out else train).append((path, label))
-    return classes, train, val
+    return _at_least_two(classes, train_dir), train, val
+
+
+def _at_least_two(classes, train_dir):
+    """classes, or DataError for one: with one class every answer is right (loss 0, 100%)."""
+    if len(classes) < 2:
+        raise DataError(f"{train_dir!r} has one class folder, {classes[0]!r}: a classifier "
+                        "needs at least two classes (with one, every answer is right): add a "
+                        "folder for each class")
+    return classes
 
 
 def scan_split(split_dir):

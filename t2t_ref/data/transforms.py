@@ -41,15 +41,37 @@ def decode(path):
 
     Any mode is converted with PIL's convert('RGB'), as torchvision's ImageFolder loader does:
     grayscale is repeated into three channels, palettes are looked up, alpha is dropped (not
-    composited onto a background). Any failure to open or decode (missing file, no permission,
-    truncated or random bytes, unknown format) raises CorruptImage.
+    composited onto a background). High bit depths are scaled to 8 bits first (to_8_bits),
+    where convert('RGB') would clip them. Any failure to open or decode (missing file, no
+    permission, truncated or random bytes, unknown format) raises CorruptImage.
     """
     try:
         with Image.open(path) as img:
             img.load()  # decode now, while the file is open: errors surface here
+            img = to_8_bits(img)
             return img if img.mode == "RGB" else img.convert("RGB")
+    except CorruptImage:
+        raise
     except Exception as err:  # Pillow raises OSError, ValueError, SyntaxError, ... for bad files
         raise CorruptImage(path, f"{type(err).__name__}: {err}") from err
+
+
+def to_8_bits(img):
+    """A high-bit-depth PIL image scaled to 8 bits ('L'); other images as they are.
+
+    Pillow keeps 16-bit grayscale (PNG, TIFF) as mode 'I;16' (older versions, and some
+    formats: 'I', 32-bit integers holding the 16-bit values), and convert('RGB') clips those
+    values at 255: a 16-bit image came out nearly all white. Here 0..65535 maps to 0..255
+    (x / 257, rounded). 16-bit colour PNGs need nothing: Pillow reads them as 'RGB'/'RGBA',
+    keeping each sample's high byte. A float image ('F') has no agreed range, and is refused.
+    """
+    if img.mode.startswith("I;16") or img.mode == "I":
+        x = np.clip(np.asarray(img, dtype=np.float64), 0, 65535)  # (H, W)
+        return Image.fromarray(np.rint(x / 257.0).astype(np.uint8))  # (H, W) uint8: 'L'
+    if img.mode == "F":
+        raise CorruptImage(getattr(img, "filename", "") or "image", "a 32-bit float image "
+                           "has no agreed value range: save it with 8 or 16 bits")
+    return img
 
 
 def random_resized_crop_params(height, width, rng, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
