@@ -9,6 +9,7 @@ import numpy as np
 
 import t2t_ref
 from t2t_ref.cli import HelpFormatter, user_error
+from t2t_ref.parallel import DataParallel
 
 
 def synchronize(xp):
@@ -29,9 +30,9 @@ def main(argv=None):
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     args = parser.parse_args(argv)
     try:
-        model = t2t_ref.create_model(args.model, num_classes=args.num_classes,
-                                     img_size=args.img_size, backend=args.backend,
-                                     dtype=args.dtype)
+        model = DataParallel(t2t_ref.create_model(  # every core (t2t_ref.parallel)
+            args.model, num_classes=args.num_classes, img_size=args.img_size,
+            backend=args.backend, dtype=args.dtype))
     except ValueError as err:
         return user_error(err)
     rng = np.random.default_rng(0)

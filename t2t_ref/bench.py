@@ -36,7 +36,7 @@ What is printed for each configuration:
     function of t2t_ref.ops, t2t_ref.layers and t2t_ref.gaps, the model's forward/backward and
     AdamW's step wrapped in a timer that keeps *exclusive* time (the time of nested wrapped
     calls subtracted), as ms per step and % of the step. On NumPy the model and AdamW run in
-    one thread per core (t2t_ref.shards): the times are then summed over the threads
+    one thread per core (t2t_ref.parallel): the times are then summed over the threads
     (thread-ms), without the main thread's wait for the others.
 
 --backend cupy: t2t_ref on CuPy against PyTorch CUDA eager, timed with CUDA events, TF32 off on
@@ -77,6 +77,7 @@ from .cli import HelpFormatter, user_error
 from .model import PATCH, PERFORMER_FEATURES, SOFT_SPLITS, TOKEN_DIM, create_model
 from .ops import cross_entropy as cross_entropy_module  # the module: see Ours.step
 from .optim import AdamW, decays
+from .parallel import DataParallel
 from .variants import get_variant, list_models
 
 LR = 5e-4  # the learning rate of the timed AdamW steps (the value does not change the work)
@@ -257,9 +258,9 @@ class Ours:
 
     def __init__(self, config, backend, seed=0):
         self.config, self.backend = config, backend
-        self.model = create_model(config.model, num_classes=NUM_CLASSES,
-                                  img_size=config.img_size, backend=backend, dtype="float32",
-                                  seed=seed)
+        self.model = DataParallel(create_model(config.model, num_classes=NUM_CLASSES,
+                                               img_size=config.img_size, backend=backend,
+                                               dtype="float32", seed=seed))
         xp, device = self.model.xp, self.model.device
         images, labels = make_batch(config, seed)
         self.x = xp.astype(to_device(images, xp, device), self.model.dtype)  # (B, 3, S, S)
@@ -614,19 +615,19 @@ def measure_memory(config, backend, threads, side, timeout=900):
 
 # ---- per-op breakdown -----------------------------------------------------------------------
 
-WAITING = "(main thread waiting for the shard threads)"
+WAITING = "(main thread waiting for the worker threads)"
 
 
 def _profiled_functions():
     """{function: name} for everything the profiler times: each function defined in the
     modules of t2t_ref.ops, t2t_ref.layers and t2t_ref.gaps, plus the model's forward and
-    backward (their own code, on the whole batch and per shard) and its sum of the shards'
-    gradients, AdamW's step and per-thread update, and the wait for the shard threads
-    (shards.map_in_threads, which is left out of the rows)."""
-    from . import cupy_kernels, gaps, layers, model, ops
+    backward (their own code, per piece of the batch), DataParallel's forward and backward
+    and its sum of the pieces' gradients, AdamW's step and per-thread update, and the wait for
+    the worker threads (parallel.threads.map_in_threads, which is left out of the rows)."""
+    from . import cupy_kernels, gaps, layers, ops, parallel
     from .model import T2TViT
     from .optim import AdamW
-    from .shards import map_in_threads
+    from .parallel.threads import map_in_threads
     modules = [gaps, layers, ops, cupy_kernels]
     for package in (ops, layers):
         modules += [importlib.import_module(f"{package.__name__}.{info.name}")
@@ -638,9 +639,9 @@ def _profiled_functions():
                 functions[obj] = obj.__name__  # an alias is timed under the defining name
     functions[T2TViT.forward] = "T2TViT.forward (own code)"
     functions[T2TViT.backward] = "T2TViT.backward (own code)"
-    functions[T2TViT._forward_shard] = "T2TViT._forward_shard (own code)"
-    functions[T2TViT._backward_shard] = "T2TViT._backward_shard (own code)"
-    functions[model._sum_into] = "summing the shards' gradients"
+    functions[parallel.DataParallel.forward] = "DataParallel.forward (own code)"
+    functions[parallel.DataParallel.backward] = "DataParallel.backward (own code)"
+    functions[parallel._sum_into] = "summing the pieces' gradients"
     functions[AdamW.step] = "AdamW.step (own code)"
     functions[AdamW._update] = "AdamW._update (per tensor)"
     functions[AdamW._update_flat] = "AdamW._update_flat (own code)"
@@ -660,9 +661,9 @@ class OpProfiler:
     wherever a t2t_ref module holds it: module attributes, the classes T2TViT and AdamW, and
     module-level dicts of tuples of functions (model.T2T_LAYERS); all are restored on exit.
     Each call's time minus its nested wrapped calls' time (in its own thread) is its exclusive
-    time. On NumPy the model runs its shards in threads (t2t_ref.shards), so the ops' times add
-    up to *thread* time: the main thread's wall time, less its wait for the shard threads, plus
-    the shard threads' busy time; `thread_ms` is that sum and the whole of the % column. With
+    time. On NumPy the model runs pieces of the batch in threads (t2t_ref.parallel), so the ops' times add
+    up to *thread* time: the main thread's wall time, less its wait for the worker threads, plus
+    the worker threads' busy time; `thread_ms` is that sum and the whole of the % column. With
     one thread it is the step's wall time. sync (CuPy: wait for the GPU) is called at every
     entry and exit, so the GPU's work is counted where it was queued.
     """
@@ -711,6 +712,7 @@ class OpProfiler:
     def __enter__(self):
         from .model import T2TViT
         from .optim import AdamW
+        from .parallel import DataParallel
         self._functions = _profiled_functions()  # held, so that their ids stay theirs
         wrapped = {id(f): self._wrap(f, name) for f, name in self._functions.items()}
 
@@ -729,7 +731,7 @@ class OpProfiler:
                         if isinstance(entry, tuple) and any(id(e) in wrapped for e in entry):
                             new = tuple(wrapped.get(id(e), e) for e in entry)
                             patch(functools.partial(value.__setitem__, k), entry, new)
-        for cls in (T2TViT, AdamW):
+        for cls in (T2TViT, AdamW, DataParallel):
             for key, value in list(vars(cls).items()):
                 if id(value) in wrapped:
                     patch(functools.partial(setattr, cls, key), value, wrapped[id(value)])
@@ -742,7 +744,7 @@ class OpProfiler:
 
     def rows(self, total_ms):
         """[{op, calls, ms, pct}] sorted by time, with 'other' = the main thread's time outside
-        the wrapped code; the wait for the shard threads is left out. Sets self.thread_ms."""
+        the wrapped code; the wait for the worker threads is left out. Sets self.thread_ms."""
         rows = [{"op": name, "calls": calls, "ms": 1e3 * seconds}
                 for name, (calls, seconds) in self.stats.items() if name != WAITING]
         rows.append({"op": "other (bench loop, outside the wrapped code)", "calls": 1,
@@ -943,7 +945,7 @@ def print_result(r):
     print(f"   where t2t_ref's time goes: exclusive time per function in one profiled step "
           f"({r['profile_ms']:.1f} ms; timed median {ours['ms']:.1f} ms)"
           + (f",\n   summed over the threads that ran it (the main thread and the model's "
-             f"shard threads: {r['profile_thread_ms']:.1f} thread-ms in all, the % column's whole)"
+             f"worker threads: {r['profile_thread_ms']:.1f} thread-ms in all, the % column's whole)"
              if threads > 1 else ""))
     print(f"   {'op':<46}{'calls':>6}{'thread-ms' if threads > 1 else 'ms/step':>10}{'%':>7}")
     shown = [p for p in r["profile"] if p["pct"] >= PROFILE_MIN_PCT]

@@ -6,7 +6,7 @@ forward is about a dozen, LayerNorm's backward ten, AdamW thirteen per tensor. E
 here does one of those chains in one launch, reading each input once:
 
     GELU forward / backward          one elementwise kernel each
-    uniform random numbers           one elementwise kernel (gaps.CounterRNG's hash)
+    dropout's keep mask              one elementwise kernel (gaps.KeyedRandom's hash)
     LayerNorm forward / backward     one warp per row (row sums by warp shuffles); the
                                      backward's weight and bias gradients are column sums,
                                      two matrix-vector products as in the plain op
@@ -169,15 +169,22 @@ __global__ void softmax_backward(const T* dp, const T* p, T* dx, long long rows,
     for (int i = lane; i < D; i += 32) dx[row * D + i] = pr[i] * (dr[i] - dot);
 }
 
-// ---- random numbers (gaps.CounterRNG): u_i = top 24 bits of lowbias32(i ^ key) / 2^24 -------
-__device__ __forceinline__ unsigned int hash32(unsigned int x) {
+// ---- dropout's keep mask (gaps.KeyedRandom): element j of global sample b ------------------
+__device__ __forceinline__ unsigned int hash32(unsigned int x) {  // lowbias32
     x ^= x >> 16; x *= 0x7feb352du; x ^= x >> 15; x *= 0x846ca68bu; x ^= x >> 16;
     return x;
 }
 
+// mask = scale where the top 24 bits of hash32(hash32(j) ^ hash32(hash32(b) ^ key)) reach
+// threshold (= ceil(p 2^24)), else 0
 template <typename T>
-__global__ void hash_uniform(T* out, long long n, unsigned int key) {
-    GRID_STRIDE_LOOP(i, n) out[i] = T(hash32((unsigned int)i ^ key) >> 8) * T(1.0 / 16777216.0);
+__global__ void keyed_keep_mask(T* mask, long long per_sample, long long n, unsigned int key,
+                                long long first_sample, unsigned int threshold, T scale) {
+    GRID_STRIDE_LOOP(i, n) {
+        unsigned int sample_key = hash32(hash32((unsigned int)(first_sample + i / per_sample)) ^ key);
+        unsigned int bits = hash32(hash32((unsigned int)(i % per_sample)) ^ sample_key);
+        mask[i] = (bits >> 8) >= threshold ? scale : T(0);
+    }
 }
 
 // ---- AdamW (optim.py), in place over the flat buffers, torch's order of operations ---------
@@ -211,7 +218,7 @@ __global__ void adamw_update(T* p, const T* g, T* m, T* v, const unsigned char* 
 """
 
 KERNELS = ("gelu_forward", "gelu_backward", "layernorm_forward", "layernorm_backward",
-           "softmax_forward", "softmax_backward", "hash_uniform", "adamw_update")
+           "softmax_forward", "softmax_backward", "keyed_keep_mask", "adamw_update")
 C_TYPES = {"float32": "float", "float64": "double"}
 NAME_EXPRESSIONS = tuple(f"{k}<{t}>" for k in KERNELS for t in C_TYPES.values())
 NVRTC_OPTIONS = ("-std=c++17",)
@@ -354,13 +361,16 @@ def uniform_supported(dtype):
     return _enabled and np.dtype(dtype).name in C_TYPES
 
 
-def hash_uniform(key, shape, dtype):
-    """As gaps.hash_uniform, reshaped: uniform [0, 1) of `shape` from a 32-bit key."""
+def keyed_keep_mask(key, first_sample, shape, threshold, scale, dtype):
+    """As gaps.KeyedRandom.keep_mask: (B, ...) of scale (kept) and 0 (dropped)."""
     import cupy
-    out = cupy.empty(shape, dtype=dtype)
-    _kernel("hash_uniform", out.dtype)(*_elementwise_grid(out.size),
-                                       (out, np.int64(out.size), np.uint32(key)))
-    return out
+    mask = cupy.empty(shape, dtype=dtype)
+    per_sample = max(1, mask.size // shape[0]) if shape[0] else 1
+    _kernel("keyed_keep_mask", mask.dtype)(
+        *_elementwise_grid(mask.size),
+        (mask, np.int64(per_sample), np.int64(mask.size), np.uint32(key),
+         np.int64(first_sample), np.uint32(threshold), mask.dtype.type(scale)))
+    return mask
 
 
 # ---- AdamW -----------------------------------------------------------------------------------

@@ -25,7 +25,8 @@ from .checkpoint import CheckpointError, load_checkpoint
 from .data import ArrayDataset, DataError, FileDataset, Loader, find_splits, make_shapes_splits
 from .data.folder import scan_split, short_list
 from .guard import quiet_float_warnings
-from .model import create_model
+from .model import T2TViT, create_model
+from .parallel import DataParallel
 from .ops.cross_entropy import cross_entropy
 from .pretrained import PretrainedError, imagenet_classes, model_from_weights, read_weights
 from .variants import list_models
@@ -51,7 +52,10 @@ def evaluate(model, loader, progress=True, desc="eval"):
     whose logits are all equal scores 0%, not 100%); a sample with any NaN or inf logit is
     wrong at every k, and "nonfinite" counts those samples (the loss is then NaN too).
     Sums stay on the device; the only host transfer is one stack of the sums at the end.
+    A bare T2TViT is run on every core (t2t_ref.parallel.DataParallel).
     """
+    if isinstance(model, T2TViT):
+        model = DataParallel(model)
     xp, device = model.xp, model.device
     model.eval()
     K = model.num_classes

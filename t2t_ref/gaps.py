@@ -7,13 +7,14 @@ in_chunks is a speed tool only: it evaluates an elementwise chain on NumPy in ca
 pieces, which the standard cannot express, and gives the same result as calling it whole.
 """
 
+import contextlib
 import math
+import threading
 
 import numpy as np
 import scipy.special
 
 from .backend import array_namespace, backend_name, device_of, to_device, to_numpy
-from .shards import in_shard_thread
 
 
 # float32 erf as Eigen and XLA compute it: erf(x) = x P(x^2) / Q(x^2) with x clamped to [-4, 4]
@@ -68,17 +69,31 @@ def erf_float32(x):
     return p
 
 
+_thread = threading.local()  # .whole: in_chunks evaluates whole arrays in this thread
+
+
+@contextlib.contextmanager
+def whole_arrays():
+    """In this thread, in_chunks calls fn on whole arrays. t2t_ref.parallel's worker threads
+    run in it: with two threads at work, NumPy calls on a chunk are so short that the threads
+    keep waiting for each other's turn with Python's GIL (GELU on two pieces at once took
+    1.5x as long in chunks as whole)."""
+    saved, _thread.whole = getattr(_thread, "whole", False), True
+    try:
+        yield
+    finally:
+        _thread.whole = saved
+
+
 def in_chunks(fn, *arrays):
     """fn(*arrays) for an elementwise fn of same-shaped arrays; on NumPy evaluated _CHUNK
     elements at a time: the same result, but the temporaries of a chain of operations stay in
     the CPU's cache instead of streaming through memory once per operation. Other backends
-    (CuPy runs each operation as one kernel anyway) get fn(*arrays) whole, and so does a
-    thread running one of the model's shards (shards.py): there, NumPy calls on a chunk are so
-    short that two threads keep waiting for each other's turn with Python's GIL (GELU on two
-    shards at once took 1.5x as long in chunks as whole)."""
+    (CuPy runs each operation as one kernel anyway) get fn(*arrays) whole, and so does a thread
+    inside whole_arrays()."""
     xp = array_namespace(*arrays)
     size = math.prod(arrays[0].shape)
-    if backend_name(xp) != "numpy" or size <= _CHUNK or in_shard_thread():
+    if backend_name(xp) != "numpy" or size <= _CHUNK or getattr(_thread, "whole", False):
         return fn(*arrays)
     if any(a.shape != arrays[0].shape for a in arrays):
         raise ValueError(f"in_chunks needs arrays of one shape, got {[a.shape for a in arrays]}")
@@ -92,60 +107,65 @@ def in_chunks(fn, *arrays):
 
 
 def make_rng(xp, seed):
-    """A random generator for the backend: NumPy's Generator, or on CuPy a CounterRNG.
-
-    array_api_strict draws on the host with NumPy (it only exists for tests).
-    """
-    if backend_name(xp) == "cupy":
-        return CounterRNG(seed)
-    return np.random.default_rng(seed)
+    """The generator of dropout's random numbers: a KeyedRandom (the same on every backend).
+    xp is accepted for symmetry with the other gaps and ignored: the numbers do not depend on
+    the backend."""
+    return KeyedRandom(seed)
 
 
-def uniform(xp, rng, shape, dtype, device):
-    """Uniform [0, 1) samples of the given shape, made on the backend's device."""
-    if isinstance(rng, CounterRNG):
-        return rng.random(xp, shape, dtype, device)
-    if backend_name(xp) in ("numpy", "cupy"):
-        return rng.random(shape, dtype=dtype)
-    sample = rng.random(shape)  # array_api_strict: float64 on the host, then to the device
-    return xp.astype(to_device(sample, xp, device), dtype)
+class KeyedRandom:
+    """Random numbers that are a function of (seed, call, sample, element) alone.
 
+    Dropout and drop path draw a keep/drop decision for every element of a (B, ...) array. If
+    those came from a generator's stream, they would depend on how the batch was cut (two
+    threads, two processes, one GPU each draw their own streams) and on the backend. Here the
+    decision for element j of global sample b, in the k-th draw since the generator was made,
+    is a hash of those numbers and the seed:
 
-class CounterRNG:
-    """Random numbers that are a hash of (seed, call number, element index): no state to
-    set up and nothing that depends on the GPU.
+        key_k = hash32(hash32(seed_low ^ hash32(seed_high)) ^ hash32(k))    per draw
+        s_b   = hash32(key_k ^ hash32(b))                                   per sample
+        bits  = hash32(hash32(j) ^ s_b)                                     per element
+        keep  = bits / 2^32 >= p      (top 24 bits, so exact in float32)
 
-    The training loop makes a generator per step (every random number is a function of
-    seed and step, so a resumed run repeats an uninterrupted one). CuPy's own generators
-    initialise a state per GPU thread on creation (XORWOW: about 270,000 curand_init calls
-    and 13 MB per generator), and their numbers depend on the GPU's size. Here the k-th call
-    of random(shape) gives element i the value hash32(i ^ key_k) / 2^32, key_k a hash of the
-    seed and k, with hash32 the "lowbias32" integer mixer (Chris Wellons' hash-prospector):
-    a bijection of 32-bit integers whose output bits each depend on every input bit.
-    The plain version below is array-API code; on CuPy one kernel computes the same bits.
+    hash32 is the "lowbias32" integer mixer (Chris Wellons' hash-prospector): a bijection of
+    32-bit integers whose every output bit depends on every input bit. So the same sample
+    gets the same mask however the batch is cut (`piece(start)` is the generator of a piece
+    that starts at sample `start`), on NumPy, CuPy (one kernel, cupy_kernels.py) and
+    array_api_strict alike, and a resumed run continues exactly.
     """
 
-    def __init__(self, seed):
+    def __init__(self, seed, first_sample=0, draws=0):
         self.seed = int(seed) % 2**64
-        self.calls = 0
+        self.first_sample = int(first_sample)  # global index of the batch's sample 0
+        self.draws = int(draws)  # k: draws made so far
 
-    def _key(self):
-        """key_k of the next call, a 32-bit integer mixing both halves of the seed and k."""
+    def piece(self, start):
+        """The generator for the piece of the batch that starts at sample `start`: the same
+        seed and draw count, its samples numbered from first_sample + start."""
+        return KeyedRandom(self.seed, self.first_sample + start, self.draws)
+
+    def _next_key(self):
         low, high = self.seed % 2**32, self.seed // 2**32
-        key = _hash32_int(_hash32_int(low ^ _hash32_int(high)) ^ _hash32_int(self.calls))
-        self.calls += 1
+        key = _hash32_int(_hash32_int(low ^ _hash32_int(high)) ^ _hash32_int(self.draws))
+        self.draws += 1
         return key
 
-    def random(self, xp, shape, dtype, device):
-        """Uniform [0, 1) of `shape` on `device`, in steps of 2^-24 (exact in float32)."""
-        n = math.prod(shape)
-        if n >= 2**32:
-            raise ValueError(f"CounterRNG draws at most 2^32 - 1 numbers per call, not {n}")
-        key = self._key()
+    def keep_mask(self, xp, shape, p, dtype, device):
+        """(B, ...) float mask: 1/(1-p) where kept (probability 1-p), 0 where dropped; the
+        decisions of sample b are its own, element by element along the other axes."""
+        samples, per_sample = shape[0], math.prod(shape[1:])
+        if per_sample >= 2**32 or self.first_sample + samples > 2**32:
+            raise ValueError("KeyedRandom numbers at most 2^32 samples and 2^32 elements each")
+        key = self._next_key()
+        threshold = math.ceil(p * 2**24)  # keep iff the top 24 bits >= threshold
+        scale = 1.0 / (1.0 - p)
         from . import cupy_kernels
         if backend_name(xp) == "cupy" and cupy_kernels.uniform_supported(dtype):
-            return cupy_kernels.hash_uniform(key, shape, dtype)
-        return xp.reshape(hash_uniform(xp, key, n, dtype, device), shape)
+            return cupy_kernels.keyed_keep_mask(key, self.first_sample, shape, threshold,
+                                                scale, dtype)
+        bits = keyed_bits(xp, key, self.first_sample, samples, per_sample, device)
+        keep = xp.bitwise_right_shift(bits, 8) >= threshold  # (B, per_sample)
+        return xp.reshape(xp.astype(keep, dtype) * scale, shape)
 
 
 def _hash32_int(x):
@@ -169,10 +189,31 @@ def _hash32(x):
     return x
 
 
-def hash_uniform(xp, key, n, dtype, device):
-    """(n,) uniform [0, 1): hash32(i ^ key) for i = 0 .. n-1, its top 24 bits / 2^24."""
-    bits = xp.arange(n, dtype=xp.uint32, device=device)  # (n,)
-    bits ^= key
-    bits = _hash32(bits)
-    top = xp.bitwise_right_shift(bits, 8)  # 24 bits: every value exact in float32
-    return xp.astype(top, dtype) * (1.0 / 2**24)
+def keyed_bits(xp, key, first_sample, samples, per_sample, device):
+    """(samples, per_sample) uint32: hash32(hash32(j) ^ s_b) of KeyedRandom's formulas."""
+    sample_ids = xp.arange(first_sample, first_sample + samples, dtype=xp.uint32,
+                           device=device)  # (B,) global b
+    sample_keys = _hash32(_hash32(sample_ids) ^ key)  # (B,) s_b
+    element_hashes = _element_hashes(xp, per_sample, device)  # (n,) hash32(j), kept
+    if backend_name(xp) != "numpy" or getattr(_thread, "whole", False):
+        return _hash32(element_hashes[None, :] ^ sample_keys[:, None])  # (B, n)
+    # NumPy: cache-sized pieces, so the hash's passes stay in the cache
+    out = np.empty((samples, per_sample), dtype=np.uint32)
+    for b in range(samples):
+        for start in range(0, per_sample, _CHUNK):
+            piece = element_hashes[start:start + _CHUNK] ^ sample_keys[b]
+            out[b, start:start + _CHUNK] = _hash32(piece)
+    return out
+
+
+_ELEMENT_HASHES = {}  # (backend, device, n) -> hash32(arange(n)): the same in every draw
+
+
+def _element_hashes(xp, n, device):
+    key = (backend_name(xp), str(device), n)
+    hashes = _ELEMENT_HASHES.get(key)
+    if hashes is None:
+        if len(_ELEMENT_HASHES) > 64:
+            _ELEMENT_HASHES.clear()
+        hashes = _ELEMENT_HASHES[key] = _hash32(xp.arange(n, dtype=xp.uint32, device=device))
+    return hashes

@@ -20,7 +20,8 @@ format. `forward` keeps a cache of what `backward` needs; `backward` fills `mode
 model.params and model.grads are FlatTensors (flat.py): dicts whose tensors are views into
 one buffer each, so that the optimizer updates all of them in a few array calls; like
 PyTorch's .grad, model.grads is overwritten by the next backward.
-On NumPy both cut the batch into one shard per core and run the shards in threads (shards.py).
+The model computes a batch in the calling thread; running it over cores, processes or GPUs is
+the job of t2t_ref.parallel, which wraps it.
 """
 
 import math
@@ -39,8 +40,6 @@ from .ops.dropout import dropout_backward, dropout_forward
 from .ops.layernorm import layernorm_backward, layernorm_forward
 from .ops.linear import linear_backward, linear_forward
 from .ops.soft_split import soft_split_backward, soft_split_forward
-from .shards import balanced_groups, check_threads, map_in_threads, shard_sizes, split_rows, \
-    thread_count
 from .variants import get_variant
 
 TOKEN_DIM = 64  # width of the T2T layers' output tokens
@@ -70,8 +69,7 @@ class T2TViT:
     """One T2T-ViT. Build it with t2t_ref.create_model(name, ...)."""
 
     def __init__(self, name, *, num_classes=1000, img_size=224, backend="numpy",
-                 dtype="float32", seed=0, drop_rate=0.0, drop_path_rate=0.0, qk_scale=None,
-                 threads=None):
+                 dtype="float32", seed=0, drop_rate=0.0, drop_path_rate=0.0, qk_scale=None):
         variant = get_variant(name)
         if not (isinstance(img_size, int) and img_size >= PATCH and img_size % PATCH == 0):
             raise ValueError(f"img_size must be a positive multiple of {PATCH} "
@@ -81,8 +79,6 @@ class T2TViT:
         for flag, rate in (("drop_rate", drop_rate), ("drop_path_rate", drop_path_rate)):
             if not 0.0 <= rate < 1.0:
                 raise ValueError(f"{flag} must be in [0, 1), got {rate!r}")
-        check_threads(threads)
-        self.threads = threads
         self.xp, self.device = get_namespace(backend)
         self.dtype = get_dtype(self.xp, dtype)
         self.name, self.variant, self.backend, self.dtype_name = name, variant, backend, dtype
@@ -96,8 +92,11 @@ class T2TViT:
                                 for i in range(depth)]
         self.grid = img_size // PATCH  # tokens per side after the last soft split
         self.training = False
-        self.rng = make_rng(self.xp, seed + 1)  # dropout masks; the weights use `seed`
-        self._cache = None
+        # dropout's decisions (gaps.KeyedRandom: keyed by sample); the weights use `seed`
+        self.rng = make_rng(self.xp, seed + 1)
+        # what the last forward kept for backward: {"split0": ..., "block0": ..., ...}, each
+        # layer's own cache (the tutorials read attention maps from it); None after backward
+        self.cache = None
         self.grads = {}
         self._init_weights(seed)
 
@@ -144,7 +143,9 @@ class T2TViT:
         order = sorted(trained, key=lambda name: len(trained[name]) <= 1)
         self.params = FlatTensors(self.xp, trained, self.dtype, self.device, order=order)
         self.buffers = {}
-        self._grad_buffer = None  # model.grads' storage, made by the first backward
+        # where backward writes the gradients (model.grads is this buffer after a backward):
+        # made by the first backward; t2t_ref.parallel gives each piece of a batch its own
+        self.grad_buffer = None
         self.load_state_dict(host)
 
     def _is_fixed(self, name):
@@ -239,34 +240,10 @@ class T2TViT:
         them, so memory stays at about one layer's worth; backward() then raises.
         """
         self._check_input(x)
-        self._cache = None  # an earlier forward's activations are not needed any more
-        sizes = shard_sizes(x.shape[0], self.shard_threads())
-        if len(sizes) == 1:
-            logits, caches = self._forward_shard(x, self.rng, keep_cache)
-            self._cache = [caches] if keep_cache else None
-            return logits
-        # One shard per core, each in its own thread (shards.py); each draws its dropout masks
-        # from a generator seeded from self.rng, so a run is repeatable for a thread count.
-        rngs = [self.rng] * len(sizes)
-        if self.training:
-            rngs = [make_rng(self.xp, int(s)) for s in self.rng.integers(0, 2**63, len(sizes))]
-        results = map_in_threads(self._forward_shard, [
-            (piece, rng, keep_cache) for piece, rng in zip(split_rows(x, sizes), rngs)])
-        self._cache = [caches for _, caches in results] if keep_cache else None
-        return self.xp.concat([logits for logits, _ in results], axis=0)  # (B, num_classes)
-
-    __call__ = forward
-
-    def shard_threads(self):
-        """Into how many shards (one thread each) a batch is cut now: `threads`, or NumPy's
-        BLAS thread count; always 1 on CuPy and array_api_strict (see shards.py)."""
-        return thread_count(self.backend, self.threads)
-
-    def _forward_shard(self, x, rng, keep_cache):
-        """forward for a batch (or a shard of one): -> (logits, caches or None)."""
+        self.cache = None  # an earlier forward's activations are not needed any more
         xp, p = self.xp, self.params
         t2t_forward = T2T_LAYERS[self.variant.tokens_type][0]
-        opts = dict(rng=rng, training=self.training)
+        opts = dict(rng=self.rng, training=self.training)
         B = x.shape[0]
         caches = {} if keep_cache else _Discard()
 
@@ -294,7 +271,10 @@ class T2TViT:
         h, caches["norm"] = layernorm_forward(h, p["norm.weight"], p["norm.bias"])
         logits, caches["head"] = linear_forward(h[:, 0, :], p["head.weight"], p["head.bias"])
         caches["tokens_shape"] = h.shape
-        return logits, (caches if keep_cache else None)  # (B, num_classes)
+        self.cache = caches if keep_cache else None
+        return logits  # (B, num_classes)
+
+    __call__ = forward
 
     def backward(self, dlogits):
         """dlogits (B, num_classes) -> d(input) (B, 3, S, S); fills self.grads.
@@ -302,29 +282,10 @@ class T2TViT:
         Unwinds forward in reverse. Fixed tensors (pos_embed, the performers' w) get no
         gradient. Must follow a forward; the cache is released afterwards.
         """
-        if self._cache is None:
+        if self.cache is None:
             raise RuntimeError("backward() needs a forward(x) first, with keep_cache=True "
                                "(its cache is used once)")
-        shard_caches, self._cache = self._cache, None
-        if self._grad_buffer is None or not self._grad_buffer.same_layout(self.params):
-            self._grad_buffer = self.params.zeros_like()
-        self.grads = self._grad_buffer
-        if len(shard_caches) == 1:
-            dx, grads = self._backward_shard(dlogits, shard_caches[0])
-            self.grads.update(grads)  # copied into the flat buffer's views
-            return dx
-        sizes = [caches["tokens_shape"][0] for caches in shard_caches]
-        results = map_in_threads(self._backward_shard,
-                                 list(zip(split_rows(dlogits, sizes), shard_caches)))
-        # the loss sums over samples, so each weight's gradient is the sum of the shards':
-        # summed into the flat buffer's views, a group of tensors per thread
-        shard_grads = [grads for _, grads in results]
-        map_in_threads(_sum_into, [(self.grads, shard_grads, names)
-                                   for names in balanced_groups(self.grads, len(sizes))])
-        return self.xp.concat([dx for dx, _ in results], axis=0)  # (B, 3, S, S)
-
-    def _backward_shard(self, dlogits, caches):
-        """backward for one forward shard: -> (dx, grads)."""
+        caches, self.cache = self.cache, None
         xp, g = self.xp, {}
         t2t_backward = T2T_LAYERS[self.variant.tokens_type][1]
 
@@ -352,16 +313,11 @@ class T2TViT:
             dtokens, layer_grads = t2t_backward(dtokens, caches[layer])
             g.update(add_prefix(layer_grads, f"tokens_to_token.{layer}."))
         dx = soft_split_backward(dtokens, caches["split0"])  # (B, 3, S, S)
-        return dx, g
-
-
-def _sum_into(total, shard_grads, names):
-    """total[name] = the sum over the shards' gradients of name, for the names given."""
-    for name in names:
-        view = total[name]
-        view[...] = shard_grads[0][name]
-        for grads in shard_grads[1:]:
-            view += grads[name]
+        if self.grad_buffer is None or not self.grad_buffer.same_layout(self.params):
+            self.grad_buffer = self.params.zeros_like()
+        self.grads = self.grad_buffer
+        self.grads.update(g)  # copied into the flat buffer's views
+        return dx
 
 
 class _Discard(dict):
@@ -410,13 +366,12 @@ def _t2t_layer_specs(prefix, tokens_type, d_in, E):
 
 
 def create_model(name, *, num_classes=1000, img_size=224, backend="numpy", dtype="float32",
-                 seed=0, drop_rate=0.0, drop_path_rate=0.0, qk_scale=None, threads=None):
+                 seed=0, drop_rate=0.0, drop_path_rate=0.0, qk_scale=None):
     """Build an official T2T-ViT variant by name (see list_models()), freshly initialised.
-
-    threads (NumPy only): into how many shards, one thread each, a batch may be cut (see
-    shards.py); None: as many as NumPy's BLAS uses, that is, the cores it was given."""
+    It computes each batch in the calling thread; t2t_ref.parallel.DataParallel(model) runs
+    it on every core (or over MPI ranks)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
     return T2TViT(name, num_classes=num_classes, img_size=img_size, backend=backend,
                   dtype=dtype, seed=seed, drop_rate=drop_rate, drop_path_rate=drop_path_rate,
-                  qk_scale=qk_scale, threads=threads)
+                  qk_scale=qk_scale)

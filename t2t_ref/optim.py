@@ -43,7 +43,7 @@ import numpy as np
 from . import cupy_kernels
 from .backend import array_namespace, backend_name, device_of, to_device, to_numpy
 from .flat import FlatTensors
-from .shards import balanced_groups, check_threads, map_in_threads, thread_count
+from .parallel.threads import balanced_groups, check_threads, map_in_threads, thread_count
 
 # The official model's no_weight_decay(): the class token. (pos_embed is fixed, not trained.)
 NO_WEIGHT_DECAY = frozenset({"cls_token"})

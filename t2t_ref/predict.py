@@ -20,6 +20,8 @@ from .backend import BackendError, keep_freed_memory, to_device, to_numpy
 from .cli import Parser, number, plural, user_error
 from .data import CorruptImage, decode, eval_transform
 from .guard import quiet_float_warnings
+from .model import T2TViT
+from .parallel import DataParallel
 from .pretrained import PretrainedError, display_names, model_from_weights, read_weights
 from .variants import list_models
 
@@ -33,8 +35,9 @@ def softmax_host(logits):
 
 def predict(model, images, batch_size=16):
     """Probabilities (N, K) float64 for images (N, 3, S, S) as eval_transform makes them; the
-    row of an image whose logits are not all finite is NaN."""
-    model.eval()
+    row of an image whose logits are not all finite is NaN. A bare T2TViT is run on every
+    core (t2t_ref.parallel.DataParallel)."""
+    model = (DataParallel(model) if isinstance(model, T2TViT) else model).eval()
     probs = []
     for start in range(0, len(images), batch_size):
         x = to_device(images[start:start + batch_size], model.xp, model.device)

@@ -42,6 +42,7 @@ from .gaps import make_rng
 from .guard import StepMonitor, grad_norm, quiet_float_warnings
 from .mixup import mix_batch
 from .model import PATCH, create_model
+from .parallel import DataParallel
 from .ops.cross_entropy import cross_entropy
 from .optim import AdamW, clip_grad_norm
 from .pretrained import PretrainedError, load_weights_into
@@ -282,7 +283,7 @@ def save_run_state(path, model, optimizer, ema, config, class_names, position):
     """Write a checkpoint with everything needed to continue exactly from `position`.
     Diverged if the weights are not finite (checkpoint.py writes no NaN or inf)."""
     meta = {"model": config["model"], "class_names": class_names, "config": config,
-            "shard_threads": model.shard_threads(), **position}
+            **position}
     try:
         save_checkpoint(path, model.state_dict(), meta, optimizer=optimizer.state_dict(),
                         ema=None if ema is None else {k: to_numpy(v)
@@ -353,10 +354,11 @@ def train(config, resume=None):
               f"in {out}: {', '.join(left)}", file=sys.stderr)
 
     class_names, train_set, val_set = load_data(config)
-    model = create_model(config["model"], num_classes=len(class_names),
-                         img_size=config["img_size"], backend=config["backend"],
-                         dtype=config["dtype"], seed=config["seed"], drop_rate=config["drop"],
-                         drop_path_rate=config["drop_path"])
+    # the model, run on every core (t2t_ref.parallel: one piece of each batch per thread)
+    model = DataParallel(create_model(
+        config["model"], num_classes=len(class_names), img_size=config["img_size"],
+        backend=config["backend"], dtype=config["dtype"], seed=config["seed"],
+        drop_rate=config["drop"], drop_path_rate=config["drop_path"]))
     if resume is None and config.get("init_from"):  # before the optimizer and EMA copy them
         notes = load_weights_into(model, config["init_from"])
         print(f"initialised from {config['init_from']}" + "".join(f"; {n}" for n in notes))
@@ -394,11 +396,6 @@ def train(config, resume=None):
             raise UsageError(f"the run has trained {position['epoch']} of "
                              f"{plural(config['epochs'], 'epoch')} already: to train on, "
                              f"resume with --epochs N, N more than {position['epoch']}")
-        saved_threads, threads = meta.get("shard_threads"), model.shard_threads()
-        if saved_threads is not None and saved_threads != threads:
-            print(f"note: the run so far cut its batches into {saved_threads} shard thread(s), "
-                  f"this machine into {threads}: the dropout masks from here on differ from "
-                  "an uninterrupted run's (the training is as valid)", file=sys.stderr)
 
     os.makedirs(out, exist_ok=True)
     write_atomic(os.path.join(out, "config.json"), json.dumps(config, indent=2))

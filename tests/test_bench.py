@@ -100,9 +100,9 @@ def test_profiler_exclusive_times_add_up_to_the_step(one_thread):
                       ("soft_split_forward", 3), ("fold", 3), ("cross_entropy", 1),
                       ("AdamW.step (own code)", 1), ("AdamW._update_range (flat buffers)", 1),
                       ("T2TViT.forward (own code)", 1), ("T2TViT.backward (own code)", 1),
-                      ("T2TViT._forward_shard (own code)", 1)]:
+                      ("DataParallel.forward (own code)", 1)]:
         assert by_op[op]["calls"] == calls, (op, by_op.get(op))
-    assert bench.WAITING not in by_op  # one thread: no shards to wait for
+    assert bench.WAITING not in by_op  # one thread: no pieces to wait for
     # and everything it patched is put back
     assert _is_original(model_module.linear_forward)
     assert model_module.linear_forward is linear.linear_forward
@@ -118,8 +118,8 @@ def two_threads():
     bench.restore_threads()
 
 
-def test_profiler_sums_the_shard_threads(two_threads):
-    """With two threads the model runs two shards at once: each op is counted in both shard
+def test_profiler_sums_the_worker_threads(two_threads):
+    """With two threads the model runs two pieces at once: each op is counted in both worker
     threads, the main thread's wait for them is left out, and the rows add up to thread time."""
     side = bench.Ours(bench.parse_config("t2t_vit_7-32-b4-train"), "numpy")
     side.prepare()
@@ -131,14 +131,13 @@ def test_profiler_sums_the_shard_threads(two_threads):
     assert abs(sum(row["ms"] for row in rows) - threads["thread_ms"]) < 1e-6
     assert abs(sum(row["pct"] for row in rows) - 100.0) < 1e-6
     assert all(row["ms"] >= -0.05 for row in rows), rows
-    # the shards' work is counted in full: more thread time than wall time (two busy threads),
+    # the pieces' work is counted in full: more thread time than wall time (two busy threads),
     # at most the wall time of all three threads
     assert total_ms < threads["thread_ms"] < 3 * total_ms, (total_ms, threads)
     for op, calls in [("linear_forward", 2 * 38), ("layernorm_backward", 2 * 19),
-                      ("T2TViT._forward_shard (own code)", 2),
-                      ("T2TViT._backward_shard (own code)", 2),
-                      ("T2TViT.forward (own code)", 1), ("cross_entropy", 1),
-                      ("summing the shards' gradients", 2), ("AdamW.step (own code)", 1),
+                      ("T2TViT.forward (own code)", 2), ("T2TViT.backward (own code)", 2),
+                      ("DataParallel.forward (own code)", 1), ("cross_entropy", 1),
+                      ("summing the pieces' gradients", 2), ("AdamW.step (own code)", 1),
                       ("AdamW._update_range (flat buffers)", 2)]:
         assert by_op[op]["calls"] == calls, (op, by_op.get(op))
 

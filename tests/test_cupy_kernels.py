@@ -13,7 +13,7 @@ import pytest
 
 from t2t_ref import cupy_kernels
 from t2t_ref.backend import BackendError, get_namespace, to_numpy
-from t2t_ref.gaps import CounterRNG, _hash32_int, hash_uniform
+from t2t_ref.gaps import KeyedRandom
 from t2t_ref.ops.gelu import gelu_backward, gelu_forward
 from t2t_ref.ops.layernorm import layernorm_backward, layernorm_forward
 from t2t_ref.ops.softmax import softmax_backward, softmax_forward
@@ -32,34 +32,6 @@ def test_cuda_source_compiles_without_a_gpu():
                                       cupy_kernels.NVRTC_OPTIONS)
     assert ok, f"NVRTC could not compile cupy_kernels.SOURCE:\n{log}"
     assert sorted(lowered) == sorted(cupy_kernels.NAME_EXPRESSIONS)
-
-
-# ---- the counter-based generator's plain version, on every backend ----------------------------
-
-def test_hash_uniform_is_lowbias32_of_the_index(backend):
-    """The array version equals the hash written on Python integers, element by element."""
-    xp, device = get_namespace(backend)
-    key = 0x9E3779B9
-    u = to_numpy(hash_uniform(xp, key, 300, xp.float64, device))
-    expected = [(_hash32_int(i ^ key) >> 8) / 2**24 for i in range(300)]
-    np.testing.assert_array_equal(u, expected)
-
-
-def test_counter_rng_repeats_and_moves_on():
-    a, b = CounterRNG(7), CounterRNG(7)
-    first = a.random(np, (1000,), np.float32, "cpu")
-    np.testing.assert_array_equal(first, b.random(np, (1000,), np.float32, "cpu"))
-    second = a.random(np, (1000,), np.float32, "cpu")
-    assert not np.array_equal(first, second), "the next call must give other numbers"
-    assert not np.array_equal(first, CounterRNG(8).random(np, (1000,), np.float32, "cpu"))
-    assert not np.array_equal(first, CounterRNG(7 + 2**32).random(np, (1000,), np.float32,
-                                                                    "cpu")), "high seed bits"
-    u = CounterRNG(1).random(np, (400_000,), np.float64, "cpu")
-    assert 0.0 <= u.min() and u.max() < 1.0
-    assert abs(u.mean() - 0.5) < 3e-3 and abs(u.var() - 1 / 12) < 2e-3
-    # a dropout mask at p = 0.1 drops about 10%, in every part of the array
-    keep = (u.reshape(40, -1) >= 0.1).mean(axis=1)
-    assert np.all(np.abs(keep - 0.9) < 0.02), keep
 
 
 # ---- the kernels on a GPU -------------------------------------------------------------------
@@ -143,14 +115,17 @@ def test_softmax_kernels(dtype, shape):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_hash_uniform_kernel_gives_the_plain_bits(dtype):
+@pytest.mark.parametrize("shape", [(5, 1001), (3, 7, 64), (4, 1, 1)])
+def test_keep_mask_kernel_gives_the_plain_masks(dtype, shape):
     cupy = _cupy()
     xp, device = get_namespace("cupy")
-    for key in (0, 12345, 0xFFFFFFFF):
-        fused = cupy_kernels.hash_uniform(key, (5, 1001), getattr(cupy, dtype))
+    for seed, first in ((0, 0), (12345, 17), (2**40 + 3, 2**20)):
+        fused = KeyedRandom(seed, first).keep_mask(xp, shape, 0.3, getattr(xp, dtype), device)
         with cupy_kernels.plain_ops():
-            plain = hash_uniform(xp, key, 5 * 1001, getattr(xp, dtype), device)
-        np.testing.assert_array_equal(to_numpy(fused).ravel(), to_numpy(plain))
+            plain = KeyedRandom(seed, first).keep_mask(xp, shape, 0.3, getattr(xp, dtype),
+                                                       device)
+        assert isinstance(fused, cupy.ndarray) and fused.shape == shape
+        np.testing.assert_array_equal(to_numpy(fused), to_numpy(plain))
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])

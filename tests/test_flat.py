@@ -50,7 +50,7 @@ def test_copy_and_zeros_like_keep_the_layout():
 def test_model_params_and_grads_are_flat():
     """The model's parameters and gradients are views into one buffer each; the weight
     matrices (the tensors with weight decay) lie in one stretch."""
-    model = t2t_ref.create_model("t2t_vit_7", num_classes=3, img_size=32, threads=1)
+    model = t2t_ref.create_model("t2t_vit_7", num_classes=3, img_size=32)
     assert isinstance(model.params, FlatTensors)
     assert model.params.flat.shape[0] == model.num_parameters(trainable_only=True)
     ndims = [len(shape) for _, _, _, shape in model.params.layout]

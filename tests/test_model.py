@@ -159,10 +159,10 @@ def test_forward_without_cache_is_inference():
     model = t2t_ref.create_model("t2t_vit_7", num_classes=CLASSES, img_size=SIZE).eval()
     x = np.random.default_rng(3).random((2, 3, SIZE, SIZE), dtype=np.float32)
     kept = model.forward(x)
-    assert model._cache is not None
+    assert model.cache is not None
     dropped = model.forward(x, keep_cache=False)
     assert np.array_equal(kept, dropped), f"logits differ by {np.abs(kept - dropped).max():.2e}"
-    assert model._cache is None, "an inference forward left activations behind"
+    assert model.cache is None, "an inference forward left activations behind"
     with pytest.raises(RuntimeError, match="keep_cache=True"):
         model.backward(np.zeros((2, CLASSES), np.float32))
 

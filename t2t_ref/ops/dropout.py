@@ -5,15 +5,14 @@ The kept values are scaled by 1/(1-p) so the expected output equals the input, a
 """
 
 from ..backend import array_namespace, device_of
-from ..gaps import uniform
 
 
 def _keep_mask(xp, rng, shape, p, dtype, device):
-    """1/(1-p) where kept (probability 1-p), 0 where dropped."""
+    """1/(1-p) where kept (probability 1-p), 0 where dropped. rng is a gaps.KeyedRandom: the
+    decisions along axis 0 belong to the samples, whatever piece of a batch this is."""
     if not 0.0 <= p < 1.0:
         raise ValueError(f"dropout probability must be in [0, 1), got {p}")
-    keep = uniform(xp, rng, shape, dtype, device) >= p
-    return xp.astype(keep, dtype) * (1.0 / (1.0 - p))
+    return rng.keep_mask(xp, shape, p, dtype, device)
 
 
 def dropout_forward(x, p, rng, training):

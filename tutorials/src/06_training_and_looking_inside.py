@@ -92,7 +92,7 @@ class PlainViT:
         self.params["patch_embed.weight"] = trunc_normal(rng, (v.embed_dim, 3 * patch * patch)).astype(t2t_model.dtype)
         self.params["patch_embed.bias"] = np.zeros(v.embed_dim, dtype=t2t_model.dtype)
         self.pos_embed = t2t_model.buffers["pos_embed"]
-        self.grads, self._cache = {}, None
+        self.grads, self.cache = {}, None
 
     def forward(self, x):
         """x (B, 3, S, S) -> logits (B, K)."""
@@ -107,12 +107,12 @@ class PlainViT:
         h, c["norm"] = layernorm_forward(h, p["norm.weight"], p["norm.bias"])
         logits, c["head"] = linear_forward(h[:, 0], p["head.weight"], p["head.bias"])
         c["shape"] = h.shape
-        self._cache = c
+        self.cache = c
         return logits
 
     def backward(self, dlogits):
         """dlogits (B, K) -> dx (B, 3, S, S); fills self.grads."""
-        c, g = self._cache, {}
+        c, g = self.cache, {}
         dcls, g["head.weight"], g["head.bias"] = linear_backward(dlogits, c["head"])
         dh = np.zeros(c["shape"], dtype=dlogits.dtype)
         dh[:, 0] = dcls                                                        # only the class token fed the head
@@ -186,9 +186,9 @@ def train(model, steps=STEPS, batch=BATCH, lr=LR, evaluate_every=50):
     return history
 
 
-# threads=1: the whole batch in one thread, as PlainViT runs (by default, on NumPy, a T2TViT cuts
-# a batch into one shard per CPU core and runs the shards in threads: t2t_ref/shards.py)
-t2t = t2t_ref.create_model("t2t_vit_7", num_classes=CLASSES, img_size=SIZE, seed=0, threads=1)
+# both models compute each batch in one thread (t2t_ref.parallel.DataParallel would run the
+# pieces of a batch on every core; the commands use it)
+t2t = t2t_ref.create_model("t2t_vit_7", num_classes=CLASSES, img_size=SIZE, seed=0)
 vit = PlainViT(t2t_ref.create_model("t2t_vit_7", num_classes=CLASSES, img_size=SIZE, seed=0))
 print(f"T2T-ViT-7: {t2t.num_parameters(trainable_only=True):,} trained parameters; "
       f"plain ViT: {sum(a.size for a in vit.params.values()):,}")
@@ -219,7 +219,7 @@ fig.tight_layout()
 plt.show()
 
 # %% [markdown]
-# **Takeaway:** both start at chance (loss $\log 4$). In this run T2T-ViT-7 ends near 62% and
+# **Takeaway:** both start at chance (loss $\log 4$). In this run T2T-ViT-7 ends near 60% and
 # the plain ViT, same backbone and budget, near 57%: T2T ahead, as the paper claims for training
 # from scratch, but with one seed and 250 steps that is an anecdote, not a measurement. Neither
 # is solved yet; that takes a longer run, e.g. `python -m t2t_ref.train --synthetic-classes 4`.
@@ -228,8 +228,8 @@ plt.show()
 # ## Where does the class token look?
 # The prediction is read from the class token after the last block, so the last block's
 # attention row *from* the class token *to* the image tokens shows which parts of the image it
-# gathered. `model._cache` keeps every block's attention map $P$ (B, h, N, N) from the last
-# forward (a T2TViT keeps one cache per shard of the batch: one here): row 0 is the class token. At 32x32 the backbone has only 2x2 image tokens, so the map
+# gathered. `model.cache` keeps every block's attention map $P$ (B, h, N, N) from the last
+# forward: row 0 is the class token. At 32x32 the backbone has only 2x2 image tokens, so the map
 # is coarse; at 224 it would be 14x14.
 #
 # A finer view comes from the backward pass itself: the gradient of the predicted class's logit
@@ -243,7 +243,7 @@ def class_token_attention(model, x):
     model.eval()
     logits = model.forward(x)
     depth = model.depth if isinstance(model, PlainViT) else model.variant.depth
-    cache = model._cache if isinstance(model, PlainViT) else model._cache[0]  # the one shard
+    cache = model.cache
     p = cache[f"block{depth - 1}"][1][3][3]                                    # (B, h, N, N)
     row = p[:, :, 0, 1:].mean(axis=1)                                          # (B, G*G)
     side = int(np.sqrt(row.shape[1]))

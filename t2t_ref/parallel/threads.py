@@ -1,16 +1,12 @@
-"""Data parallelism over CPU cores: on NumPy, a batch is split into one shard per core.
+"""Threads in one process: the pieces of a batch run at once, one thread each.
 
 NumPy runs every elementwise operation (LayerNorm, GELU, softmax, the soft split...) on one
-core; only its BLAS matmuls use more. So on NumPy the model cuts a batch into shards, runs each
-shard's forward and backward in a thread of its own with BLAS held to one thread, and joins the
-results: every operation gets a core. This works because NumPy releases Python's GIL inside its
-loops and BLAS calls, and the ops of a whole shard are long enough (milliseconds) for the hand-
-over of the GIL between threads to cost next to nothing. On 2 cores a training step takes about
-0.7x the time of the one-thread step (BENCHMARKS.md).
-
-The math does not change: each sample's forward is the same, the weight gradients of the
-shards are summed (the loss is a sum over samples), only the order of float additions differs.
-CuPy gets one shard: the GPU runs each operation in parallel already.
+core; only its BLAS matmuls use more. So on NumPy the batch is cut into one piece per core,
+each piece's forward and backward runs in a thread of its own with BLAS held to one thread,
+and the results are joined: every operation gets a core. This works because NumPy releases
+Python's GIL inside its loops and BLAS calls, and the ops of a whole piece are long enough
+(milliseconds) for the hand-over of the GIL between threads to cost next to nothing. On 2 cores
+a training step takes about 0.7x the time of the one-thread step (BENCHMARKS.md).
 
 Call backend.keep_freed_memory() at the start of a long script (the commands do): glibc
 otherwise gives each thread a heap of its own and unmaps it whenever it empties, and every
@@ -21,11 +17,13 @@ import math
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
+from ..gaps import whole_arrays
+
 _lock = threading.Lock()
 _map_lock = threading.Lock()  # held by the one map_in_threads running
-_local = threading.local()  # .in_shard: True in a thread while it runs a shard's work
+_local = threading.local()  # .in_worker: True in a thread while it runs a map's work
 _blas = None  # threadpoolctl's controller of NumPy's BLAS, made at first use
-_pool = None  # the threads that run the shards, made at first use and reused
+_pool = None  # the worker threads, made at first use and reused
 _pool_size = 0
 
 
@@ -61,24 +59,10 @@ def thread_count(backend, threads=None):
     return threads if threads is not None else blas_threads()
 
 
-def shard_sizes(batch, threads):
-    """Split batch samples into min(batch, threads) shards as even as can be (sizes differ
-    by at most one, larger first): shard_sizes(10, 4) == [3, 3, 2, 2]."""
-    n = max(1, min(batch, threads))
-    base, extra = divmod(batch, n)
-    return [base + 1 if i < extra else base for i in range(n)]
-
-
-def split_rows(x, sizes):
-    """x (B, ...) -> [x[0:s0], x[s0:s0+s1], ...] for the shard sizes (views, no copies)."""
-    starts = [sum(sizes[:i]) for i in range(len(sizes))]
-    return [x[start:start + size, ...] for start, size in zip(starts, sizes)]
-
-
 def balanced_groups(arrays, n):
     """Split the names of {name: array} into at most n groups of about equal total size (the
     largest array first, each into the group with the fewest elements so far): work for n
-    threads over many tensors, as the optimizer and the gradient sum have."""
+    threads over many tensors, as the optimizer's per-tensor update has."""
     groups, totals = [[] for _ in range(n)], [0] * n
     for name in sorted(arrays, key=lambda k: -_size(arrays[k])):
         smallest = totals.index(min(totals))
@@ -91,30 +75,30 @@ def _size(array):
     return math.prod(array.shape)
 
 
-def in_shard_thread():
-    """Is this thread running work of map_in_threads? (Then NumPy work is better done in long
-    calls: see gaps.in_chunks.)"""
-    return getattr(_local, "in_shard", False)
+def in_worker_thread():
+    """Is this thread running work of map_in_threads?"""
+    return getattr(_local, "in_worker", False)
 
 
-def _run_in_shard(fn, args):
-    _local.in_shard = True
+def _run_in_worker(fn, args):
+    _local.in_worker = True
     try:
-        return fn(*args)
+        with whole_arrays():  # see gaps.whole_arrays
+            return fn(*args)
     finally:
-        _local.in_shard = False
+        _local.in_worker = False
 
 
 def map_in_threads(fn, argument_tuples):
     """[fn(*args) for args in argument_tuples], each call in its own thread, with NumPy's
-    BLAS held to one thread meanwhile (the shards already use every core). An exception in
+    BLAS held to one thread meanwhile (the threads already use every core). An exception in
     any call is raised here, after all calls have finished.
 
     One map at a time: a second caller waits (two at once would fight over the cores, and
-    over the BLAS thread count each restores). Called from inside a shard, the calls run one
+    over the BLAS thread count each restores). Called from inside a worker, the calls run one
     after the other in that thread (the pool's threads are all taken)."""
     global _pool, _pool_size
-    if in_shard_thread():
+    if in_worker_thread():
         return [fn(*args) for args in argument_tuples]
     n = len(argument_tuples)
     with _map_lock:
@@ -122,11 +106,11 @@ def map_in_threads(fn, argument_tuples):
             if _pool_size < n:
                 if _pool is not None:
                     _pool.shutdown(wait=False)  # its threads are idle: one map at a time
-                _pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="t2t_ref-shard")
+                _pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="t2t_ref-piece")
                 _pool_size = n
             pool = _pool
         with _blas_controller().limit(limits=1):
-            futures = [pool.submit(_run_in_shard, fn, args) for args in argument_tuples]
+            futures = [pool.submit(_run_in_worker, fn, args) for args in argument_tuples]
             errors = [f.exception() for f in futures]  # waits for every call
     for error in errors:
         if error is not None:
