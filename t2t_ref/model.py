@@ -31,6 +31,7 @@ import numpy as np
 from .backend import BACKENDS, array_namespace, backend_name, get_dtype, get_namespace, \
     to_device, to_numpy
 from .flat import FlatTensors
+from .keys import compare_keys
 from .gaps import make_rng
 from .init import performer_features, sinusoid_table, trunc_normal
 from .layers import add_prefix, sub_dict
@@ -166,11 +167,8 @@ class T2TViT:
         Raises ValueError naming every offending key.
         """
         expected = {name: shape for name, shape, _ in self._param_specs()}
-        missing = [k for k in expected if k not in state_dict]
-        unexpected = [k for k in state_dict if k not in expected]
-        wrong_shape = [f"{k}: checkpoint {tuple(np.shape(state_dict[k]))}, model {expected[k]}"
-                       for k in expected if k in state_dict
-                       and tuple(np.shape(state_dict[k])) != expected[k]]
+        missing, unexpected, wrong = compare_keys(state_dict, expected)
+        wrong_shape = [f"{k}: checkpoint {given}, model {want}" for k, given, want in wrong]
         problems = []
         if wrong_shape:
             problems.append("wrong shape for " + "; ".join(wrong_shape))

@@ -43,6 +43,7 @@ import numpy as np
 from . import cupy_kernels
 from .backend import array_namespace, backend_name, device_of, to_device, to_numpy
 from .flat import FlatTensors
+from .keys import compare_keys
 from .parallel.threads import balanced_groups, check_threads, map_in_threads, thread_count
 
 # The official model's no_weight_decay(): the class token. (pos_embed is fixed, not trained.)
@@ -272,10 +273,8 @@ class AdamW:
         return self.step_count - skipped
 
     def _check(self, arrays, what):
-        missing = [k for k in self.shapes if k not in arrays]
-        unexpected = [k for k in arrays if k not in self.shapes]
-        wrong = [f"{k} {tuple(arrays[k].shape)} (optimizer has {self.shapes[k]})"
-                 for k in self.shapes if k in arrays and tuple(arrays[k].shape) != self.shapes[k]]
+        missing, unexpected, wrong = compare_keys(arrays, self.shapes)
+        wrong = [f"{k} {given} (optimizer has {want})" for k, given, want in wrong]
         if missing or unexpected or wrong:
             raise ValueError(f"{what} do not match the optimizer's parameters: "
                              f"missing {missing}, unexpected {unexpected}, wrong shape {wrong}")
@@ -302,11 +301,8 @@ class AdamW:
         problems = []
         for part in ("exp_avg", "exp_avg_sq"):
             arrays = state[part]
-            missing = [k for k in self.shapes if k not in arrays]
-            unexpected = [k for k in arrays if k not in self.shapes]
-            wrong = [f"{k} {tuple(np.shape(arrays[k]))} (parameter {self.shapes[k]})"
-                     for k in self.shapes if k in arrays
-                     and tuple(np.shape(arrays[k])) != self.shapes[k]]
+            missing, unexpected, wrong = compare_keys(arrays, self.shapes)
+            wrong = [f"{k} {given} (parameter {want})" for k, given, want in wrong]
             if missing or unexpected or wrong:
                 problems.append(f"{part}: missing {missing}, unexpected {unexpected}, "
                                 f"wrong shape {wrong}")

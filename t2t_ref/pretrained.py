@@ -47,6 +47,7 @@ from importlib import resources
 
 import numpy as np
 
+from .keys import compare_keys
 from .model import PATCH, create_model
 from .variants import VARIANTS
 
@@ -351,11 +352,9 @@ def fit_state_dict(weight_file, model):
             notes.append(f"position table resized bicubically from {g}x{g} to "
                          f"{model.grid}x{model.grid}")
 
-    missing = [k for k in expected if k not in weights
-               and not (new_head and k.startswith("head."))]
-    unexpected = [k for k in weights if k not in expected]
-    wrong = [f"{k} {tuple(weights[k].shape)} in the file, {expected[k]} in the model"
-             for k in expected if k in weights and tuple(weights[k].shape) != expected[k]]
+    missing, unexpected, wrong = compare_keys(
+        weights, expected, optional=[k for k in expected if new_head and k.startswith("head.")])
+    wrong = [f"{k} {given} in the file, {want} in the model" for k, given, want in wrong]
     if missing or unexpected or wrong:
         problems = []
         if wrong:
