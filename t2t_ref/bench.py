@@ -34,10 +34,10 @@ What is printed for each configuration:
     slower of the two shows.
   - where t2t_ref's time goes: one extra profiled step (not one of the timed ones), with every
     function of t2t_ref.ops, t2t_ref.layers and t2t_ref.gaps, the model's forward/backward and
-    AdamW's step wrapped in a timer that keeps *exclusive* time (the time of nested wrapped
-    calls subtracted), as ms per step and % of the step. On NumPy the model and AdamW run in
-    one thread per core (t2t_ref.parallel): the times are then summed over the threads
-    (thread-ms), without the main thread's wait for the others.
+    AdamW's step timed through Python's profiling hook (OpProfiler), keeping *exclusive* time
+    (the time of nested profiled calls subtracted), as ms per step and % of the step. On NumPy
+    the model and AdamW run in one thread per core (t2t_ref.parallel): the times are then
+    summed over the threads (thread-ms), without the main thread's wait for the others.
 
 --backend cupy: t2t_ref on CuPy against PyTorch CUDA eager, timed with CUDA events, TF32 off on
 both; memory is the peak of bytes in use on both sides (CuPy's pool counted at every
@@ -75,7 +75,7 @@ import threadpoolctl
 from .backend import keep_freed_memory, to_device, to_numpy
 from .cli import HelpFormatter, user_error
 from .model import PATCH, PERFORMER_FEATURES, SOFT_SPLITS, TOKEN_DIM, create_model
-from .ops import cross_entropy as cross_entropy_module  # the module: see Ours.step
+from .ops.cross_entropy import cross_entropy
 from .optim import AdamW, decays
 from .parallel import DataParallel
 from .variants import get_variant, list_models
@@ -279,8 +279,7 @@ class Ours:
             model.forward(self.x, keep_cache=False)  # (B, K); as under torch.no_grad()
             return
         logits = model.forward(self.x)  # (B, K)
-        # through the module, so that the profiler's patch of its attribute is seen
-        _loss, dlogits = cross_entropy_module.cross_entropy(logits, self.y, SMOOTHING)
+        _loss, dlogits = cross_entropy(logits, self.y, SMOOTHING)
         model.backward(dlogits)
         self.opt.step(model.params, model.grads, LR)
 
@@ -298,7 +297,7 @@ class Ours:
         """{name: host array}: every parameter's gradient of the smoothed cross-entropy, eval
         mode (no dropout: both sides compute the same function)."""
         model = self.model.eval()
-        _loss, dlogits = cross_entropy_module.cross_entropy(model.forward(self.x), self.y,
+        _loss, dlogits = cross_entropy(model.forward(self.x), self.y,
                                                             SMOOTHING)
         model.backward(dlogits)
         return {name: to_numpy(g).copy() for name, g in model.grads.items()}
@@ -657,97 +656,82 @@ class OpProfiler:
             step()                      # timed as total_ms
         profiler.rows(total_ms)         # [{op, calls, ms, pct}], slowest first
 
-    Functions are imported by name (`from .linear import linear_forward`), so each is patched
-    wherever a t2t_ref module holds it: module attributes, the classes T2TViT and AdamW, and
-    module-level dicts of tuples of functions (model.T2T_LAYERS); all are restored on exit.
-    Each call's time minus its nested wrapped calls' time (in its own thread) is its exclusive
-    time. On NumPy the model runs pieces of the batch in threads (t2t_ref.parallel), so the ops' times add
-    up to *thread* time: the main thread's wall time, less its wait for the worker threads, plus
-    the worker threads' busy time; `thread_ms` is that sum and the whole of the % column. With
-    one thread it is the step's wall time. sync (CuPy: wait for the GPU) is called at every
-    entry and exit, so the GPU's work is counted where it was queued.
+    The mechanism is Python's own profiling hook (sys.setprofile, and threading.setprofile
+    for the worker threads of t2t_ref.parallel, whose pool is restarted on entry and exit so
+    that its threads carry the hook exactly while the profiler is active): the interpreter
+    reports every Python function call and return, and the functions of
+    _profiled_functions() are recognised by their code objects. Nothing of t2t_ref is
+    patched or replaced. Each call's time minus its nested profiled calls' time (in its own
+    thread) is its exclusive time. On NumPy the model runs pieces of the batch in threads
+    (t2t_ref.parallel), so the ops' times add up to *thread* time: the main thread's wall
+    time, less its wait for the worker threads, plus the worker threads' busy time;
+    `thread_ms` is that sum and the whole of the % column. With one thread it is the step's
+    wall time. sync (CuPy: wait for the GPU) is called at every entry and exit, so the GPU's
+    work is counted where it was queued. The hook costs a little time at every Python call,
+    profiled or not: the profiled step is slower than a timed one (both are printed).
     """
 
     def __init__(self, sync=None):
         self.sync = sync
         self.stats = {}  # name -> [calls, exclusive seconds]
-        self.threads = set()  # idents of the threads that ran wrapped code
+        self.threads = set()  # idents of the threads that ran profiled code
         self.thread_ms = None  # set by rows()
-        self._local = threading.local()  # .children: per active call in this thread, the
-        self._lock = threading.Lock()  # seconds spent in its nested wrapped calls
+        self._local = threading.local()  # .stack: [name, start, nested seconds, frame] per call
+        self._lock = threading.Lock()
         self._main = threading.get_ident()
-        self._main_wrapped = 0.0  # seconds of the main thread inside outermost wrapped calls
-        self._restore = []  # (setter, original) in patching order
+        self._main_wrapped = 0.0  # seconds of the main thread inside outermost profiled calls
+        self._names = {}  # code object -> row name
 
-    def _wrap(self, function, name):
-        profiler = self
-
-        @functools.wraps(function)
-        def timed(*args, **kwargs):
-            children = getattr(profiler._local, "children", None)
-            if children is None:
-                children = profiler._local.children = []
-            if profiler.sync is not None:
-                profiler.sync()
-            children.append(0.0)
-            start = time.perf_counter()
-            try:
-                return function(*args, **kwargs)
-            finally:
-                if profiler.sync is not None:
-                    profiler.sync()
-                elapsed = time.perf_counter() - start
-                inner = children.pop()
-                with profiler._lock:
-                    entry = profiler.stats.setdefault(name, [0, 0.0])
-                    entry[0] += 1
-                    entry[1] += elapsed - inner
-                    profiler.threads.add(threading.get_ident())
-                    if not children and threading.get_ident() == profiler._main:
-                        profiler._main_wrapped += elapsed
-                if children:
-                    children[-1] += elapsed
-        return timed
+    def _hook(self, frame, event, arg):
+        if event == "call":
+            name = self._names.get(frame.f_code)
+            if name is None:
+                return
+            stack = getattr(self._local, "stack", None)
+            if stack is None:
+                stack = self._local.stack = []
+            if self.sync is not None:
+                self.sync()
+            stack.append([name, time.perf_counter(), 0.0, frame])
+        elif event == "return":
+            stack = getattr(self._local, "stack", None)
+            if not stack or stack[-1][3] is not frame:
+                return
+            if self.sync is not None:
+                self.sync()
+            name, start, nested, _ = stack.pop()
+            elapsed = time.perf_counter() - start
+            with self._lock:
+                entry = self.stats.setdefault(name, [0, 0.0])
+                entry[0] += 1
+                entry[1] += elapsed - nested
+                self.threads.add(threading.get_ident())
+                if not stack and threading.get_ident() == self._main:
+                    self._main_wrapped += elapsed
+            if stack:
+                stack[-1][2] += elapsed
 
     def __enter__(self):
-        from .model import T2TViT
-        from .optim import AdamW
-        from .parallel import DataParallel
-        self._functions = _profiled_functions()  # held, so that their ids stay theirs
-        wrapped = {id(f): self._wrap(f, name) for f, name in self._functions.items()}
-
-        def patch(owner_set, original, replacement):
-            owner_set(replacement)
-            self._restore.append((owner_set, original))
-
-        modules = [m for n, m in list(sys.modules.items())
-                   if (n == "t2t_ref" or n.startswith("t2t_ref.")) and m is not None]
-        for module in modules:
-            for key, value in list(vars(module).items()):
-                if id(value) in wrapped:
-                    patch(functools.partial(setattr, module, key), value, wrapped[id(value)])
-                elif isinstance(value, dict):
-                    for k, entry in list(value.items()):
-                        if isinstance(entry, tuple) and any(id(e) in wrapped for e in entry):
-                            new = tuple(wrapped.get(id(e), e) for e in entry)
-                            patch(functools.partial(value.__setitem__, k), entry, new)
-        for cls in (T2TViT, AdamW, DataParallel):
-            for key, value in list(vars(cls).items()):
-                if id(value) in wrapped:
-                    patch(functools.partial(setattr, cls, key), value, wrapped[id(value)])
+        from .parallel.threads import shutdown_pool
+        self._names = {function.__code__: name
+                       for function, name in _profiled_functions().items()}
+        shutdown_pool()  # the next map's threads start with the hook
+        threading.setprofile(self._hook)
+        sys.setprofile(self._hook)
         return self
 
     def __exit__(self, *exc):
-        for setter, original in reversed(self._restore):
-            setter(original)
-        self._restore = []
+        from .parallel.threads import shutdown_pool
+        sys.setprofile(None)
+        threading.setprofile(None)
+        shutdown_pool()  # and later threads start without it
 
     def rows(self, total_ms):
         """[{op, calls, ms, pct}] sorted by time, with 'other' = the main thread's time outside
-        the wrapped code; the wait for the worker threads is left out. Sets self.thread_ms."""
+        the profiled code; the wait for the worker threads is left out. Sets self.thread_ms."""
         rows = [{"op": name, "calls": calls, "ms": 1e3 * seconds}
                 for name, (calls, seconds) in self.stats.items() if name != WAITING]
-        rows.append({"op": "other (bench loop, outside the wrapped code)", "calls": 1,
+        rows.append({"op": "other (bench loop, outside the profiled code)", "calls": 1,
                      "ms": total_ms - 1e3 * self._main_wrapped})
         self.thread_ms = sum(r["ms"] for r in rows)
         for row in rows:
@@ -756,7 +740,7 @@ class OpProfiler:
 
 
 def profile_step(side, pause=0.0):
-    """Time one step of t2t_ref with every op wrapped: (total ms, rows of OpProfiler.rows,
+    """Time one step of t2t_ref with every op profiled: (total ms, rows of OpProfiler.rows,
     {"thread_ms", "threads"}). pause: seconds of idling first, as before a timed step."""
     sync = side.sync if side.backend == "cupy" else None
     side.sync()

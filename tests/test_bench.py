@@ -6,6 +6,8 @@ how fast anything is.
 
 import json
 import platform
+import sys
+import threading
 import time
 
 import pytest
@@ -81,7 +83,7 @@ def test_profiler_exclusive_times_add_up_to_the_step(one_thread):
     total_ms, rows, threads = bench.profile_step(side)
     assert threads["threads"] == 1 and abs(threads["thread_ms"] - total_ms) < 1e-6
     by_op = {row["op"]: row for row in rows}
-    other = by_op["other (bench loop, outside the wrapped code)"]
+    other = by_op["other (bench loop, outside the profiled code)"]
     wrapped_ms = sum(row["ms"] for row in rows if row is not other)
     # exclusive times: nested calls are not counted twice, so they add up to the step
     assert 0.0 <= other["ms"] <= 0.1 * total_ms, (other, total_ms)
@@ -103,12 +105,13 @@ def test_profiler_exclusive_times_add_up_to_the_step(one_thread):
                       ("DataParallel.forward (own code)", 1)]:
         assert by_op[op]["calls"] == calls, (op, by_op.get(op))
     assert bench.WAITING not in by_op  # one thread: no pieces to wait for
-    # and everything it patched is put back
+    # it replaced nothing, and its hook is gone
     assert _is_original(model_module.linear_forward)
     assert model_module.linear_forward is linear.linear_forward
     assert model_module.T2T_LAYERS["performer"][0] is token_performer.token_performer_forward
     assert _is_original(token_performer.token_performer_forward)
     assert _is_original(model_module.T2TViT.forward) and _is_original(AdamW.step)
+    assert sys.getprofile() is None and threading.getprofile() is None
 
 
 @pytest.fixture

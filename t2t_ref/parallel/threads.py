@@ -75,6 +75,16 @@ def _size(array):
     return math.prod(array.shape)
 
 
+def shutdown_pool():
+    """Stop the worker threads (after their work); the next map starts new ones. (The bench's
+    profiler does, so that the threads it profiles are started under its hook.)"""
+    global _pool, _pool_size
+    with _map_lock, _lock:
+        pool, _pool, _pool_size = _pool, None, 0
+    if pool is not None:
+        pool.shutdown(wait=True)
+
+
 def in_worker_thread():
     """Is this thread running work of map_in_threads?"""
     return getattr(_local, "in_worker", False)
