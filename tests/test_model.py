@@ -1,12 +1,13 @@
 """The whole model against the PyTorch oracle (tests/torch_t2t.py), and its API and errors."""
 
+import sys
 
 import numpy as np
 import pytest
 import torch
 
 import t2t_ref
-from t2t_ref.backend import get_namespace
+from t2t_ref.backend import BackendError, get_namespace
 from t2t_ref.gaps import make_rng
 from conftest import assert_close, on, rel_error
 from torch_t2t import create_torch_model, get_sinusoid_encoding
@@ -347,3 +348,67 @@ def test_input_from_another_backend_is_refused():
                                  backend="array_api_strict")
     with pytest.raises(ValueError, match="numpy array but the model runs on array_api_strict"):
         model.forward(np.zeros((1, 3, SIZE, SIZE), np.float32))
+
+
+# ---- --backend cupy's start check, with a stand-in for CuPy (no GPU needed) ------------------
+
+class _FakeCuda:
+    """cupy.cuda as seen by backend._working_cupy: one GPU, and a first kernel that fails as
+    `failure` says (None: works)."""
+
+    def __init__(self, failure):
+        import types
+        self.runtime = types.SimpleNamespace(getDeviceCount=lambda: 1)
+        self.failure = failure
+        self.Device = lambda *a: types.SimpleNamespace(synchronize=lambda: None)
+
+
+def _fake_cupy(failure):
+    import types
+    fake = types.ModuleType("cupy")
+    fake.cuda = _FakeCuda(failure)
+
+    def asarray(host):
+        if failure is not None:
+            raise failure
+        return np.asarray(host)
+    fake.asarray = asarray
+    return fake
+
+
+def _start_check(monkeypatch, fake, installed):
+    from importlib import metadata
+
+    from t2t_ref import backend
+
+    def version(name):
+        if name in installed:
+            return installed[name]
+        raise metadata.PackageNotFoundError(name)
+    monkeypatch.setattr(metadata, "version", version)
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    backend._working_cupy.cache_clear()
+    try:
+        return backend._working_cupy()
+    finally:
+        backend._working_cupy.cache_clear()
+
+
+def test_two_cupy_packages_are_refused_in_one_line(monkeypatch):
+    with pytest.raises(BackendError) as err:
+        _start_check(monkeypatch, _fake_cupy(None),
+                     {"cupy-cuda12x": "13.6.0", "cupy-cuda13x": "14.2.0"})
+    message = str(err.value)
+    assert "two CuPy packages" in message and "cupy-cuda12x 13.6.0" in message \
+        and "pip uninstall" in message and "\n" not in message
+
+
+def test_a_cuda_failure_at_the_first_kernel_names_what_to_install(monkeypatch):
+    """CuPy imports and counts a GPU, but its first kernel fails (say NVRTC is missing): one
+    line naming the failure and the fix, not a traceback later inside the model."""
+    failure = RuntimeError("CuPy failed to load libnvrtc.so.12: cannot open shared object file")
+    with pytest.raises(BackendError) as err:
+        _start_check(monkeypatch, _fake_cupy(failure), {"cupy-cuda12x": "13.6.0"})
+    message = str(err.value)
+    assert "CUDA failed on a first kernel" in message and "libnvrtc.so.12" in message
+    assert ".[cuda13]" in message and "\n" not in message
