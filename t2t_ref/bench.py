@@ -51,7 +51,6 @@ performer features, h heads, K classes.
 """
 
 import argparse
-import functools
 import gc
 import importlib
 import importlib.util

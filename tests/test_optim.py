@@ -239,23 +239,6 @@ def test_flat_state_dict_is_per_tensor():
         np.testing.assert_array_equal(again.exp_avg_sq[k], opt.exp_avg_sq[k], err_msg=k)
 
 
-@pytest.mark.parametrize("max_norm", [0.5, 1e3])
-def test_clip_grad_norm_on_flat_buffers_matches_torch(backend, max_norm):
-    host = host_grads(0)
-    grads = flat_on(backend, host, LAYOUTS["interleaved"])
-    buffer = grads.flat
-    total = clip_grad_norm(grads, max_norm)
-    assert grads.flat is buffer, "flat gradients are scaled in place"
-    tparams = {k: torch.nn.Parameter(torch.zeros(v.shape, dtype=torch.float64))
-               for k, v in host.items()}
-    for k, p in tparams.items():
-        p.grad = torch.tensor(host[k])
-    expected = torch.nn.utils.clip_grad_norm_(list(tparams.values()), max_norm)
-    assert_close(total, expected.numpy(), 1e-13, "total norm")
-    for k, p in tparams.items():
-        assert_close(grads[k], p.grad.numpy(), 1e-13, k)
-
-
 # ---- which parameters decay ------------------------------------------------------------------
 
 def timm_no_decay(torch_model):
@@ -298,11 +281,16 @@ def test_decays_rule_on_model_keys(name):
 # ---- gradient clipping -----------------------------------------------------------------------
 
 @pytest.mark.parametrize("max_norm", [0.5, 1e3])  # clips, does not clip
-def test_clip_grad_norm_matches_torch(backend, max_norm):
+@pytest.mark.parametrize("flat", [False, True], ids=["dict", "flat"])
+def test_clip_grad_norm_matches_torch(backend, max_norm, flat):
+    """Per tensor or on the flat buffer (scaled in place there), torch's numbers."""
     host = host_grads(0)
-    grads = {k: on(backend, v, "float64") for k, v in host.items()}
+    grads = (flat_on(backend, host, LAYOUTS["interleaved"]) if flat
+             else {k: on(backend, v, "float64") for k, v in host.items()})
+    buffer = grads.flat if flat else None
     total = clip_grad_norm(grads, max_norm)
     assert total.shape == () and backend_name(array_namespace(total)) == backend
+    assert not flat or grads.flat is buffer, "flat gradients are scaled in place"
     tparams = {k: torch.nn.Parameter(torch.zeros(v.shape, dtype=torch.float64))
                for k, v in host.items()}
     for k, p in tparams.items():

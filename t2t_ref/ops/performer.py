@@ -35,7 +35,6 @@ def random_features_backward(dphi, cache):
     exponent), dz = g W - sum_m(g) z, since d(|z|^2/2)/dz = z.
     """
     z, w, phi = cache
-    xp = array_namespace(dphi)
     g = dphi * phi  # (B, N, m)
     dz = _rows_matmul(g, w)  # (B, N, d)
     dz -= row_sum(g) * z
