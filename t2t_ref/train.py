@@ -512,7 +512,8 @@ def prepare(config, resume=None, world=None):
         schedule=schedule, mixing=mixing, position=position, history=history, monitor=monitor,
         fingerprint=None if world.size == 1 else {
             "code version": mpi.code_version(),
-            "flags": {k: v for k, v in config.items() if k not in RANK_LOCAL},
+            **{f"--{k.replace('_', '-')}": v for k, v in config.items()
+               if k not in RANK_LOCAL},
             "data": dataset_fingerprint(config, class_names, train_set, val_set),
             "weights (CRC-32)": zlib.crc32(memoryview(to_numpy(model.params.flat)).cast("B")),
             "position": dataclasses.asdict(position)})
