@@ -578,6 +578,8 @@ def save_run_state(path, run):
         raise Diverged(f"the weights became NaN or inf by step {run.position.step} ({err}): "
                        f"the learning rate ({config['lr']:g} at its peak) is too high for "
                        "this run; lower --lr or set --clip-grad and start a new run") from None
+    finally:
+        world.note = run.kept()  # what a SIGTERM from mpirun leaves (mpi.py says it)
 
 def plot_curves(history, path):
     """Loss and accuracy per epoch, as curves.png."""
@@ -648,17 +650,14 @@ def fit(run):
                 f"--clip-grad and start a new run ({run.kept()})", everywhere=True)
         return r
 
-    def save(path):
-        save_run_state(path, run)
-        world.note = run.kept()
-
     bar = None
     # Ctrl-C under mpirun reaches the ranks as SIGTERM (mpi.py): it ends them at once
     ctrl_c = CtrlC() if world.size == 1 else contextlib.nullcontext(CtrlC())
     with quiet_float_warnings():  # the monitor counts what NumPy would warn about
         try:
-            with run.loader, run.val_loader, run.partners or contextlib.nullcontext(), \
-                    ctrl_c as ctrl_c:
+            partners_loader = run.partners if run.partners is not None \
+                else contextlib.nullcontext()
+            with run.loader, run.val_loader, partners_loader, ctrl_c as ctrl_c:
                 for epoch in range(position.epoch, config["epochs"]):
                     model.train()
                     bar = tqdm(total=steps_per_epoch, initial=position.batch,
@@ -693,30 +692,12 @@ def fit(run):
                         position.epoch_seconds = time.perf_counter() - started
                     read_monitor()
                     bar.close()
-                    train_seconds = time.perf_counter() - started
-
-                    record = epoch_record(run, epoch, train_seconds)
-                    run.history.append(record)
-                    # only a finite model with a strictly better score replaces `best`
-                    is_best = (record["val_nonfinite"] == 0
-                               and record["val_top1"] > position.best_top1)
-                    position.next_epoch()
-                    if is_best:
-                        position.best_top1 = record["val_top1"]
-                    run.monitor.new_epoch()
-                    save(run.last_path)
-                    if is_best:
-                        save(run.best_path)
-                    if run.speaks:
-                        write_atomic(run.metrics_path,
-                                     "".join(json.dumps(h) + "\n" for h in run.history))
-                        plot_curves(run.history, os.path.join(run.out, "curves.png"))
-                    run.say(epoch_line(record, run.ema is not None))
+                    finish_epoch(run, epoch, time.perf_counter() - started)
         except Interrupted:
             if bar is not None:
                 bar.close()
             read_monitor()
-            save(run.last_path)
+            save_run_state(run.last_path, run)
             if run.speaks:
                 print(f"\ninterrupted at step {position.step}: saved {run.last_path}; continue "
                       f"with --resume {run.last_path}", file=sys.stderr)
@@ -734,6 +715,27 @@ def fit(run):
                           file=sys.stderr)
     run.say(f"done: best validation top-1 {position.best_top1:.2f}%; checkpoints in {run.out}")
     return run.history
+
+
+def finish_epoch(run, epoch, train_seconds):
+    """After an epoch's last step: validate, then record the epoch, checkpoint `last` (and
+    `best`), write the metrics and the plot, and print the epoch's line."""
+    position = run.position
+    record = epoch_record(run, epoch, train_seconds)
+    run.history.append(record)
+    # only a finite model with a strictly better score replaces `best`
+    is_best = record["val_nonfinite"] == 0 and record["val_top1"] > position.best_top1
+    position.next_epoch()
+    if is_best:
+        position.best_top1 = record["val_top1"]
+    run.monitor.new_epoch()
+    save_run_state(run.last_path, run)
+    if is_best:
+        save_run_state(run.best_path, run)
+    if run.speaks:
+        write_atomic(run.metrics_path, "".join(json.dumps(h) + "\n" for h in run.history))
+        plot_curves(run.history, os.path.join(run.out, "curves.png"))
+    run.say(epoch_line(record, run.ema is not None))
 
 
 def train(config, resume=None, world=None):
