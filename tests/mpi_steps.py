@@ -41,8 +41,8 @@ def steps(name, dtype, batch, world):
         mine = slice(start, start + sizes[world.rank])
         model.rng = make_rng(model.xp, 100 + step)  # keyed by global sample: see DataParallel
         x = model.xp.asarray(images[mine], dtype=model.dtype)  # (b, 3, S, S)
-        train_step(model, optimizer, None, monitor, x, labels[mine], step, lr=1e-3, label_smoothing=0.1,
-                   clip_grad=1.0)
+        train_step(model, optimizer, None, monitor, x, labels[mine], step, lr=1e-3,
+                   label_smoothing=0.1, clip_grad=1.0)
     return np.asarray(model.params.flat), monitor.read()["loss"]
 
 

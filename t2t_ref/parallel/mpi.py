@@ -35,6 +35,8 @@ import zlib
 # set by the launchers: Open MPI, MPICH and Intel MPI (Hydra), MVAPICH; PMIx (srun) names no size
 SIZE_VARIABLES = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE")
 RANK_VARIABLES = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "MV2_COMM_WORLD_RANK", "PMIX_RANK")
+LOCAL_RANK_VARIABLES = ("OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID",
+                        "MV2_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID")
 INSTALL = "pip install 't2t_ref[mpi]'"
 
 
@@ -282,7 +284,9 @@ def use_local_gpu(world):
     if world.size == 1:
         return
     import cupy
-    local_rank = world.comm.Split_type(_mpi().COMM_TYPE_SHARED).Get_rank()
+    # the launcher's word, not a collective: ranks that disagree (one on NumPy) must still
+    # reach World.agree() to be told so
+    local_rank = next((int(os.environ[v]) for v in LOCAL_RANK_VARIABLES if v in os.environ), 0)
     cupy.cuda.Device(local_rank % max(1, _gpu_count() or 1)).use()
 
 
