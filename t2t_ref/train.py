@@ -4,6 +4,7 @@
     python -m t2t_ref.train --data imagenette2-320 --img-size 224 --epochs 100 --backend cupy
     python -m t2t_ref.train --resume runs/t2t/last.safetensors
     python -m t2t_ref.train --data flowers --model t2t_vit_14 --init-from 81.5_T2T_ViT_14.pth.tar
+    mpirun -n 4 python -m t2t_ref.train ...    # 4 processes, each a quarter of every batch
 
 Each epoch writes to --out: metrics.jsonl (one line per epoch), curves.png, and the
 checkpoints last.safetensors and best.safetensors (see checkpoint.py). Ctrl-C saves `last`
@@ -15,6 +16,12 @@ A step whose loss or gradient norm is NaN or inf is skipped and counted on the d
 (guard.py), read with the logged loss every LOG_EVERY steps; --max-nonfinite-steps of them in
 a row stop the run. Exit codes: 0 done, 2 a user mistake (one line saying what to change),
 3 diverged (checkpoints as the last finished epoch left them), 130 Ctrl-C (`last` saved).
+
+The loop is train_step (forward, loss, backward, clip, AdamW, EMA: what the tutorial writes)
+inside bookkeeping: prepare() builds or resumes a Run, fit() feeds it batches, logs, and
+checkpoints each epoch (finish_epoch); a Position says where the run is. Under mpirun
+(parallel/mpi.py) every rank runs the same code on its piece of each batch; rank 0 alone
+prints and writes.
 """
 
 import argparse
