@@ -10,12 +10,16 @@ validation set it was trained beside.
 file has them) on DIR/val/<class>/ (DIR/train/ is not needed; DIR may also be the val folder
 itself). For ImageNet the class folders are the 1000 synsets n01440764 ...: their sorted order
 is the class order of the official weights.
+
+Under mpirun each rank scores its piece of every batch and the sums are added over the ranks:
+the numbers are one process's (the loss up to float rounding); rank 0 prints them.
 """
 
 import json
 import os
 import sys
 import time
+import zlib
 
 from tqdm import tqdm
 
@@ -26,7 +30,8 @@ from .data import ArrayDataset, DataError, FileDataset, Loader, find_splits, mak
 from .data.folder import scan_split, short_list
 from .guard import quiet_float_warnings
 from .model import T2TViT, create_model
-from .parallel import DataParallel
+from .parallel import DataParallel, mpi
+from .parallel.mpi import WorldError
 from .ops.cross_entropy import cross_entropy
 from .pretrained import PretrainedError, imagenet_classes, model_from_weights, read_weights
 from .variants import list_models
@@ -52,10 +57,13 @@ def evaluate(model, loader, progress=True, desc="eval"):
     whose logits are all equal scores 0%, not 100%); a sample with any NaN or inf logit is
     wrong at every k, and "nonfinite" counts those samples (the loss is then NaN too).
     Sums stay on the device; the only host transfer is one stack of the sums at the end.
-    A bare T2TViT is run on every core (t2t_ref.parallel.DataParallel).
+    A bare T2TViT is run on every core (t2t_ref.parallel.DataParallel). Under MPI (a
+    DataParallel with a world of several ranks, the loader serving each its piece of every
+    batch) the sums are added over the ranks: every rank returns the whole set's numbers.
     """
     if isinstance(model, T2TViT):
         model = DataParallel(model)
+    together = getattr(model, "world", None) is not None and model.world.size > 1
     xp, device = model.xp, model.device
     model.eval()
     K = model.num_classes
@@ -64,12 +72,14 @@ def evaluate(model, loader, progress=True, desc="eval"):
     count = 0
     for images, labels in tqdm(loader.epoch_batches(0), total=len(loader), desc=desc,
                                leave=False, disable=not progress):
-        if len(labels) == 0:
+        if len(labels) == 0 and not together:
             continue
         x = xp.astype(to_device(images, xp, device), model.dtype)
         y = to_device(labels, xp, device)
         with quiet_float_warnings():  # non-finite outputs are counted below
             logits = model.forward(x, keep_cache=False)  # (B, K)
+            if len(labels) == 0:  # none of this batch here: the forward kept step with the
+                continue          # other ranks (it gathers their counts)
             loss, _ = cross_entropy(logits, y)
         loss_sum = loss_sum + xp.astype(loss, xp.float64) * len(labels)
         finite = xp.all(xp.isfinite(logits), axis=1)  # (B,)
@@ -83,11 +93,14 @@ def evaluate(model, loader, progress=True, desc="eval"):
         topk = topk + xp.sum(xp.astype(rank < (k or 1), xp.float64))
         nonfinite = nonfinite + xp.sum(xp.astype(xp.logical_not(finite), xp.float64))
         count += len(labels)
+    sums = xp.stack([xp.asarray(v, dtype=xp.float64, device=device)
+                     for v in (loss_sum, top1, topk, nonfinite, count)])  # (5,)
+    if together:
+        sums = model.sum_over_ranks(sums)
+    loss_sum, top1, topk, nonfinite, count = (float(v) for v in to_numpy(sums))
+    count = int(count)
     if count == 0:
         raise DataError("no validation image could be read: check the val/ folder")
-    loss_sum, top1, topk, nonfinite = (float(v) for v in to_numpy(xp.stack(
-        [xp.asarray(v, dtype=xp.float64, device=device) for v in (loss_sum, top1, topk,
-                                                                   nonfinite)])))
     result = {"loss": loss_sum / count, "top1": 100.0 * top1 / count}
     if k:
         result[f"top{k}"] = 100.0 * topk / count
@@ -124,7 +137,8 @@ def model_from_checkpoint(path, backend, dtype=None):
     return model, meta, ema
 
 
-def validation_loader(meta, data, batch_size, workers, val_fraction=None, source="the file"):
+def validation_loader(meta, data, batch_size, workers, val_fraction=None, source="the file",
+                      piece=None):
     """The validation split a checkpoint's model is evaluated on, checked against its classes."""
     config = meta["config"]
     size = config["img_size"]
@@ -154,10 +168,11 @@ def validation_loader(meta, data, batch_size, workers, val_fraction=None, source
             "the model was trained on")
     # the built-in shapes are scored as drawn, as in training (see train.py)
     return Loader(dataset, batch_size, size, train=False, workers=workers,
-                  eval_resize=isinstance(dataset, FileDataset), on_bad_file=warn_bad_file)
+                  eval_resize=isinstance(dataset, FileDataset), on_bad_file=warn_bad_file,
+                  piece=piece)
 
 
-def val_folder_loader(data, class_names, num_classes, size, batch_size, workers):
+def val_folder_loader(data, class_names, num_classes, size, batch_size, workers, piece=None):
     """A loader over DIR/val/<class>/<image> (or DIR/<class>/<image> when DIR has neither val/
     nor train/), its sorted class folders checked against the weights' classes: class_names
     when known, else the ImageNet synsets for 1000 classes, else only their number."""
@@ -185,7 +200,7 @@ def val_folder_loader(data, class_names, num_classes, size, batch_size, workers)
         raise DataError(f"{val_dir!r} has {len(classes)} class folders but the weights classify "
                         f"{num_classes} classes")
     return Loader(FileDataset(samples), batch_size, size, train=False, workers=workers,
-                  on_bad_file=warn_bad_file)
+                  on_bad_file=warn_bad_file, piece=piece)
 
 
 def warn_bad_file(path, reason):
@@ -202,8 +217,7 @@ def report(result, loader, name, **extra):
     print(json.dumps(result))
 
 
-def main(argv=None):
-    keep_freed_memory()  # reuse freed arrays' memory: see backend.keep_freed_memory
+def build_parser():
     parser = Parser(prog="python -m t2t_ref.evaluate", description=__doc__)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", metavar="FILE", help="a t2t_ref training checkpoint")
@@ -226,46 +240,78 @@ def main(argv=None):
                         "official weights)")
     parser.add_argument("--no-ema", action="store_true",
                         help="with --weights: the raw weights, not the EMA ones")
-    args = parser.parse_args(argv)
+    return parser
+
+
+class Job:
+    """What main() evaluates: model, loader, the summary's name and the JSON's extra fields,
+    and under MPI what every rank must hold alike (fingerprint)."""
+
+    def __init__(self, model, loader, name, extra, world):
+        self.model, self.loader, self.name, self.extra = model, loader, name, extra
+        self.fingerprint = None if world.size == 1 else {
+            "code version": mpi.code_version(), "model": extra["model"],
+            "weights (CRC-32)": zlib.crc32(memoryview(to_numpy(model.params.flat)).cast("B")),
+            "validation images": len(loader.dataset)}
+
+
+def prepare(argv, world):
+    """The command line -> a Job (a user error raised as it comes)."""
+    args = build_parser().parse_args(argv)
+    piece = (world.rank, world.size) if world.size > 1 else None
     if args.weights is not None:
-        return main_weights(args)
-    try:
-        model, meta, ema = model_from_checkpoint(args.checkpoint, args.backend)
-        if args.ema:
-            if ema is None:
-                raise CheckpointError(f"{args.checkpoint} holds no EMA weights (trained "
-                                      "without --ema-decay)")
-            model.load_state_dict({**model.state_dict(), **ema})
-        start = time.perf_counter()
-        with validation_loader(meta, args.data, args.batch_size, args.workers,
-                               source=args.checkpoint) as loader:
-            result = evaluate(model, loader)
-    except USER_ERRORS as err:
-        return user_error(err)
-    report(result, loader, meta["model"], checkpoint=args.checkpoint, model=meta["model"],
-           seconds=round(time.perf_counter() - start, 2))
-    return 0
-
-
-def main_weights(args):
-    """evaluate --weights FILE --data DIR: a weights file on an ImageNet-style val folder."""
-    if args.data is None:
-        return user_error("--weights needs --data DIR: an ImageNet-style folder with "
-                          "val/<class>/ (for ImageNet: the 1000 synset folders)")
-    try:
+        if args.data is None:
+            raise DataError("--weights needs --data DIR: an ImageNet-style folder with "
+                            "val/<class>/ (for ImageNet: the 1000 synset folders)")
         weight_file = read_weights(args.weights, use_ema=not args.no_ema)
+        if args.backend == "cupy":
+            mpi.use_local_gpu(world)
         model, _ = model_from_weights(weight_file, args.model, img_size=args.img_size,
                                       backend=args.backend)
-        start = time.perf_counter()
-        with val_folder_loader(args.data, weight_file.class_names, model.num_classes,
-                               model.img_size, args.batch_size, args.workers) as loader:
-            result = evaluate(model, loader)
+        loader = val_folder_loader(args.data, weight_file.class_names, model.num_classes,
+                                   model.img_size, args.batch_size, args.workers, piece)
+        name = f"{model.name} ({weight_file.which}) at {model.img_size}x{model.img_size}"
+        extra = dict(weights=args.weights, which=weight_file.which, model=model.name,
+                     img_size=model.img_size)
+        return Job(model, loader, name, extra, world)
+    if args.backend == "cupy":
+        mpi.use_local_gpu(world)
+    model, meta, ema = model_from_checkpoint(args.checkpoint, args.backend)
+    if args.ema:
+        if ema is None:
+            raise CheckpointError(f"{args.checkpoint} holds no EMA weights (trained "
+                                  "without --ema-decay)")
+        model.load_state_dict({**model.state_dict(), **ema})
+    loader = validation_loader(meta, args.data, args.batch_size, args.workers,
+                               source=args.checkpoint, piece=piece)
+    return Job(model, loader, meta["model"], dict(checkpoint=args.checkpoint,
+                                                  model=meta["model"]), world)
+
+
+def main(argv=None):
+    keep_freed_memory()  # reuse freed arrays' memory: see backend.keep_freed_memory
+    try:
+        world = mpi.join()  # one process, or this rank of mpirun's
+    except WorldError as err:
+        return user_error(err)
+    try:
+        job = world.start(lambda: prepare(argv, world), USER_ERRORS)
+    except WorldError as err:  # a rank failed to start, or the ranks disagree
+        if world.rank == 0 and err.args[0] is not None:
+            user_error(err)
+        return err.exit_code
     except USER_ERRORS as err:
         return user_error(err)
-    report(result, loader, f"{model.name} ({weight_file.which}) at "
-           f"{model.img_size}x{model.img_size}", weights=args.weights, which=weight_file.which,
-           model=model.name, img_size=model.img_size,
-           seconds=round(time.perf_counter() - start, 2))
+    start = time.perf_counter()
+    try:
+        with job.loader:
+            result = evaluate(DataParallel(job.model, world=world), job.loader,
+                              progress=world.rank == 0)
+    except USER_ERRORS as err:  # on every rank alike: the counts were summed over them
+        return user_error(err) if world.rank == 0 else 2
+    if world.rank == 0:
+        report(result, job.loader, job.name, **job.extra,
+               seconds=round(time.perf_counter() - start, 2))
     return 0
 
 

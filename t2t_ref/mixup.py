@@ -6,6 +6,8 @@ the labels by the same fraction lam, giving probability targets (B, K):
 - cutmix: a random box of area (1 - lam) * S^2 is pasted from x_reversed; lam is then
           recomputed from the box actually pasted (it may be clipped at the border).
 Per batch, one of the two is chosen (each with probability 0.5 when both are on).
+Under MPI a rank holds a piece of the batch; its samples' partners, B-1-i, are elsewhere in
+the batch, and come in as `partners` (a loader's mirrored piece: see data/loader.py).
 """
 
 import numpy as np
@@ -27,19 +29,25 @@ def cutmix_box(rng, size, lam):
     return int(top), int(bottom), int(left), int(right)
 
 
-def mix_batch(images, labels, num_classes, rng, mixup_alpha=0.8, cutmix_alpha=1.0):
-    """images (B, 3, S, S) float32, labels (B,) -> (mixed images, targets (B, K))."""
+def mix_batch(images, labels, num_classes, rng, mixup_alpha=0.8, cutmix_alpha=1.0,
+              partners=None):
+    """images (B, 3, S, S) float32, labels (B,) -> (mixed images, targets (B, K)).
+    partners: (images, labels) each sample is mixed with, row by row (default: the batch
+    reversed)."""
     targets = one_hot(labels, num_classes)
+    other_images, other_labels = partners if partners is not None else \
+        (images[::-1], labels[::-1])
     use_cutmix = cutmix_alpha > 0 and (mixup_alpha <= 0 or rng.random() < 0.5)
     if use_cutmix:
         lam = rng.beta(cutmix_alpha, cutmix_alpha)
         top, bottom, left, right = cutmix_box(rng, images.shape[-1], lam)
         images = images.copy()
-        images[:, :, top:bottom, left:right] = images[::-1, :, top:bottom, left:right]
+        images[:, :, top:bottom, left:right] = other_images[:, :, top:bottom, left:right]
         lam = 1.0 - (bottom - top) * (right - left) / images.shape[-1] ** 2
     elif mixup_alpha > 0:
         lam = rng.beta(mixup_alpha, mixup_alpha)
-        images = (lam * images + (1.0 - lam) * images[::-1]).astype(images.dtype)
+        images = (lam * images + (1.0 - lam) * other_images).astype(images.dtype)
     else:
         return images, targets
-    return images, (lam * targets + (1.0 - lam) * targets[::-1]).astype(np.float32)
+    other_targets = one_hot(other_labels, num_classes)
+    return images, (lam * targets + (1.0 - lam) * other_targets).astype(np.float32)

@@ -4,6 +4,7 @@
     python -m t2t_ref.train --data imagenette2-320 --img-size 224 --epochs 100 --backend cupy
     python -m t2t_ref.train --resume runs/t2t/last.safetensors
     python -m t2t_ref.train --data flowers --model t2t_vit_14 --init-from 81.5_T2T_ViT_14.pth.tar
+    mpirun -n 4 python -m t2t_ref.train ...    # 4 processes, each a quarter of every batch
 
 Each epoch writes to --out: metrics.jsonl (one line per epoch), curves.png, and the
 checkpoints last.safetensors and best.safetensors (see checkpoint.py). Ctrl-C saves `last`
@@ -15,10 +16,20 @@ A step whose loss or gradient norm is NaN or inf is skipped and counted on the d
 (guard.py), read with the logged loss every LOG_EVERY steps; --max-nonfinite-steps of them in
 a row stop the run. Exit codes: 0 done, 2 a user mistake (one line saying what to change),
 3 diverged (checkpoints as the last finished epoch left them), 130 Ctrl-C (`last` saved).
+
+The loop is train_step (forward, loss, backward, clip, AdamW, EMA: what the tutorial writes)
+inside bookkeeping: prepare() builds or resumes a Run, fit() feeds it batches, logs, and
+checkpoints each epoch (finish_epoch); a Position says where the run is. Under mpirun
+(parallel/mpi.py) every rank runs the same code on its piece of each batch; rank 0 alone
+prints and writes.
 """
 
 import argparse
+import contextlib
+import dataclasses
+import hashlib
 import io
+import itertools
 import json
 import math
 import os
@@ -26,6 +37,9 @@ import signal
 import sys
 import tempfile
 import time
+import traceback
+import zlib
+from dataclasses import dataclass, fields
 
 import numpy as np
 from tqdm import tqdm
@@ -42,7 +56,8 @@ from .gaps import make_rng
 from .guard import StepMonitor, grad_norm, quiet_float_warnings
 from .mixup import mix_batch
 from .model import PATCH, create_model
-from .parallel import DataParallel
+from .parallel import DataParallel, mpi
+from .parallel.mpi import WorldError
 from .ops.cross_entropy import cross_entropy
 from .optim import AdamW, clip_grad_norm
 from .pretrained import PretrainedError, load_weights_into
@@ -54,6 +69,9 @@ LOG_EVERY = 10  # steps between reads of the loss and the non-finite counters: o
 # Flags that may differ when resuming: where the run is, not what it computes.
 RESUME_MAY_CHANGE = ("data", "workers", "backend", "out", "resume", "stop_after",
                      "max_nonfinite_steps")
+# Flags that may differ between MPI ranks (paths can differ from node to node; what is read
+# there is compared by content)
+RANK_LOCAL = ("data", "workers", "out", "resume")
 
 
 class UsageError(ValueError):
@@ -62,7 +80,12 @@ class UsageError(ValueError):
 
 class Diverged(Exception):
     """The run stopped because its steps kept coming out NaN or inf (exit code 3); the message
-    names the step, the last finite loss and the learning rate."""
+    names the step, the last finite loss and the learning rate. everywhere: raised on every MPI
+    rank alike (else on this one only, and the others must be ended)."""
+
+    def __init__(self, message, everywhere=False):
+        super().__init__(message)
+        self.everywhere = everywhere
 
 
 class Interrupted(Exception):
@@ -279,20 +302,291 @@ def step_seed(seed, step):
     return int(np.random.SeedSequence(seed, spawn_key=(step, 2)).generate_state(1)[0])
 
 
-def save_run_state(path, model, optimizer, ema, config, class_names, position):
-    """Write a checkpoint with everything needed to continue exactly from `position`.
-    Diverged if the weights are not finite (checkpoint.py writes no NaN or inf)."""
-    meta = {"model": config["model"], "class_names": class_names, "config": config,
-            **position}
+@dataclass
+class Position:
+    """Where a run is: what a checkpoint records (besides the weights, moments and EMA) to go
+    on exactly from there. Saved as the checkpoint's metadata under these names."""
+
+    epoch: int = 0  # epochs finished
+    batch: int = 0  # batches of the current epoch done
+    step: int = 0  # optimizer steps done, skipped non-finite ones included
+    best_top1: float = -1.0  # the best finite validation top-1 so far (-1: none yet)
+    # the current epoch so far: the loss summed over the images of its finite steps, and
+    # their number; all its images; its training seconds
+    epoch_loss_sum: float = 0.0
+    epoch_loss_images: int = 0
+    epoch_images: int = 0
+    epoch_seconds: float = 0.0
+    # non-finite steps (guard.StepMonitor): this epoch's, in a row, the last finite loss
+    nonfinite_steps: int = 0
+    nonfinite_run: int = 0
+    last_finite_loss: float | None = None
+    last_finite_step: int | None = None
+
+    @classmethod
+    def from_meta(cls, meta):
+        """The position a checkpoint recorded (older checkpoints lack the newer entries: they
+        start from the defaults)."""
+        names = [f.name for f in fields(cls)]
+        position = cls(**{name: meta[name] for name in names if name in meta})
+        if "epoch_loss_images" not in meta:
+            position.epoch_loss_images = position.epoch_images
+        return position
+
+    def monitor_state(self):
+        """guard.StepMonitor's counters as this position left them."""
+        return {"loss_sum": self.epoch_loss_sum, "images": self.epoch_loss_images,
+                "skipped": self.nonfinite_steps, "run": self.nonfinite_run,
+                "last_loss": _or_nan(self.last_finite_loss),
+                "last_loss_step": _or_nan(self.last_finite_step)}
+
+    def take_monitor(self, r):
+        """Copy in a StepMonitor.read()."""
+        finite = math.isfinite(r["last_loss"])
+        self.epoch_loss_sum, self.epoch_loss_images = r["loss_sum"], int(r["images"])
+        self.nonfinite_steps, self.nonfinite_run = int(r["skipped"]), int(r["run"])
+        self.last_finite_loss = r["last_loss"] if finite else None
+        self.last_finite_step = int(r["last_loss_step"]) if finite else None
+
+    def next_epoch(self):
+        """The epoch is done: count it, zero its sums."""
+        self.epoch, self.batch = self.epoch + 1, 0
+        self.epoch_loss_sum, self.epoch_loss_images, self.epoch_images = 0.0, 0, 0
+        self.epoch_seconds, self.nonfinite_steps = 0.0, 0
+
+
+def train_step(model, optimizer, ema, monitor, x, targets, step, lr, label_smoothing=0.0,
+               clip_grad=None):
+    """One optimizer step, as the tutorial writes it: forward, loss, backward, clip, AdamW,
+    EMA. model is a DataParallel: under MPI x (b, 3, S, S) is this rank's piece of the batch,
+    and the loss and gradients are those of the mean over the whole (global) batch. A step
+    whose loss or gradient norm is NaN or inf changes nothing (found_inf stays on the device:
+    see guard.py). Returns the global batch's size."""
+    logits = model.forward(x)  # (b, K)
+    loss, dlogits = cross_entropy(logits, targets, label_smoothing)  # mean over this piece
+    loss, dlogits = model.batch_mean(loss, dlogits)  # mean over the global batch
+    model.backward(dlogits)  # model.grads: summed over threads and ranks
+    if clip_grad is not None:
+        norm = clip_grad_norm(model.grads, clip_grad)
+    else:
+        norm = grad_norm(model.grads)
+    found_inf = monitor.step(step, loss, norm, model.samples)  # on the device
+    optimizer.step(model.params, model.grads, lr, found_inf=found_inf)
+    if ema is not None:
+        ema.update(model.params, found_inf=found_inf)
+    model.grads = {}
+    return model.samples
+
+
+class Run:
+    """Everything a training run holds: configuration, ranks, model, optimizer, EMA, data,
+    schedule, position, history, files. Made by prepare(); trained by fit()."""
+
+    def __init__(self, **parts):
+        self.__dict__.update(parts)
+
+    @property
+    def speaks(self):
+        """Does this process print, write files and show progress bars? (rank 0)"""
+        return self.world.rank == 0
+
+    def say(self, *args, **kwargs):
+        if self.speaks:
+            print(*args, **kwargs)
+
+    def kept(self):
+        """What a diverged or killed run leaves: the checkpoints of its last finished epoch."""
+        files = [path for path in (self.last_path, self.best_path) if os.path.exists(path)]
+        if not files:
+            return "no checkpoint was written"
+        return f"{' and '.join(files)} {'are' if len(files) > 1 else 'is'} as epoch " \
+            f"{self.position.epoch} left {'them' if len(files) > 1 else 'it'}"
+
+
+def prepare(config, resume=None, world=None):
+    """Build a run as configured, or continue one: resume is load_checkpoint's (weights, meta,
+    optimizer, ema). Under MPI (world of several ranks) every rank builds the same run; rank 0
+    alone touches --out."""
+    world = world if world is not None else mpi.World()
+    out = config["out"]
+    paths = {name: os.path.join(out, f"{name}.safetensors") for name in ("last", "best")}
+    run = Run(config=config, world=world, out=out, last_path=paths["last"],
+              best_path=paths["best"], metrics_path=os.path.join(out, "metrics.jsonl"))
+    if world.size > config["batch_size"]:
+        raise UsageError(f"--batch-size {config['batch_size']} is smaller than the "
+                         f"{world.size} MPI ranks (each takes a piece of every batch): give at "
+                         f"least {world.size}, or fewer ranks")
+    if run.speaks:
+        check_out_folder(out)
+        if resume is None and os.path.exists(run.last_path):
+            raise UsageError(f"{out} already holds a run: continue it with --resume "
+                             f"{run.last_path}, or choose another --out")
+        left = remove_leftovers(out)
+        if left:
+            print(f"removed {plural(len(left), 'temporary file')} that an interrupted write "
+                  f"left in {out}: {', '.join(left)}", file=sys.stderr)
+
+    class_names, train_set, val_set = load_data(config)
+    if config["backend"] == "cupy":
+        mpi.use_local_gpu(world)  # before anything goes onto a GPU
+    # the model, run on every core (threads) and over the MPI ranks
+    model = DataParallel(create_model(
+        config["model"], num_classes=len(class_names), img_size=config["img_size"],
+        backend=config["backend"], dtype=config["dtype"], seed=config["seed"],
+        drop_rate=config["drop"], drop_path_rate=config["drop_path"]), world=world)
+    if resume is None and config.get("init_from"):  # before the optimizer and EMA copy them
+        notes = load_weights_into(model, config["init_from"])
+        run.say(f"initialised from {config['init_from']}" + "".join(f"; {n}" for n in notes))
+    xp, device = model.xp, model.device
+    optimizer = AdamW(model.params, weight_decay=config["weight_decay"])
+    ema = WeightEMA(model.params, config["ema_decay"]) if config["ema_decay"] > 0 else None
+    position, saved_epochs = Position(), config["epochs"]
+    if resume is not None:
+        weights, meta, optimizer_state, ema_weights = resume
+        if meta["class_names"] != class_names:
+            raise DataError(f"the data's classes differ from the checkpoint's "
+                            f"({len(class_names)} vs {len(meta['class_names'])}): resume on "
+                            "the dataset the run was started with")
+        try:
+            model.load_state_dict(weights)
+            optimizer.load_state_dict(optimizer_state)
+            if ema is not None:
+                ema.load({k: xp.astype(to_device(v, xp, device), model.dtype)
+                          for k, v in ema_weights.items()})
+        except (ValueError, TypeError, AttributeError) as err:
+            raise CheckpointError(f"the checkpoint does not fit {config['model']}: {err}") \
+                from None
+        position = Position.from_meta(meta)
+        saved_epochs = meta["config"]["epochs"]
+        if position.epoch >= config["epochs"]:
+            raise UsageError(f"the run has trained {position.epoch} of "
+                             f"{plural(config['epochs'], 'epoch')} already: to train on, "
+                             f"resume with --epochs N, N more than {position.epoch}")
+
+    history = []
+    if run.speaks:
+        os.makedirs(out, exist_ok=True)
+        write_atomic(os.path.join(out, "config.json"), json.dumps(config, indent=2))
+        history = read_history(run.metrics_path)[:position.epoch]
+
+    # each rank reads its piece of every batch (all of it when alone)
+    piece = (world.rank, world.size) if world.size > 1 else None
+    loader_options = dict(workers=config["workers"], on_bad_file=warn_bad_file, piece=piece)
+    loader = Loader(train_set, config["batch_size"], config["img_size"], train=True,
+                    seed=config["seed"], scale=config["crop_scale"], ratio=config["crop_ratio"],
+                    **loader_options)
+    mixing = config["mixup"] > 0 or config["cutmix"] > 0
+    # mixup pairs sample i with sample B-1-i of the global batch, which another rank reads:
+    # a second loader serves this rank the partners of its samples (decoded once more here)
+    partners = Loader(train_set, config["batch_size"], config["img_size"], train=True,
+                      seed=config["seed"], scale=config["crop_scale"],
+                      ratio=config["crop_ratio"], **{**loader_options, "mirrored": True,
+                                                     "on_bad_file": _ignore}) \
+        if mixing and world.size > 1 else None
+    # the built-in shapes are drawn at the training size: scored as drawn, not zoomed by the
+    # photo recipe's resize-to-S/0.9-and-crop (which would cut shapes near the border)
+    val_loader = Loader(val_set, config["batch_size"], config["img_size"], train=False,
+                        eval_resize=isinstance(val_set, FileDataset), **loader_options)
+    steps_per_epoch = len(loader)
+
+    def cosine(epochs):
+        return CosineSchedule(config["lr"], epochs * steps_per_epoch,
+                              warmup_steps=round(config["warmup_epochs"] * steps_per_epoch),
+                              warmup_lr=config["warmup_lr"], min_lr=config["min_lr"])
+
+    schedule = cosine(config["epochs"])
+    K = len(class_names)
+    run.say(f"{config['model']}: {model.num_parameters(True):,} trainable parameters, "
+            f"{len(train_set)} training and {plural(len(val_set), 'validation image')} of "
+            f"{plural(K, 'class', 'classes')}, {config['img_size']}x{config['img_size']}, "
+            f"{config['backend']}/{config['dtype']}, {steps_per_epoch} steps per epoch"
+            + (f", {world.size} MPI ranks" if world.size > 1 else ""))
+    if resume is not None:
+        run.say(f"resuming at epoch {position.epoch + 1} of {config['epochs']}, step "
+                f"{position.step} (batch {position.batch} of {steps_per_epoch})")
+    if saved_epochs != config["epochs"]:  # timm's way: the schedule the new total defines
+        step = position.step
+        run.say(f"{'extending' if config['epochs'] > saved_epochs else 'shortening'} the run "
+                f"from {saved_epochs} to {plural(config['epochs'], 'epoch')}: the cosine "
+                f"schedule now ends at step {schedule.total_steps}, and the learning rate at "
+                f"step {step} goes from {cosine(saved_epochs)(step):.4g} to "
+                f"{schedule(step):.4g}")
+    monitor = StepMonitor(xp, device, config["max_nonfinite_steps"],
+                          state=position.monitor_state())
+    run.__dict__.update(
+        class_names=class_names, model=model, optimizer=optimizer, ema=ema, loader=loader,
+        partners=partners, val_loader=val_loader, steps_per_epoch=steps_per_epoch,
+        schedule=schedule, mixing=mixing, position=position, history=history, monitor=monitor,
+        fingerprint=None if world.size == 1 else {
+            "code version": mpi.code_version(),
+            **{f"--{k.replace('_', '-')}": v for k, v in config.items()
+               if k not in RANK_LOCAL},
+            "data": dataset_fingerprint(config, class_names, train_set, val_set),
+            "weights (CRC-32)": zlib.crc32(memoryview(to_numpy(model.params.flat)).cast("B")),
+            "position": dataclasses.asdict(position)})
+    world.note = run.kept()
+    return run
+
+
+def dataset_fingerprint(config, class_names, train_set, val_set):
+    """A short digest of what the ranks read: classes, file names (relative to --data) or
+    labels, split sizes. Ranks with different data would not train one model."""
+    digest = hashlib.sha256(json.dumps(class_names).encode())
+    for dataset in (train_set, val_set):
+        digest.update(np.ascontiguousarray(dataset.labels).tobytes())
+        if isinstance(dataset, FileDataset):
+            root = config["data"]
+            digest.update("\n".join(os.path.relpath(p, root) for p in dataset.paths).encode())
+    return f"{len(train_set)}+{len(val_set)} images, {digest.hexdigest()[:16]}"
+
+
+def batch_inputs(run, images, labels, partners):
+    """A step's host batch (this rank's piece) -> (x, targets) on the device, mixed with
+    mixup or cutmix if on; sets model.rng to the step's dropout generator."""
+    model, config, xp, device = run.model, run.config, run.model.xp, run.model.device
+    seed = step_seed(config["seed"], run.position.step)
+    targets = labels
+    if run.mixing:
+        if partners is not None and len(partners[1]) != len(labels):
+            partners = None  # unreadable files shifted the pairs: this piece's own mirror
+        images, targets = mix_batch(images, labels, len(run.class_names),
+                                    np.random.default_rng(seed), config["mixup"],
+                                    config["cutmix"], partners=partners)
+    x = xp.astype(to_device(images, xp, device), model.dtype)  # (b, 3, S, S)
+    t = to_device(targets, xp, device)
+    if run.mixing:
+        t = xp.astype(t, model.dtype)  # (b, K) probabilities
+    model.rng = make_rng(xp, seed)  # keyed by global sample: the same masks on any cut
+    return x, t
+
+
+def save_run_state(path, run):
+    """Write a checkpoint with everything needed to continue exactly from run.position (rank 0
+    writes; every rank checks). Diverged if the weights are not finite (checkpoint.py writes
+    no NaN or inf); WorldError if the ranks' weights differ."""
+    model, config, world = run.model, run.config, run.world
+    weights = to_numpy(model.params.flat)  # (n,) on the host: one transfer per checkpoint
+    if not np.all(np.isfinite(weights)):  # on every rank alike (rank 0 alone writes)
+        raise Diverged(f"the weights became NaN or inf by step {run.position.step}: the "
+                       f"learning rate ({config['lr']:g} at its peak) is too high for this "
+                       "run; lower --lr or set --clip-grad and start a new run",
+                       everywhere=True)
+    world.check_same_bytes("weights", weights)
+    if not run.speaks:
+        return
+    meta = {"model": config["model"], "class_names": run.class_names, "config": config,
+            **dataclasses.asdict(run.position)}
+    ema = run.ema
     try:
-        save_checkpoint(path, model.state_dict(), meta, optimizer=optimizer.state_dict(),
+        save_checkpoint(path, model.state_dict(), meta, optimizer=run.optimizer.state_dict(),
                         ema=None if ema is None else {k: to_numpy(v)
                                                       for k, v in ema.params.items()})
     except NonFiniteError as err:
-        raise Diverged(f"the weights became NaN or inf by step {position['step']} ({err}): "
+        raise Diverged(f"the weights became NaN or inf by step {run.position.step} ({err}): "
                        f"the learning rate ({config['lr']:g} at its peak) is too high for "
                        "this run; lower --lr or set --clip-grad and start a new run") from None
-
+    finally:
+        world.note = run.kept()  # what a SIGTERM from mpirun leaves (mpi.py says it)
 
 def plot_curves(history, path):
     """Loss and accuracy per epoch, as curves.png."""
@@ -337,260 +631,156 @@ def warn_bad_file(path, reason):
     tqdm.write(f"warning: skipping unreadable image {path}: {reason}", file=sys.stderr)
 
 
-def train(config, resume=None):
-    """Run (or continue) training as configured. Returns the metrics history.
+def fit(run):
+    """Train the prepared run to its last epoch. Returns the metrics history.
 
-    resume: load_checkpoint's (weights, meta, optimizer, ema) of the run to continue."""
-    out = config["out"]
-    last_path = os.path.join(out, "last.safetensors")
-    best_path = os.path.join(out, "best.safetensors")
-    metrics_path = os.path.join(out, "metrics.jsonl")
-    if resume is None and os.path.exists(last_path):
-        raise UsageError(f"{out} already holds a run: continue it with --resume {last_path}, "
-                         "or choose another --out")
-    left = remove_leftovers(out)
-    if left:
-        print(f"removed {plural(len(left), 'temporary file')} that an interrupted write left "
-              f"in {out}: {', '.join(left)}", file=sys.stderr)
-
-    class_names, train_set, val_set = load_data(config)
-    # the model, run on every core (t2t_ref.parallel: one piece of each batch per thread)
-    model = DataParallel(create_model(
-        config["model"], num_classes=len(class_names), img_size=config["img_size"],
-        backend=config["backend"], dtype=config["dtype"], seed=config["seed"],
-        drop_rate=config["drop"], drop_path_rate=config["drop_path"]))
-    if resume is None and config.get("init_from"):  # before the optimizer and EMA copy them
-        notes = load_weights_into(model, config["init_from"])
-        print(f"initialised from {config['init_from']}" + "".join(f"; {n}" for n in notes))
-    xp, device = model.xp, model.device
-    optimizer = AdamW(model.params, weight_decay=config["weight_decay"])
-    ema = WeightEMA(model.params, config["ema_decay"]) if config["ema_decay"] > 0 else None
-    # where the run is; the epoch_* and nonfinite_* entries are this epoch's so far
-    position = {"epoch": 0, "batch": 0, "step": 0, "best_top1": -1.0,
-                "epoch_loss_sum": 0.0, "epoch_loss_images": 0, "epoch_images": 0,
-                "epoch_seconds": 0.0, "nonfinite_steps": 0, "nonfinite_run": 0,
-                "last_finite_loss": None, "last_finite_step": None}
-
-    saved_epochs = config["epochs"]
-    if resume is not None:
-        weights, meta, optimizer_state, ema_weights = resume
-        if meta["class_names"] != class_names:
-            raise DataError(f"the data's classes differ from the checkpoint's "
-                            f"({len(class_names)} vs {len(meta['class_names'])}): resume on "
-                            "the dataset the run was started with")
-        try:
-            model.load_state_dict(weights)
-            optimizer.load_state_dict(optimizer_state)
-            if ema is not None:
-                ema.load({k: xp.astype(to_device(v, xp, device), model.dtype)
-                          for k, v in ema_weights.items()})
-        except (ValueError, TypeError, AttributeError) as err:
-            raise CheckpointError(f"the checkpoint does not fit {config['model']}: {err}") \
-                from None
-        # older checkpoints lack the newer entries: they start from the defaults above
-        position = {k: meta.get(k, v) for k, v in position.items()}
-        if "epoch_loss_images" not in meta:
-            position["epoch_loss_images"] = position["epoch_images"]
-        saved_epochs = meta["config"]["epochs"]
-        if position["epoch"] >= config["epochs"]:
-            raise UsageError(f"the run has trained {position['epoch']} of "
-                             f"{plural(config['epochs'], 'epoch')} already: to train on, "
-                             f"resume with --epochs N, N more than {position['epoch']}")
-
-    os.makedirs(out, exist_ok=True)
-    write_atomic(os.path.join(out, "config.json"), json.dumps(config, indent=2))
-    history = read_history(metrics_path)[:position["epoch"]]
-
-    loader = Loader(train_set, config["batch_size"], config["img_size"], train=True,
-                    seed=config["seed"], workers=config["workers"],
-                    scale=config["crop_scale"], ratio=config["crop_ratio"],
-                    on_bad_file=warn_bad_file)
-    # the built-in shapes are drawn at the training size: scored as drawn, not zoomed by the
-    # photo recipe's resize-to-S/0.9-and-crop (which would cut shapes near the border)
-    val_loader = Loader(val_set, config["batch_size"], config["img_size"], train=False,
-                        workers=config["workers"], eval_resize=isinstance(val_set, FileDataset),
-                        on_bad_file=warn_bad_file)
-    steps_per_epoch = len(loader)
-
-    def cosine(epochs):
-        return CosineSchedule(config["lr"], epochs * steps_per_epoch,
-                              warmup_steps=round(config["warmup_epochs"] * steps_per_epoch),
-                              warmup_lr=config["warmup_lr"], min_lr=config["min_lr"])
-
-    schedule = cosine(config["epochs"])
-    K = len(class_names)
-    mixing = config["mixup"] > 0 or config["cutmix"] > 0
-    print(f"{config['model']}: {model.num_parameters(True):,} trainable parameters, "
-          f"{len(train_set)} training and {plural(len(val_set), 'validation image')} of "
-          f"{plural(K, 'class', 'classes')}, {config['img_size']}x{config['img_size']}, "
-          f"{config['backend']}/{config['dtype']}, {steps_per_epoch} steps per epoch")
-    if resume is not None:
-        print(f"resuming at epoch {position['epoch'] + 1} of {config['epochs']}, step "
-              f"{position['step']} (batch {position['batch']} of {steps_per_epoch})")
-    if saved_epochs != config["epochs"]:  # timm's way: the schedule the new total defines
-        step = position["step"]
-        print(f"{'extending' if config['epochs'] > saved_epochs else 'shortening'} the run "
-              f"from {saved_epochs} to {plural(config['epochs'], 'epoch')}: the cosine "
-              f"schedule now ends at step {schedule.total_steps}, and the learning rate at "
-              f"step {step} goes from {cosine(saved_epochs)(step):.4g} to {schedule(step):.4g}")
-
-    monitor = StepMonitor(xp, device, config["max_nonfinite_steps"], state={
-        "loss_sum": position["epoch_loss_sum"], "images": position["epoch_loss_images"],
-        "skipped": position["nonfinite_steps"], "run": position["nonfinite_run"],
-        "last_loss": _or_nan(position["last_finite_loss"]),
-        "last_loss_step": _or_nan(position["last_finite_step"])})
-
-    def kept():
-        """What a diverged run leaves: the checkpoints of its last finished epoch."""
-        files = [path for path in (last_path, best_path) if os.path.exists(path)]
-        if not files:
-            return "no checkpoint was written"
-        return f"{' and '.join(files)} {'are' if len(files) > 1 else 'is'} as epoch " \
-            f"{position['epoch']} left {'them' if len(files) > 1 else 'it'}"
+    Raises Interrupted (after saving `last`) at --stop-after or Ctrl-C, Diverged when the
+    steps keep coming out non-finite."""
+    config, model, position, world = run.config, run.model, run.position, run.world
+    schedule, steps_per_epoch = run.schedule, run.steps_per_epoch
 
     def read_monitor():
         """The one host transfer of the logging interval: the loss and the non-finite
-        counters. Stops the run (Diverged) once max_nonfinite_steps in a row were skipped."""
-        r = monitor.read()
-        finite = math.isfinite(r["last_loss"])
-        position.update(epoch_loss_sum=r["loss_sum"], epoch_loss_images=int(r["images"]),
-                        nonfinite_steps=int(r["skipped"]), nonfinite_run=int(r["run"]),
-                        last_finite_loss=r["last_loss"] if finite else None,
-                        last_finite_step=int(r["last_loss_step"]) if finite else None)
+        counters (the same on every rank: each step's were summed over the ranks). Stops the
+        run (Diverged) once max_nonfinite_steps in a row were skipped."""
+        r = run.monitor.read()
+        position.take_monitor(r)
         if r["tripped"] >= 0:
             step = int(r["tripped"])
             last = (f"the last finite loss was {r['last_loss']:.4f} at step "
-                    f"{int(r['last_loss_step'])}" if finite else "no step had a finite loss")
+                    f"{int(r['last_loss_step'])}" if math.isfinite(r["last_loss"])
+                    else "no step had a finite loss")
             raise Diverged(
                 f"training diverged: {config['max_nonfinite_steps']} steps in a row up to step "
                 f"{step} had a NaN or inf loss or gradient norm (skipped, not applied); {last}; "
                 f"the learning rate at step {step} was {schedule(step):.4g}: lower --lr or set "
-                f"--clip-grad and start a new run ({kept()})")
+                f"--clip-grad and start a new run ({run.kept()})", everywhere=True)
         return r
 
     bar = None
+    # Ctrl-C under mpirun reaches the ranks as SIGTERM (mpi.py): it ends them at once
+    ctrl_c = CtrlC() if world.size == 1 else contextlib.nullcontext(CtrlC())
     with quiet_float_warnings():  # the monitor counts what NumPy would warn about
         try:
-            with loader, val_loader, CtrlC() as ctrl_c:
-                for epoch in range(position["epoch"], config["epochs"]):
+            partners_loader = run.partners if run.partners is not None \
+                else contextlib.nullcontext()
+            with run.loader, run.val_loader, partners_loader, ctrl_c as ctrl_c:
+                for epoch in range(position.epoch, config["epochs"]):
                     model.train()
-                    bar = tqdm(total=steps_per_epoch, initial=position["batch"],
-                               desc=f"epoch {epoch + 1}/{config['epochs']}", dynamic_ncols=True)
-                    started = time.perf_counter() - position["epoch_seconds"]
-                    for images, labels in loader.epoch_batches(epoch, position["batch"]):
-                        step = position["step"]
-                        if len(labels) == 0:  # every file of this batch was unreadable
-                            position["batch"] += 1
+                    bar = tqdm(total=steps_per_epoch, initial=position.batch,
+                               desc=f"epoch {epoch + 1}/{config['epochs']}",
+                               dynamic_ncols=True, disable=not run.speaks)
+                    started = time.perf_counter() - position.epoch_seconds
+                    batches = run.loader.epoch_batches(epoch, position.batch)
+                    partners = run.partners.epoch_batches(epoch, position.batch) \
+                        if run.partners is not None else itertools.repeat(None)
+                    for (images, labels), pair in zip(batches, partners):
+                        if world.total(len(labels)) == 0:  # every file of it was unreadable
+                            position.batch += 1
                             bar.update(1)
                             continue
                         if ctrl_c.pressed or (config["stop_after"] is not None
-                                              and step >= config["stop_after"]):
+                                              and position.step >= config["stop_after"]):
                             raise Interrupted  # between two steps: the state is consistent
-                        lr = schedule(step)
-                        seed = step_seed(config["seed"], step)
-                        step_rng = np.random.default_rng(seed)
-                        targets = labels
-                        if mixing:
-                            images, targets = mix_batch(images, labels, K, step_rng,
-                                                        config["mixup"], config["cutmix"])
-                        x = xp.astype(to_device(images, xp, device), model.dtype)
-                        t = to_device(targets, xp, device)
-                        if mixing:
-                            t = xp.astype(t, model.dtype)
-                        model.rng = make_rng(xp, seed)
-                        logits = model.forward(x)
-                        loss, dlogits = cross_entropy(logits, t, config["label_smoothing"])
-                        model.backward(dlogits)
-                        if config["clip_grad"] is not None:
-                            norm = clip_grad_norm(model.grads, config["clip_grad"])
-                        else:
-                            norm = grad_norm(model.grads)
-                        found_inf = monitor.step(step, loss, norm, len(labels))  # on device
-                        optimizer.step(model.params, model.grads, lr, found_inf=found_inf)
-                        if ema is not None:
-                            ema.update(model.params, found_inf=found_inf)
-                        model.grads = {}
-
-                        position["step"] += 1
-                        position["batch"] += 1
-                        position["epoch_images"] += len(labels)
+                        lr = schedule(position.step)
+                        x, t = batch_inputs(run, images, labels, pair)
+                        images_done = train_step(model, run.optimizer, run.ema, run.monitor, x,
+                                                 t, position.step, lr, config["label_smoothing"],
+                                                 config["clip_grad"])
+                        position.step += 1
+                        position.batch += 1
+                        position.epoch_images += images_done
                         bar.update(1)
-                        if position["batch"] % LOG_EVERY == 0 \
-                                or position["batch"] == steps_per_epoch:
+                        if position.batch % LOG_EVERY == 0 or position.batch == steps_per_epoch:
                             r = read_monitor()  # the one host sync per LOG_EVERY steps
                             seconds = time.perf_counter() - started
                             bar.set_postfix(loss=f"{r['loss']:.3f}", lr=f"{lr:.2e}",
-                                            img_s=f"{position['epoch_images'] / seconds:.0f}")
-                        position["epoch_seconds"] = time.perf_counter() - started
+                                            img_s=f"{position.epoch_images / seconds:.0f}")
+                        position.epoch_seconds = time.perf_counter() - started
                     read_monitor()
                     bar.close()
-                    train_seconds = time.perf_counter() - started
-
-                    record = epoch_record(model, ema, val_loader, position, epoch, schedule,
-                                          train_seconds)
-                    history.append(record)
-                    # only a finite model with a strictly better score replaces `best`
-                    is_best = (record["val_nonfinite"] == 0
-                               and record["val_top1"] > position["best_top1"])
-                    position.update(epoch=epoch + 1, batch=0, epoch_loss_sum=0.0,
-                                    epoch_loss_images=0, epoch_images=0, epoch_seconds=0.0,
-                                    nonfinite_steps=0)
-                    if is_best:
-                        position["best_top1"] = record["val_top1"]
-                    monitor.new_epoch()
-                    save_run_state(last_path, model, optimizer, ema, config, class_names,
-                                   position)
-                    if is_best:
-                        save_run_state(best_path, model, optimizer, ema, config, class_names,
-                                       position)
-                    write_atomic(metrics_path, "".join(json.dumps(h) + "\n" for h in history))
-                    plot_curves(history, os.path.join(out, "curves.png"))
-                    print(epoch_line(record, ema is not None))
+                    finish_epoch(run, epoch, time.perf_counter() - started)
         except Interrupted:
             if bar is not None:
                 bar.close()
             read_monitor()
-            save_run_state(last_path, model, optimizer, ema, config, class_names, position)
-            print(f"\ninterrupted at step {position['step']}: saved {last_path}; continue with "
-                  f"--resume {last_path}", file=sys.stderr)
-            raise KeyboardInterrupt from None
+            save_run_state(run.last_path, run)
+            if run.speaks:
+                print(f"\ninterrupted at step {position.step}: saved {run.last_path}; continue "
+                      f"with --resume {run.last_path}", file=sys.stderr)
+            raise
         except Diverged:
             if bar is not None:
                 bar.close()
             raise
         finally:
-            for what, source in (("training", loader), ("validation", val_loader)):
+            for what, source in (("training", run.loader), ("validation", run.val_loader)):
                 if source.bad_files:
-                    print(f"skipped {plural(len(source.bad_files), f'unreadable {what} image')}",
+                    where = f"rank {world.rank}: " if world.size > 1 else ""
+                    print(f"{where}skipped "
+                          f"{plural(len(source.bad_files), f'unreadable {what} image')}",
                           file=sys.stderr)
-    print(f"done: best validation top-1 {position['best_top1']:.2f}%; checkpoints in {out}")
-    return history
+    run.say(f"done: best validation top-1 {position.best_top1:.2f}%; checkpoints in {run.out}")
+    return run.history
+
+
+def finish_epoch(run, epoch, train_seconds):
+    """After an epoch's last step: validate, then record the epoch, checkpoint `last` (and
+    `best`), write the metrics and the plot, and print the epoch's line."""
+    position = run.position
+    record = epoch_record(run, epoch, train_seconds)
+    run.history.append(record)
+    # only a finite model with a strictly better score replaces `best`
+    is_best = record["val_nonfinite"] == 0 and record["val_top1"] > position.best_top1
+    position.next_epoch()
+    if is_best:
+        position.best_top1 = record["val_top1"]
+    run.monitor.new_epoch()
+    save_run_state(run.last_path, run)
+    if is_best:
+        save_run_state(run.best_path, run)
+    if run.speaks:
+        write_atomic(run.metrics_path, "".join(json.dumps(h) + "\n" for h in run.history))
+        plot_curves(run.history, os.path.join(run.out, "curves.png"))
+    run.say(epoch_line(record, run.ema is not None))
+
+
+def train(config, resume=None, world=None):
+    """Run (or continue) training as configured: prepare() then fit(). Returns the metrics
+    history. resume: load_checkpoint's (weights, meta, optimizer, ema) of the run to continue."""
+    return fit(prepare(config, resume, world))
 
 
 def _or_nan(value):
     return math.nan if value is None else float(value)
 
 
-def epoch_record(model, ema, val_loader, position, epoch, schedule, train_seconds):
-    """Evaluate and assemble one line of metrics.jsonl."""
+def _ignore(path, reason):
+    """on_bad_file of the partners' loader: those files are another rank's to report."""
+
+
+def epoch_record(run, epoch, train_seconds):
+    """Evaluate (over every rank's piece) and assemble one line of metrics.jsonl."""
+    model, ema, position = run.model, run.ema, run.position
     started = time.perf_counter()
-    result = evaluate(model, val_loader, desc="validation")
+    result = evaluate(model, run.val_loader, desc="validation", progress=run.speaks)
     k = top_k(model.num_classes)
-    loss_images = position["epoch_loss_images"]
-    record = {"epoch": epoch + 1, "step": position["step"],
-              "lr": schedule(max(position["step"] - 1, 0)),
+    loss_images = position.epoch_loss_images
+    record = {"epoch": epoch + 1, "step": position.step,
+              "lr": run.schedule(max(position.step - 1, 0)),
               # the mean over the images of the finite steps; NaN if none was finite
-              "train_loss": position["epoch_loss_sum"] / loss_images if loss_images
+              "train_loss": position.epoch_loss_sum / loss_images if loss_images
               else math.nan,
-              "nonfinite_steps": position["nonfinite_steps"],
+              "nonfinite_steps": position.nonfinite_steps,
               "val_loss": result["loss"], "val_top1": result["top1"],
               "val_nonfinite": result["nonfinite"],
-              "images_per_sec": position["epoch_images"] / max(train_seconds, 1e-9)}
+              "images_per_sec": position.epoch_images / max(train_seconds, 1e-9)}
     if k:
         record[f"val_top{k}"] = result[f"top{k}"]
     if ema is not None:
         ema.swap_into(model)
-        ema_result = evaluate(model, val_loader, desc="validation (EMA)")
+        ema_result = evaluate(model, run.val_loader, desc="validation (EMA)",
+                              progress=run.speaks)
         ema.swap_into(model)
         record.update(val_loss_ema=ema_result["loss"], val_top1_ema=ema_result["top1"])
         if k:
@@ -614,11 +804,14 @@ def epoch_line(record, with_ema):
             + f" ({record['images_per_sec']:.0f} img/s)")
 
 
-def main(argv=None):
-    keep_freed_memory()  # reuse freed arrays' memory: see backend.keep_freed_memory
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser().parse_args(argv)
-    try:
+def start(argv, world):
+    """Everything before the first step, on every rank: the command line, the configuration,
+    the checkpoint to resume, the data and the model -> a Run. Under MPI the ranks then agree
+    (one allgather, World.start): WorldError on every rank if one of them failed, or if they
+    differ in flags, code, data or weights. Alone, errors are raised as they come."""
+
+    def build():
+        args = build_parser().parse_args(argv)
         resume = None
         if args.resume is not None and args.init_from is not None:
             raise UsageError("--resume continues a run with its own weights; --init-from "
@@ -633,15 +826,56 @@ def main(argv=None):
                                       f"{args.resume}")
             given = vars(build_parser(defaults=False).parse_args(argv))
             config = resumed_config(vars(args), given, resume[1])
-        check_out_folder(config["out"])
-        train(config, resume)
+        return prepare(config, resume, world)
+
+    return world.start(build, (UsageError, *USER_ERRORS))
+
+
+def main(argv=None):
+    keep_freed_memory()  # reuse freed arrays' memory: see backend.keep_freed_memory
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        world = mpi.join()  # one process, or this rank of mpirun's
+    except WorldError as err:
+        return user_error(err)
+    try:
+        run = start(argv, world)
+    except WorldError as err:  # some rank failed to start, or the ranks disagree
+        if world.rank == 0 and err.args[0] is not None:
+            user_error(err)
+        return err.exit_code
     except (UsageError, *USER_ERRORS) as err:
         return user_error(err)
-    except Diverged as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 3
-    except KeyboardInterrupt:
+    try:
+        fit(run)
+    except Interrupted:
         return 130
+    except Diverged as err:
+        if world.size == 1 or err.everywhere:
+            if run.speaks:
+                print(f"error: {err}", file=sys.stderr)
+            return 3
+        print(f"error: {err}", file=sys.stderr)
+        world.abort(3)
+    except (UsageError, WorldError, *USER_ERRORS) as err:
+        if world.size == 1:
+            return user_error(err)
+        # on every rank alike (the evaluation's, summed over ranks) or on this one alone:
+        # either way no rank may wait for another in the next sum
+        where = f"rank {world.rank} of {world.size}: " if world.rank else ""
+        print(f"error: {where}{err}", file=sys.stderr)
+        world.abort(getattr(err, "exit_code", 2))
+    except KeyboardInterrupt:  # a second Ctrl-C: no save
+        if world.size == 1:
+            return 130
+        world.abort(130)
+    except BaseException:
+        if world.size == 1:
+            raise
+        traceback.print_exc()  # a bug, on this rank: end every rank rather than hang
+        print(f"error: rank {world.rank} of {world.size} failed (above); ending the job: "
+              f"{run.kept()}", file=sys.stderr)
+        world.abort(1)
     return 0
 
 

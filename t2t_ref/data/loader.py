@@ -76,11 +76,18 @@ class Loader:
                   worker and need the main script behind `if __name__ == "__main__":`.
     on_bad_file : called as on_bad_file(path, reason) once per unreadable file; default
                   prints one line to stderr
+    piece       : (i, n): serve only piece i of n of every batch (MPI rank i of n: cut as
+                  t2t_ref.parallel.piece_sizes cuts, larger pieces first; a batch of fewer
+                  than n samples leaves the last pieces empty); None: whole batches
+    mirrored    : serve every batch in reverse order (before it is cut into pieces): row j
+                  of piece i is then the partner that mixup and cutmix pair with row j of
+                  the unmirrored piece i (sample B-1-k of the batch for sample k)
     """
 
     def __init__(self, dataset, batch_size, size, *, train, seed=0, workers=0, shuffle=None,
                  drop_last=None, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), prefetch=None,
-                 processes=False, start_method=None, on_bad_file=None, eval_resize=True):
+                 processes=False, start_method=None, on_bad_file=None, eval_resize=True,
+                 piece=None, mirrored=False):
         if batch_size < 1 or workers < 0:
             raise ValueError(f"batch_size={batch_size} must be >= 1, workers={workers} >= 0")
         self.dataset, self.batch_size, self.size, self.train = dataset, batch_size, size, train
@@ -90,6 +97,7 @@ class Loader:
         self.prefetch = max(1, 2 * workers if prefetch is None else prefetch)
         self.processes, self.start_method = processes, start_method
         self.on_bad_file = on_bad_file
+        self.piece, self.mirrored = piece, mirrored
         self.bad_files = {}  # path -> reason, in the order they were found
         self._make_batch = BatchMaker(dataset, size, train, seed, scale, ratio, eval_resize)
         self._pool = None
@@ -117,8 +125,21 @@ class Loader:
         if not 0 <= start_batch <= len(self):  # checked now, not at the first next()
             raise ValueError(f"start_batch={start_batch} is outside 0..{len(self)}")
         order, b = self.epoch_order(epoch), self.batch_size
-        batches = (order[k * b:(k + 1) * b] for k in range(start_batch, len(self)))
+        batches = (self._piece_of(order[k * b:(k + 1) * b])
+                   for k in range(start_batch, len(self)))
         return self._serve(batches, epoch)
+
+    def _piece_of(self, indices):
+        """This loader's piece of one batch's indices (all of them without `piece`)."""
+        if self.mirrored:
+            indices = indices[::-1]
+        if self.piece is None:
+            return indices
+        from ..parallel import piece_sizes
+        index, count = self.piece
+        sizes = piece_sizes(len(indices), count) + [0] * count  # empty pieces past the batch
+        start = sum(sizes[:index])
+        return indices[start:start + sizes[index]]
 
     def _serve(self, batches, epoch):
         """The generator behind epoch_batches: batches is an iterator of index arrays."""

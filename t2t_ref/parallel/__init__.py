@@ -20,11 +20,25 @@ flat gradient buffers are summed into the model's (a few array calls, whatever t
 count).
 
 Transports: threads in one process (threads.py; NumPy only, where it puts every core to work:
-CuPy's kernels use the whole GPU already). Across processes, see mpi.py.
+CuPy's kernels use the whole GPU already), and MPI ranks (mpi.py): with world=mpi.join() under
+mpirun, each rank's forward gets its own piece of the global batch, and the backward's summed
+gradient is summed once more over the ranks, by one allreduce of the flat buffer. A rank's
+samples are numbered from its offset in the global batch (the ranks' counts are gathered at
+each forward: a few bytes), so its dropout masks are those one process would draw.
+
+The loss of the global batch is the mean over all its samples; each rank has only its own:
+
+    logits = model.forward(x)                          # (b, K): this rank's b samples
+    loss, dlogits = cross_entropy(logits, t)           # the mean over those b
+    loss, dlogits = model.batch_mean(loss, dlogits)    # the mean over all B: loss summed
+    model.backward(dlogits)                            #   over ranks, dlogits * b / B
+
+With one process batch_mean returns its arguments: the same code runs alone and under mpirun.
 """
 
 import copy
 
+from .mpi import World
 from .threads import check_threads, map_in_threads, thread_count
 
 __all__ = ["DataParallel", "piece_sizes", "split_rows"]
@@ -45,17 +59,23 @@ def split_rows(x, sizes):
 
 
 class DataParallel:
-    """A model run over pieces of each batch, one thread each (see the module docstring).
+    """A model run over pieces of each batch, one thread each, and over MPI ranks (see the
+    module docstring).
 
-    threads: how many pieces at most (None: NumPy's BLAS thread count, that is, the cores the
-    process was given; always 1 off NumPy). Everything else (params, grads, rng, buffers,
-    state_dict(), ...) is the wrapped model's, read and written through.
+    threads: how many pieces at most in this process (None: NumPy's BLAS thread count, that
+    is, the cores the process was given; always 1 off NumPy). world: the ranks (mpi.World;
+    None: this process alone); each rank passes forward() its own piece of the global batch.
+    Everything else (params, grads, rng, buffers, state_dict(), ...) is the wrapped model's,
+    read and written through. After a forward, `samples` is the global batch's size.
     """
 
-    def __init__(self, model, *, threads=None):
+    def __init__(self, model, *, threads=None, world=None):
         check_threads(threads)
         object.__setattr__(self, "model", model)
         object.__setattr__(self, "threads", threads)
+        object.__setattr__(self, "world", world if world is not None else World())
+        object.__setattr__(self, "samples", 0)  # the last forward's global batch size
+        object.__setattr__(self, "_share", (0, 0))  # (this rank's samples, all ranks')
         object.__setattr__(self, "_pieces", None)  # forward's replicas, for the backward
         object.__setattr__(self, "_buffers", [])  # the gradient buffers of pieces 1, 2, ...
 
@@ -77,27 +97,76 @@ class DataParallel:
         return len(piece_sizes(batch, thread_count(self.model.backend, self.threads)))
 
     def forward(self, x, keep_cache=True):
-        """As the model's forward; the pieces run in threads."""
+        """As the model's forward, on this rank's piece x (b, 3, S, S) of the global batch;
+        the piece's pieces run in threads. Returns this rank's logits (b, K)."""
         model = self.model
-        sizes = piece_sizes(x.shape[0], thread_count(model.backend, self.threads))
+        counts = self.world.gather_counts(x.shape[0])  # every rank's b (host ints)
+        offset = sum(counts[:self.world.rank])  # this piece's first sample, globally
+        object.__setattr__(self, "samples", sum(counts))
+        object.__setattr__(self, "_share", (x.shape[0], sum(counts)))
         object.__setattr__(self, "_pieces", None)
+        if x.shape[0] == 0:  # a rank left without samples (unreadable files) still sums
+            object.__setattr__(self, "_pieces", "empty")
+            return model.xp.zeros((0, model.num_classes), dtype=model.dtype,
+                                  device=model.device)
+        base = model.rng
+        rng = base.piece(offset) if offset else base
+        sizes = piece_sizes(x.shape[0], thread_count(model.backend, self.threads))
         if len(sizes) == 1:
-            return model.forward(x, keep_cache)
+            model.rng = rng
+            try:
+                return model.forward(x, keep_cache)
+            finally:
+                base.draws, model.rng = rng.draws, base
         starts = [sum(sizes[:i]) for i in range(len(sizes))]
-        replicas = [self._replica(i, start) for i, start in enumerate(starts)]
+        replicas = [self._replica(i, rng.piece(start)) for i, start in enumerate(starts)]
         logits = map_in_threads(_forward, [(replica, piece, keep_cache) for replica, piece
                                            in zip(replicas, split_rows(x, sizes))])
-        model.rng.draws = replicas[0].rng.draws  # as many draws as one forward makes
+        base.draws = replicas[0].rng.draws  # as many draws as one forward makes
         if keep_cache:
             object.__setattr__(self, "_pieces", (replicas, sizes))
-        return model.xp.concat(logits, axis=0)  # (B, K)
+        return model.xp.concat(logits, axis=0)  # (b, K)
+
+    def batch_mean(self, loss, dlogits):
+        """(loss, dlogits) of the mean over this rank's samples -> those of the mean over the
+        global batch: the loss (a 0-d float64 array) summed over the ranks with weights b/B,
+        dlogits * b/B. One process: returned as they are."""
+        if self.world.size == 1:
+            return loss, dlogits
+        xp = self.model.xp
+        b, total = self._share
+        weight = b / total
+        share = xp.reshape(xp.asarray(loss, dtype=xp.float64, copy=True), (1,)) * weight \
+            if b else xp.zeros((1,), dtype=xp.float64, device=self.model.device)
+        return self.world.sum(share)[0], dlogits * weight
+
+    def sum_over_ranks(self, array):
+        """array summed over the ranks (in place; a contiguous array): evaluate's counts."""
+        return self.world.sum(array)
 
     __call__ = forward
 
     def backward(self, dlogits):
-        """As the model's backward: fills model.grads with the sum over the pieces."""
+        """As the model's backward: fills model.grads with the sum over the pieces and the
+        ranks (one allreduce of the flat buffer). dlogits (b, K): the gradient of the global
+        loss with respect to this rank's logits (batch_mean's)."""
+        dx = self._backward_here(dlogits)
+        self.world.sum(self.model.grads.flat)
+        return dx
+
+    def _backward_here(self, dlogits):
+        """This process's part: the sum over its threads' pieces."""
+        model = self.model
+        if isinstance(self._pieces, str):  # no samples here: a zero gradient
+            object.__setattr__(self, "_pieces", None)
+            if model.grad_buffer is None or not model.grad_buffer.same_layout(model.params):
+                model.grad_buffer = model.params.zeros_like()
+            model.grad_buffer.flat[...] = 0
+            model.grads = model.grad_buffer
+            return model.xp.zeros((0, 3, model.img_size, model.img_size), dtype=model.dtype,
+                                  device=model.device)
         if self._pieces is None:
-            return self.model.backward(dlogits)
+            return model.backward(dlogits)
         (replicas, sizes), xp = self._pieces, self.model.xp
         object.__setattr__(self, "_pieces", None)
         dxs = map_in_threads(_backward, list(zip(replicas, split_rows(dlogits, sizes))))
@@ -110,15 +179,15 @@ class DataParallel:
         self.model.grads = total
         return xp.concat(dxs, axis=0)  # (B, 3, S, S)
 
-    def _replica(self, index, start):
-        """The model for piece `index` (first sample `start`): shares every parameter, has
+    def _replica(self, index, rng):
+        """The model for piece `index` (its generator `rng`): shares every parameter, has
         its own cache, random generator and (but piece 0) gradient buffer."""
         model = self.model
         if model.grad_buffer is None or not model.grad_buffer.same_layout(model.params):
             model.grad_buffer = model.params.zeros_like()
         replica = copy.copy(model)
         replica.cache = None
-        replica.rng = model.rng.piece(start)
+        replica.rng = rng
         if index > 0:
             while len(self._buffers) < index:
                 self._buffers.append(None)
