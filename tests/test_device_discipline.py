@@ -12,7 +12,7 @@ import t2t_ref
 from t2t_ref.backend import get_namespace, to_device
 from t2t_ref.ema import WeightEMA
 from t2t_ref.gaps import make_rng
-from t2t_ref.guard import StepMonitor, grad_norm
+from t2t_ref.guard import StepMonitor
 from t2t_ref.layers import sub_dict
 from t2t_ref.layers.block import block_backward, block_forward
 from t2t_ref.layers.token_performer import token_performer_backward, token_performer_forward
@@ -20,6 +20,7 @@ from t2t_ref.layers.token_transformer import token_transformer_backward, \
     token_transformer_forward
 from t2t_ref.optim import AdamW, clip_grad_norm
 from t2t_ref.parallel import DataParallel
+from t2t_ref.train import train_step
 
 from strict_watch import array_calls, host_transfers
 
@@ -27,7 +28,7 @@ STRICT = "array_api_strict"
 
 
 def _training_run(name, clip):
-    """The training loop's step (train.py) on array_api_strict, as a function of the step."""
+    """train.train_step, the training loop's step, on array_api_strict."""
     xp, device = get_namespace(STRICT)
     model = DataParallel(t2t_ref.create_model(name, num_classes=5, img_size=32, backend=STRICT,
                                               drop_rate=0.1, drop_path_rate=0.1)).train()
@@ -39,12 +40,8 @@ def _training_run(name, clip):
         x = to_device(rng.normal(size=(4, 3, 32, 32)).astype(np.float32), xp, device)  # host
         y = to_device(rng.integers(0, 5, 4), xp, device)                    # -> device: free
         model.rng = make_rng(xp, i)
-        loss, dlogits = t2t_ref.cross_entropy(model.forward(x), y, smoothing=0.1)
-        model.backward(dlogits)
-        norm = clip_grad_norm(model.grads, 1.0) if clip else grad_norm(model.grads)
-        found_inf = monitor.step(i, loss, norm, 4)
-        optimizer.step(model.params, model.grads, 1e-3, found_inf=found_inf)
-        ema.update(model.params, found_inf=found_inf)
+        train_step(model, optimizer, ema, monitor, x, y, i, 1e-3, label_smoothing=0.1,
+                   clip_grad=1.0 if clip else None)
 
     return step, monitor
 
