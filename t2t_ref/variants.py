@@ -33,6 +33,10 @@ class Variant:
                 raise ValueError(f"a dense backbone needs growth > 0 and stages summing to "
                                  f"depth {self.depth}, got growth {self.growth}, stages "
                                  f"{self.stages}")
+            odd = [w for w in dense_widths(self) if w % self.num_heads]
+            if odd:
+                raise ValueError(f"every dense block's width must be divisible by num_heads "
+                                 f"{self.num_heads}; these are not: {odd}")
         elif self.embed_dim % self.num_heads:
             raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads "
                              f"{self.num_heads}")
@@ -41,6 +45,19 @@ class Variant:
             # int(D * mlp_ratio) inputs: it runs only at ratio 3; its attention halves D
             raise ValueError(f"a ghost backbone needs mlp_ratio 3 and an even embed_dim, got "
                              f"{self.mlp_ratio} and {self.embed_dim}")
+
+
+def dense_widths(variant):
+    """The input widths of a dense backbone's blocks: each adds `growth` channels, and a
+    transition between two stages halves the width (rounding down)."""
+    widths, width = [], variant.embed_dim
+    for stage, blocks in enumerate(variant.stages):
+        for _ in range(blocks):
+            widths.append(width)
+            width += variant.growth
+        if stage < len(variant.stages) - 1:
+            width //= 2
+    return widths
 
 
 def dense(embed_dim, growth, stages, num_heads, mlp_ratio):

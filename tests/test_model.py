@@ -293,6 +293,8 @@ def test_a_variant_of_ones_own_builds_a_model_of_that_shape():
         Variant("performer", 64, 2, 2, 2.0, backbone="ghost")
     with pytest.raises(ValueError, match="stages summing"):
         Variant("performer", 64, 2, 2, 2.0, backbone="dense", growth=8, stages=(1, 2))
+    with pytest.raises(ValueError, match=r"divisible by num_heads 3; these are not: \[112, 64\]"):
+        replace(small, embed_dim=96, growth=16, num_heads=3)  # widths 96, 112, then 64
 
 
 def test_same_seed_same_weights_other_seed_other_weights():
