@@ -13,7 +13,10 @@ Drop path grows linearly from 0 at the first block to drop_path_rate at the last
 torch.linspace(0, rate, depth) in the official code, except in the dense backbone, where the
 official constructor gives every block of stage s the rate dpr[s] of
 dpr = linspace(0, rate, 12): its own `depth` argument, left at its default 12, not the number
-of blocks (19). Reproduced here, as the official code trains it.
+of blocks (19). Reproduced here, as the official code trains it. (The official dense
+constructor also prints its end width, and its reset_classifier builds a head of the start
+width 128 instead of the end width 584; t2t_ref has neither: a new head is always made for
+the model's `num_features`.)
 """
 
 from dataclasses import dataclass

@@ -25,7 +25,8 @@ source is trusted. safetensors files hold no code at all.
 Fitting a file to a model (fit_state_dict), as the official transfer-learning code does:
 - pos_embed (1, 1 + g*g, D) for another grid G: the g x g part is resized bicubically to
   G x G, like torch's F.interpolate(mode='bicubic', align_corners=False) in the official
-  resize_pos_embed; the class token's row is kept. Done here in NumPy, in float64.
+  resize_pos_embed; the class token's row is kept. Done here in NumPy, in float64. The plain
+  ViT's learned table is resized the same way (the official vit.py's own resize is bilinear).
 - head.*: dropped when the class counts differ; the model keeps its own seeded fresh head
   (trunc normal std 0.02, zero bias).
 - everything else must match key for key and shape for shape; otherwise one error line names

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 
 import t2t_ref
-from t2t_ref import summary
+from t2t_ref.summary import OFFICIAL_GMACS, count, main, summary, summary_rows
 from test_model import COUNTS
 
 
 @pytest.mark.parametrize("name", list(COUNTS))
 def test_parameter_counts_are_the_official_ones(name):
-    total, trainable, _ = summary.count(name)
+    total, trainable, _ = count(name)
     assert (total, trainable) == COUNTS[name][:2]
 
 
@@ -46,20 +46,20 @@ def test_mac_formulas_equal_a_count_of_the_real_forward(name, size):
     blocks, transitions, the patch embedding, the head."""
     model = t2t_ref.create_model(name, num_classes=10, img_size=size)
     x = np.random.default_rng(0).random((2, 3, size, size), dtype=np.float32)
-    assert summary.count(name, size, 10)[2] == measured_macs(model, x)
+    assert count(name, size, 10)[2] == measured_macs(model, x)
 
 
-@pytest.mark.parametrize("name", list(summary.OFFICIAL_GMACS))
+@pytest.mark.parametrize("name", list(OFFICIAL_GMACS))
 def test_official_figures_are_within_their_rounding_and_counter(name):
     """A quarter G at most apart (the official counter is another one, its figures rounded);
     the farthest is t2t_vit_dense, 5.28 G here against Table 6's 5.5."""
-    ours = summary.count(name)[2] / 1e9
-    official, source, _ = summary.OFFICIAL_GMACS[name]
+    ours = count(name)[2] / 1e9
+    official, source, _ = OFFICIAL_GMACS[name]
     assert abs(ours - official) <= 0.25, f"{name}: ours {ours:.2f} G, {source} {official} G"
 
 
 def test_rows_follow_the_model_stage_by_stage():
-    rows = summary.summary_rows("t2t_vit_dense", 224)
+    rows = summary_rows("t2t_vit_dense", 224)
     by_stage = {r.stage: r for r in rows}
     assert by_stage["tokens_to_token.attention1"].shape == (1, 3136, 64)
     assert by_stage["tokens_to_token.attention1"].params - \
@@ -70,19 +70,20 @@ def test_rows_follow_the_model_stage_by_stage():
     assert by_stage["head"].shape == (1, 1000) and by_stage["head"].macs == 584 * 1000
     model = t2t_ref.create_model("vit_7_patch16", num_classes=10, img_size=32)
     state = model.state_dict()
-    rows = summary.summary_rows("vit_7_patch16", 32, 10)
+    rows = summary_rows("vit_7_patch16", 32, 10)
     assert sum(r.params for r in rows) == sum(v.size for v in state.values())
     assert {r.stage: r.params for r in rows}["patch_embed"] == 256 * 768 + 256
 
 
 def test_summary_table_and_cli(capsys):
-    text = summary.summary("t2t_vit_14_se")
+    assert t2t_ref.summary is summary and t2t_ref.count is count  # the package's functions
+    text = summary("t2t_vit_14_se")
     assert "blocks.13" in text and "block (se)" in text and "21,803,598" in text
     assert "official: 4.9 GMACs (paper Table 6)" in text
-    assert summary.main(["t2t_vit_16_ghost", "--img-size", "64", "--num-classes", "10"]) == 0
+    assert main(["t2t_vit_16_ghost", "--img-size", "64", "--num-classes", "10"]) == 0
     out = capsys.readouterr().out
     assert "t2t_vit_16_ghost at 64x64, 10 classes" in out and "official" not in out
-    assert summary.main(["--all"]) == 0
+    assert main(["--all"]) == 0
     out = capsys.readouterr().out
     assert all(name in out for name in t2t_ref.list_models()) and "issue #47" in out
     for argv, needle in ((["t2t_vit_7", "--img-size", "50"], "not a multiple of 16"),
@@ -90,7 +91,7 @@ def test_summary_table_and_cli(capsys):
                          (["t2t_vit_8"], "invalid choice: 't2t_vit_8'"),
                          ([], "name a model")):
         try:
-            code = summary.main(argv)
+            code = main(argv)
         except SystemExit as stop:  # argparse's own errors, made one line by cli.Parser
             code = stop.code
         err = capsys.readouterr().err
