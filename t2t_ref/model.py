@@ -36,8 +36,9 @@ from .gaps import make_rng
 from .init import linear_specs, norm_specs, performer_features, sinusoid_table, trunc_normal
 from .layers import add_prefix, sub_dict
 from .layers import patch_embed, tokens_to_token
-# re-exported: bench.py and the tutorials import these from here
-from .layers.tokens_to_token import PERFORMER_FEATURES, SOFT_SPLITS, TOKEN_DIM  # noqa: F401
+# re-exported: bench.py, its tests and the tutorials use these from here
+from .layers.tokens_to_token import (PERFORMER_FEATURES, SOFT_SPLITS, T2T_LAYERS,  # noqa: F401
+                                     TOKEN_DIM)
 from .ops.dropout import dropout_backward, dropout_forward
 from .ops.layernorm import layernorm_backward, layernorm_forward
 from .ops.linear import linear_backward, linear_forward
