@@ -6,14 +6,16 @@
     loss, dlogits = t2t_ref.cross_entropy(logits, labels, smoothing=0.1)
     model.backward(dlogits)               # fills model.grads
     model = t2t_ref.load_pretrained("71.7_T2T_ViT_7.pth.tar", "t2t_vit_7")  # official weights
+    print(t2t_ref.summary("t2t_vit_14_se"))   # parameters and MACs, stage by stage
 """
 
 from .backend import get_namespace, to_device, to_numpy
 from .model import T2TViT, create_model
 from .ops.cross_entropy import cross_entropy
 from .pretrained import load_pretrained
-from .variants import list_models
+from .summary import count, summary, summary_rows
+from .variants import Variant, list_models
 
-__all__ = ["T2TViT", "create_model", "list_models", "cross_entropy", "get_namespace",
-           "to_device", "to_numpy", "load_pretrained"]
+__all__ = ["T2TViT", "create_model", "list_models", "Variant", "cross_entropy", "get_namespace",
+           "to_device", "to_numpy", "load_pretrained", "summary", "summary_rows", "count"]
 __version__ = "0.1.0"

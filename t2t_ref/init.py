@@ -57,3 +57,20 @@ def sinusoid_table(n_positions, width):
 def performer_features(rng, num_features, width):
     """The performer's fixed random-feature matrix w (m, d): orthogonal rows scaled by sqrt(m)."""
     return orthogonal(rng, (num_features, width)) * math.sqrt(num_features)
+
+
+# ---- state-dict entries: (name, shape, how to initialise), as the models list them ------------
+
+def linear_specs(prefix, d_in, d_out, bias=True):
+    specs = [(prefix + "weight", (d_out, d_in), "trunc_normal")]
+    return specs + [(prefix + "bias", (d_out,), "zeros")] if bias else specs
+
+
+def norm_specs(prefix, width):
+    return [(prefix + "weight", (width,), "ones"), (prefix + "bias", (width,), "zeros")]
+
+
+def conv_default(fan_in):
+    """PyTorch's default Conv init (kaiming_uniform_, a = sqrt 5), which the official code
+    leaves on its convolutions: uniform in +-1/sqrt(fan_in), weight and bias alike."""
+    return ("uniform", fan_in ** -0.5)

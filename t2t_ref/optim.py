@@ -46,8 +46,9 @@ from .flat import FlatTensors
 from .keys import compare_keys
 from .parallel.threads import balanced_groups, check_threads, map_in_threads, thread_count
 
-# The official model's no_weight_decay(): the class token. (pos_embed is fixed, not trained.)
-NO_WEIGHT_DECAY = frozenset({"cls_token"})
+# The official models' no_weight_decay(): T2T-ViT's is the class token (its pos_embed is fixed,
+# not trained); timm's ViT adds its learned pos_embed.
+NO_WEIGHT_DECAY = frozenset({"cls_token", "pos_embed"})
 
 
 def decays(name, shape, no_weight_decay=NO_WEIGHT_DECAY):
@@ -55,8 +56,9 @@ def decays(name, shape, no_weight_decay=NO_WEIGHT_DECAY):
 
     The official recipe's rule (timm's add_weight_decay with the model's no_weight_decay()):
     no decay for 1-D tensors (every bias and every LayerNorm weight), for any name ending in
-    '.bias', and for the names in no_weight_decay (the class token); decay for the rest, i.e.
-    the weight matrices of the linear layers.
+    '.bias', and for the names in no_weight_decay (the class token, ViT's position table);
+    decay for the rest, i.e. the weight matrices (and the ghost models' (C, 1, 1) cheap
+    operations, as timm's rule decays them too).
     """
     return not (len(shape) <= 1 or name.endswith(".bias") or name in no_weight_decay)
 

@@ -25,7 +25,8 @@ source is trusted. safetensors files hold no code at all.
 Fitting a file to a model (fit_state_dict), as the official transfer-learning code does:
 - pos_embed (1, 1 + g*g, D) for another grid G: the g x g part is resized bicubically to
   G x G, like torch's F.interpolate(mode='bicubic', align_corners=False) in the official
-  resize_pos_embed; the class token's row is kept. Done here in NumPy, in float64.
+  resize_pos_embed; the class token's row is kept. Done here in NumPy, in float64. The plain
+  ViT's learned table is resized the same way (the official vit.py's own resize is bilinear).
 - head.*: dropped when the class counts differ; the model keeps its own seeded fresh head
   (trunc normal std 0.02, zero bias).
 - everything else must match key for key and shape for shape; otherwise one error line names
@@ -48,7 +49,7 @@ from importlib import resources
 import numpy as np
 
 from .keys import compare_keys
-from .model import PATCH, create_model
+from .model import PATCH, create_model, param_specs
 from .variants import VARIANTS
 
 META_KEY = "t2t_ref"  # the safetensors metadata key of t2t_ref files (as checkpoint.py)
@@ -237,24 +238,22 @@ def import_torch(purpose):
 
 
 def matching_variants(weights):
-    """The variant names whose structure (T2T layer kind, D, depth, MLP width) the weights have.
+    """The model names whose state dict the weights have: the same keys with the same shapes,
+    all but the head's and the position table's (whose sizes follow the class count and the
+    image size).
 
     t2t_vit_14 and t2t_vit_14_resnext differ only in their head count, so both match the same
     weights."""
-    if "cls_token" not in weights or "blocks.0.mlp.fc1.weight" not in weights:
+    def structure(entries):
+        return {key: tuple(shape) for key, shape in entries
+                if not (key.startswith("head.") or key == "pos_embed")}
+
+    if "cls_token" not in weights:
         return []
-    if "tokens_to_token.attention1.kqv.weight" in weights:
-        tokens_type = "performer"
-    elif "tokens_to_token.attention1.attn.qkv.weight" in weights:
-        tokens_type = "transformer"
-    else:
-        return []
-    D = weights["cls_token"].shape[-1]
-    depth = sum(1 for key in weights if re.fullmatch(r"blocks\.\d+\.norm1\.weight", key))
-    hidden = weights["blocks.0.mlp.fc1.weight"].shape[0]
-    return [name for name, v in VARIANTS.items()
-            if (v.tokens_type, v.embed_dim, v.depth, int(v.embed_dim * v.mlp_ratio))
-            == (tokens_type, D, depth, hidden)]
+    found = structure((key, np.shape(value)) for key, value in weights.items())
+    return [name for name in VARIANTS
+            if structure((key, shape) for key, shape, _ in param_specs(name, PATCH, 1))
+            == found]
 
 
 def resolve_model_name(weight_file, model_name=None):
@@ -274,7 +273,7 @@ def resolve_model_name(weight_file, model_name=None):
         raise PretrainedError(f"{weight_file.path} fits {' and '.join(candidates)} alike (they "
                               "differ only in head count): say which with --model")
     keys = ", ".join(list(weight_file.weights)[:5]) or "none"
-    raise PretrainedError(f"{weight_file.path} holds no T2T-ViT weights this package knows "
+    raise PretrainedError(f"{weight_file.path} holds no weights of a model this package knows "
                           f"(first keys: {keys})")
 
 

@@ -278,6 +278,19 @@ def test_decays_rule_on_model_keys(name):
             (decay, no_decay)
 
 
+@pytest.mark.parametrize("name", ["t2t_vit_14_se", "t2t_vit_16_ghost", "t2t_vit_dense",
+                                  "vit_7_patch16"])
+def test_decays_rule_matches_timm_on_the_backbone_explorations_and_the_vit(name):
+    """The same split as the official recipe's on the oracle: the ViT's learned pos_embed in
+    its no_weight_decay(), the ghost's (C, 1, 1) cheap operations decayed (not 1-D)."""
+    model = t2t_ref.create_model(name, num_classes=5, img_size=32, dtype="float64")
+    decay = {k for k, p in model.params.items() if decays(k, p.shape)}
+    want = timm_no_decay(create_torch_model(name, num_classes=5, img_size=32))
+    assert (decay, set(model.params) - decay) == want
+    if name.startswith("vit"):
+        assert "pos_embed" in model.params and "pos_embed" not in decay
+
+
 # ---- gradient clipping -----------------------------------------------------------------------
 
 @pytest.mark.parametrize("max_norm", [0.5, 1e3])  # clips, does not clip

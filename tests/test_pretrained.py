@@ -445,7 +445,7 @@ def not_checkpoints(tmp_path):
     cases.append((tensor, "not a checkpoint dict"))
     resnet = tmp_path / "resnet.pth"
     torch.save({"conv1.weight": torch.zeros(4, 3, 7, 7)}, resnet)
-    cases.append((resnet, "no T2T-ViT weights"))
+    cases.append((resnet, "holds no weights of a model"))
     unsafe = tmp_path / "unsafe.pth"
     torch.save({"state_dict": {"cls_token": torch.zeros(1, 1, 256)}, "x": Unsafe()}, unsafe)
     cases.append((unsafe, "arbitrary code"))
@@ -462,7 +462,7 @@ def test_missing_and_non_checkpoint_files_in_every_cli(tmp_path, capsys):
         for cli, run in every_cli(weights, tmp_path, images):
             code = run()
             captured = capsys.readouterr()
-            if cli == "train" and needle == "no T2T-ViT weights":
+            if cli == "train" and needle == "holds no weights of a model":
                 needle = "does not fit t2t_vit_7"  # train names its model: the keys are told
             assert_user_error(code, captured, str(weights) if cli != "train" else "", needle)
 
