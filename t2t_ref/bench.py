@@ -9,7 +9,7 @@
 A configuration is named MODEL-SIZE-bBATCH-MODE, MODE 'train' (one training step: forward,
 cross-entropy with label smoothing 0.1, backward, AdamW update) or 'infer' (one forward; PyTorch
 under torch.no_grad()). Both sides run the same variant with the same weights (t2t_ref's,
-copied into the PyTorch port of the official model, tests/torch_t2t.py), the same batch, in
+copied into the PyTorch port of the official model, t2t_ref/torch_port.py), the same batch, in
 float32, with the same number of threads (torch.set_num_threads and, for NumPy's BLAS,
 threadpoolctl). Training runs both models in train mode: the T2T performer layers' two fixed
 0.1 dropouts act on both sides.
@@ -53,7 +53,6 @@ performer features, h heads, K classes.
 import argparse
 import gc
 import importlib
-import importlib.util
 import inspect
 import json
 import os
@@ -93,7 +92,6 @@ MIN_REPEATS, MIN_WARMUP = 5, 2
 MATMUL_SIZE = {"numpy": 2048, "cupy": 8192}  # n of the n x n x n float32 matmul for the peak
 QUICK_MATMUL_SIZE = 1024
 LOADER_BATCHES = 12  # batches in the loader's timed epoch (a few times its prefetch)
-ORACLE = Path(__file__).resolve().parent.parent / "tests" / "torch_t2t.py"
 
 
 # ---- configurations -------------------------------------------------------------------------
@@ -228,15 +226,10 @@ def _torch():
 
 
 def load_oracle():
-    """The PyTorch port of the official model, tests/torch_t2t.py of the source tree."""
+    """The PyTorch port of the official model (t2t_ref/torch_port.py); needs PyTorch."""
     _torch()
-    if not ORACLE.is_file():
-        raise BenchError(f"the PyTorch peer model {ORACLE} is missing: run the benchmark from "
-                         "a checkout of the source tree (pip install -e .)")
-    spec = importlib.util.spec_from_file_location("t2t_ref_bench_torch_t2t", ORACLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from . import torch_port
+    return torch_port
 
 
 # ---- the two sides --------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 (by name, by the file's args.model and by shapes alone), convert out and back, a short training
 run with checkpoints, evaluate and predict on it, and --init-from official weights.
 
-The official-format files are made from the PyTorch oracle (tests/torch_t2t.py) as in
+The official-format files are made from the PyTorch oracle (t2t_ref/torch_port.py) as in
 test_pretrained.py. vit_7_patch16 stands in for vit_small_patch16_224 where training runs: the
 same code at T2T-ViT-7's width (the 768-wide model's 48M parameters and their AdamW moments
 would be most of this file's time).

@@ -1,7 +1,7 @@
 """The ops of the paper's backbone explorations (SE gate, cheap operation, ghost attention and
 MLP, dense block, transition) and the three blocks built from them, forward and backward:
 
-- against PyTorch autograd on the official modules (tests/torch_t2t.py), with a random
+- against PyTorch autograd on the official modules (t2t_ref/torch_port.py), with a random
   upstream gradient: float64 to 1e-10, float32 to 1e-4;
 - against central differences in float64 (tests/test_gradcheck.py's check);
 - on every backend (numpy, array_api_strict, cupy where a GPU exists), float64 to 1e-10.
@@ -27,7 +27,7 @@ from t2t_ref.ops.se_gate import (relu_backward, relu_forward, se_attention_backw
                                  se_attention_forward, se_gate_backward, se_gate_forward,
                                  sigmoid_backward, sigmoid_forward)
 from t2t_ref.ops.transition import transition_backward, transition_forward
-from torch_t2t import (AttentionGhost, AttentionSE, BlockDense, BlockGhost, BlockSE, MlpGhost,
+from t2t_ref.torch_port import (AttentionGhost, AttentionSE, BlockDense, BlockGhost, BlockSE, MlpGhost,
                        SELayer, Transition)
 
 D, HEADS = 32, 4  # a gate of width 32 / 16 = 2; ghost halves of 16, 4 heads of 8

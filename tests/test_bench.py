@@ -19,7 +19,7 @@ from t2t_ref import model as model_module
 from t2t_ref.layers import token_performer
 from t2t_ref.ops import linear
 from t2t_ref.optim import AdamW
-from torch_t2t import create_torch_model
+from t2t_ref.torch_port import create_torch_model
 
 # the benchmark's one extra dependency (it sets NumPy's BLAS threads); not in the test extra
 pytest.importorskip("threadpoolctl", reason="t2t_ref.bench needs threadpoolctl: "

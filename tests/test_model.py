@@ -1,4 +1,4 @@
-"""The whole model against the PyTorch oracle (tests/torch_t2t.py), and its API and errors."""
+"""The whole model against the PyTorch oracle (t2t_ref/torch_port.py), and its API and errors."""
 
 import sys
 
@@ -10,7 +10,7 @@ import t2t_ref
 from t2t_ref.backend import BackendError, get_namespace
 from t2t_ref.gaps import make_rng
 from conftest import assert_close, on, rel_error
-from torch_t2t import create_torch_model, get_sinusoid_encoding
+from t2t_ref.torch_port import create_torch_model, get_sinusoid_encoding
 
 # Both kinds of T2T layer, and a backbone with more than one head.
 VARIANTS = ["t2t_vit_7", "t2t_vit_t_14"]

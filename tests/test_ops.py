@@ -38,7 +38,7 @@ from t2t_ref.ops.performer import (performer_attention_backward, performer_atten
                                    random_features_backward, random_features_forward)
 from t2t_ref.ops.soft_split import fold, soft_split_backward, soft_split_forward, unfold
 from t2t_ref.ops.softmax import softmax_backward, softmax_forward
-from torch_t2t import Attention, Block, Mlp, Token_performer, Token_transformer, TokenAttention
+from t2t_ref.torch_port import Attention, Block, Mlp, Token_performer, Token_transformer, TokenAttention
 
 # (dtype, tolerance): the bounds
 DTYPES = [pytest.param("float64", 1e-10, id="float64"), pytest.param("float32", 1e-4, id="float32")]

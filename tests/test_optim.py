@@ -20,7 +20,7 @@ from t2t_ref.optim import AdamW, clip_grad_norm, decays
 from t2t_ref.schedule import CosineSchedule, lr_at
 
 from conftest import assert_close, on
-from torch_t2t import create_torch_model
+from t2t_ref.torch_port import create_torch_model
 
 # A small stand-in for a model: one tensor of every kind the decay rule sorts.
 SHAPES = {

@@ -1,6 +1,6 @@
 """Official checkpoints in and out: import, export, convert, predict, fine-tune and evaluate,
 and their bad input. The official-format files are made here from the PyTorch oracle
-(tests/torch_t2t.py) the way the release's training code saved them; nothing is downloaded."""
+(t2t_ref/torch_port.py) the way the release's training code saved them; nothing is downloaded."""
 
 import argparse
 import functools
@@ -24,7 +24,7 @@ from t2t_ref.pretrained import PretrainedError, imagenet_classes, read_weights, 
     resize_pos_embed
 from conftest import assert_close
 from reliability import tried
-from torch_t2t import create_torch_model
+from t2t_ref.torch_port import create_torch_model
 
 SIZE, BATCH = 32, 2
 # a tiny built-in training run (see test_train.py): 3 steps per epoch at 32 x 32, 10 classes

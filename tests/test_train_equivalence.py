@@ -20,7 +20,7 @@ from t2t_ref.optim import AdamW, clip_grad_norm
 from t2t_ref.schedule import lr_at
 
 from conftest import assert_close
-from torch_t2t import create_torch_model
+from t2t_ref.torch_port import create_torch_model
 
 STEPS, WARMUP, BASE_LR, WD, SMOOTHING = 5, 2, 1e-3, 0.05, 0.1
 BATCH, IMG, CLASSES = 4, 32, 5

@@ -1,4 +1,8 @@
-"""PyTorch T2T-ViT: the numerical oracle for the NumPy implementation in the tests.
+"""PyTorch T2T-ViT: the numerical oracle of the tests and the benchmark's peer model.
+
+Part of the package (the benchmark runs it against t2t_ref on any install), but never part of
+the compute path: it needs PyTorch (the test extra, or pip install 't2t_ref[torch]') and only
+the tests, the benchmark and the checkpoint tools import it.
 
 A from-scratch re-implementation of the official T2T-ViT release
 (yitu-opensource/T2T-ViT: models/t2t_vit.py, token_performer.py,
