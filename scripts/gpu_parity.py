@@ -35,7 +35,8 @@ def run(model, x, dlogits):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--variants", nargs="+",
-                        default=["t2t_vit_7", "t2t_vit_t_14", "t2t_vit_14_resnext"])
+                        default=["t2t_vit_7", "t2t_vit_t_14", "t2t_vit_14_resnext",
+                                 "t2t_vit_14_se", "t2t_vit_16_ghost", "vit_7_patch16"])
     parser.add_argument("--img-size", type=int, default=64)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--backend", default="cupy", help="the backend checked against NumPy")

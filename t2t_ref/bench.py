@@ -72,11 +72,11 @@ import threadpoolctl
 
 from .backend import keep_freed_memory, to_device, to_numpy
 from .cli import HelpFormatter, user_error
-from .model import PATCH, PERFORMER_FEATURES, SOFT_SPLITS, TOKEN_DIM, create_model
+from .model import PATCH, create_model
 from .ops.cross_entropy import cross_entropy
 from .optim import AdamW, decays
 from .parallel import DataParallel
-from .variants import get_variant, list_models
+from .variants import list_models
 
 LR = 5e-4  # the learning rate of the timed AdamW steps (the value does not change the work)
 WEIGHT_DECAY = 0.05
@@ -148,38 +148,11 @@ QUICK = [parse_config(n) for n in ("t2t_vit_7-32-b4-train", "t2t_vit_7-32-b4-inf
 def count_flops(variant, img_size, batch, training):
     """Matmul FLOPs (2 * M * N * K per product) of one forward, or x3 for a training step
     (the backward's two products per forward product). Elementwise work is not counted.
-
-    variant: a name ('t2t_vit_7') or a t2t_ref.variants.Variant.
-    """
-    v = get_variant(variant) if isinstance(variant, str) else variant
-    B, E, m, D = batch, TOKEN_DIM, PERFORMER_FEATURES, v.embed_dim
-    side, d_in = img_size, 3
-    flops = 0
-    for layer, (k, s, p) in enumerate(SOFT_SPLITS):
-        side = (side + 2 * p - k) // s + 1  # the soft split's output grid
-        N, d_in = side * side, d_in * k * k  # tokens (B, N, d_in)
-        if layer == 2:
-            break  # the last split feeds the project linear
-        if v.tokens_type == "performer":
-            flops += 2 * B * N * d_in * 3 * E  # kqv linear          (B, N, 3E)
-            flops += 2 * 2 * B * N * E * m  # random features of k and q (B, N, m) each
-            flops += 2 * B * N * m  # denominator qp . sum_t kp_t     (B, N, 1)
-            flops += 2 * B * E * N * m  # kptv = v^T kp                (B, E, m)
-            flops += 2 * B * N * m * E  # numerator qp kptv^T          (B, N, E)
-        else:
-            flops += 2 * B * N * d_in * 3 * E  # qkv linear, no bias   (B, N, 3E)
-            flops += 2 * 2 * B * N * N * E  # q k^T and attn v (one head)
-        flops += 2 * B * N * E * E  # proj                                 (B, N, E)
-        flops += 2 * 2 * B * N * E * E  # the MLP's two E x E linears
-        d_in = E  # re-structurized to E channels
-    flops += 2 * B * N * d_in * D  # project 576 -> D                     (B, N, D)
-    T, H = N + 1, int(D * v.mlp_ratio)  # tokens with the class token; MLP hidden width
-    per_block = (2 * B * T * D * 3 * D  # qkv                             (B, T, 3D)
-                 + 2 * 2 * B * T * T * D  # q k^T and attn v over all heads (h * T*T*D/h)
-                 + 2 * B * T * D * D  # proj
-                 + 2 * 2 * B * T * D * H)  # fc1 and fc2
-    flops += v.depth * per_block
-    flops += 2 * B * D * NUM_CLASSES  # head on the class token           (B, K)
+    variant: a name ('t2t_vit_7') or a t2t_ref.variants.Variant; the multiply-accumulates per
+    image come from t2t_ref.summary's count, which knows every model family."""
+    from .summary import count
+    macs_per_image = count(variant, img_size, NUM_CLASSES)[2]
+    flops = 2 * batch * macs_per_image
     return 3 * flops if training else flops
 
 

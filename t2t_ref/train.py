@@ -129,7 +129,7 @@ def build_parser(defaults=True):
     add("--data", default=None, help="ImageNet-style folder: DIR/train/<class>/*, optional "
         "DIR/val/<class>/* (default: the built-in procedurally generated shapes)")
     add("--model", default="t2t_vit_7", choices=list_models(), metavar="NAME",
-        help="T2T-ViT variant: " + ", ".join(list_models()))
+        help="model: " + ", ".join(list_models()))
     add("--img-size", type=int, default=None,
         help="image side, a multiple of 16 (default: 32 for the built-in shapes, else 224)")
     add("--epochs", type=number(int, low=1), default=3,
@@ -206,8 +206,9 @@ def resolve_config(args):
         list(config["crop_ratio"])
     S = config["img_size"]
     if S < PATCH or S % PATCH:
-        raise UsageError(f"--img-size {S} is not a multiple of {PATCH}: T2T-ViT's three soft "
-                         f"splits shrink the image 16x; try {max(PATCH, S // PATCH * PATCH)}")
+        raise UsageError(f"--img-size {S} is not a multiple of {PATCH}: every model cuts the "
+                         f"image into a grid 16x smaller (T2T-ViT's three soft splits, ViT's "
+                         f"16x16 patches); try {max(PATCH, S // PATCH * PATCH)}")
     for flag in ("crop_scale", "crop_ratio"):
         low, high = config[flag]
         if low > high:
