@@ -53,18 +53,23 @@ class FlatTensors(dict):
         if tuple(value.shape) != tuple(view.shape):
             raise ValueError(f"{name}: shape {tuple(value.shape)} does not fit "
                              f"{tuple(view.shape)}")
+        if value.dtype != view.dtype:  # e.g. a half-precision gradient into float32
+            value = array_namespace(value).astype(value, view.dtype)
         view[...] = value
 
     def update(self, other=(), **kwargs):
         for name, value in dict(other, **kwargs).items():
             self[name] = value
 
-    def zeros_like(self):
-        """New FlatTensors of the same names, layout and dtype, all zero."""
+    def zeros_like(self, dtype=None):
+        """New FlatTensors of the same names and layout, all zero, in dtype (default: this
+        buffer's)."""
         xp = array_namespace(self.flat)
         shapes = {name: tuple(view.shape) for name, view in self.items()}
-        return FlatTensors(xp, shapes, self.flat.dtype, _device(self.flat),
-                           order=[name for name, *_ in self.layout])
+        out = FlatTensors(xp, shapes, self.flat.dtype if dtype is None else dtype,
+                          _device(self.flat), order=[name for name, *_ in self.layout])
+        out.layout = self.layout  # the same object: same_layout() is then one identity test
+        return out
 
     def copy(self):
         """A copy with its own buffer."""

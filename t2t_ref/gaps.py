@@ -1,4 +1,5 @@
-"""What the array API standard lacks, in one place: erf, random numbers, and in_chunks.
+"""What the array API standard lacks, in one place: erf, random numbers, half-precision
+products (matmul, wide), and in_chunks.
 
 Everything else in t2t_ref uses only the standard's functions. Each function here has a
 NumPy branch, a CuPy branch, and a branch for array_api_strict (the test backend), which does
@@ -67,6 +68,47 @@ def erf_float32(x):
     q += _ERF32_Q[-1]
     p /= q
     return p
+
+
+# ---- half precision: float16 and bfloat16 (see t2t_ref/precision.py) -------------------------
+
+HALF = ("float16", "bfloat16")
+
+
+def is_half(dtype):
+    """Is dtype float16 or bfloat16 (ml_dtypes' bfloat16, NumPy's and CuPy's)?"""
+    return getattr(dtype, "name", str(dtype)) in HALF
+
+
+def wide(x):
+    """x in float32 if it is a half type, else x itself: the dtype of the precision policy's
+    float32 islands (statistics, exponentials, sums that half precision would spoil)."""
+    if not is_half(x.dtype):
+        return x
+    xp = array_namespace(x)
+    return xp.astype(x, xp.float32)
+
+
+def wide_dtype(x):
+    """The dtype wide(x) has, without making it."""
+    return array_namespace(x).float32 if is_half(x.dtype) else x.dtype
+
+
+def matmul(a, b, out_dtype=None):
+    """a @ b as xp.matmul, for half types too: the products of float16 or bfloat16 operands
+    are summed in float32 and rounded once, to out_dtype (default: a's dtype), as a GPU's
+    tensor cores sum them. NumPy has no half-precision BLAS (its float16 matmul is a slow
+    loop, its bfloat16 one returns float32): it multiplies float32 copies, which rounds
+    the same way."""
+    xp = array_namespace(a)
+    out_dtype = a.dtype if out_dtype is None else out_dtype
+    if not is_half(a.dtype):
+        product = xp.matmul(a, b)
+    elif backend_name(xp) == "cupy" and is_half(out_dtype):
+        product = xp.matmul(a, b)  # cuBLAS: half operands, float32 sums, a half result
+    else:  # a float32 result, or NumPy: the same sums on float32 copies
+        product = xp.matmul(xp.astype(a, xp.float32), xp.astype(b, xp.float32))
+    return product if product.dtype == out_dtype else xp.astype(product, out_dtype)
 
 
 _thread = threading.local()  # .whole: in_chunks evaluates whole arrays in this thread
@@ -165,7 +207,9 @@ class KeyedRandom:
                                                 scale, dtype)
         bits = keyed_bits(xp, key, self.first_sample, samples, per_sample, device)
         keep = xp.bitwise_right_shift(bits, 8) >= threshold  # (B, per_sample)
-        return xp.reshape(xp.astype(keep, dtype) * scale, shape)
+        mask = xp.astype(keep, dtype)
+        mask *= scale  # in place: a Python float would promote bfloat16 to float32
+        return xp.reshape(mask, shape)
 
 
 def _hash32_int(x):

@@ -33,7 +33,7 @@ from .backend import BACKENDS, array_namespace, backend_name, get_dtype, get_nam
     to_device, to_numpy
 from .flat import FlatTensors
 from .keys import compare_keys
-from .gaps import make_rng
+from .gaps import make_rng, wide
 from .init import linear_specs, norm_specs, performer_features, sinusoid_table, trunc_normal
 from .layers import add_prefix, sub_dict
 from .layers import patch_embed, tokens_to_token
@@ -43,6 +43,7 @@ from .layers.tokens_to_token import (PERFORMER_FEATURES, SOFT_SPLITS, T2T_LAYERS
 from .ops.dropout import dropout_backward, dropout_forward
 from .ops.layernorm import layernorm_backward, layernorm_forward
 from .ops.linear import linear_backward, linear_forward
+from .precision import compute_dtype
 from .variants import Variant, get_variant
 
 PATCH = 16  # both stems shrink the image 16x: S must be a multiple of it
@@ -72,7 +73,8 @@ class T2TViT:
     t2t_ref.create_model(name, ...)."""
 
     def __init__(self, name, *, num_classes=1000, img_size=224, backend="numpy",
-                 dtype="float32", seed=0, drop_rate=0.0, drop_path_rate=0.0, qk_scale=None):
+                 dtype="float32", seed=0, drop_rate=0.0, drop_path_rate=0.0, qk_scale=None,
+                 precision="float32"):
         variant = get_variant(name)
         if not (isinstance(img_size, int) and img_size >= PATCH and img_size % PATCH == 0):
             raise ValueError(f"img_size must be a positive multiple of {PATCH} "
@@ -83,7 +85,10 @@ class T2TViT:
             if not 0.0 <= rate < 1.0:
                 raise ValueError(f"{flag} must be in [0, 1), got {rate!r}")
         self.xp, self.device = get_namespace(backend)
-        self.dtype = get_dtype(self.xp, dtype)
+        self.dtype = get_dtype(self.xp, dtype)  # the parameters' (master) dtype
+        # the products' and activations' dtype (precision.py): self.dtype, or a half type
+        self.precision = precision
+        self.compute_dtype = compute_dtype(self.xp, precision, self.dtype)
         # a Variant built by hand (tutorial 9's miniatures) has no name of its own
         self.name = name if isinstance(name, str) else "custom"
         self.variant, self.backend, self.dtype_name = variant, backend, dtype
@@ -134,6 +139,9 @@ class T2TViT:
         # where backward writes the gradients (model.grads is this buffer after a backward):
         # made by the first backward; t2t_ref.parallel gives each piece of a batch its own
         self.grad_buffer = None
+        # half precision: the forward's half copy of the parameters, made from them each
+        # forward (t2t_ref.parallel gives each piece its own, too)
+        self.compute_buffer = None
         self.load_state_dict(host)
 
     def _is_fixed(self, name):
@@ -226,7 +234,8 @@ class T2TViT:
         """
         self._check_input(x)
         self.cache = None  # an earlier forward's activations are not needed any more
-        xp, p = self.xp, self.params
+        xp, p = self.xp, self.compute_params()
+        x = xp.astype(x, self.compute_dtype) if x.dtype != self.compute_dtype else x
         opts = dict(rng=self.rng, training=self.training)
         B = x.shape[0]
         caches = {} if keep_cache else _Discard()
@@ -242,7 +251,8 @@ class T2TViT:
 
         # Class token in front, position table added.
         cls = xp.broadcast_to(p["cls_token"], (B, 1, tokens.shape[2]))  # (B, 1, D)
-        h = xp.concat([cls, tokens], axis=1) + self._tensor("pos_embed")  # (B, G*G+1, D)
+        table = p["pos_embed"] if "pos_embed" in p else self.buffers["pos_embed"]
+        h = xp.concat([cls, tokens], axis=1) + xp.astype(table, tokens.dtype)  # (B, G*G+1, D)
         h, caches["pos_drop"] = dropout_forward(h, self.drop_rate, **opts)
 
         for i, layer in enumerate(self.layers):
@@ -253,7 +263,18 @@ class T2TViT:
         logits, caches["head"] = linear_forward(h[:, 0, :], p["head.weight"], p["head.bias"])
         caches["tokens_shape"] = h.shape
         self.cache = caches if keep_cache else None
-        return logits  # (B, num_classes)
+        return xp.astype(logits, self.dtype)  # (B, num_classes) in the master dtype
+
+    def compute_params(self):
+        """The parameters the forward computes with: model.params itself, or under a half
+        precision their copy in compute_dtype, rounded afresh (one pass over the buffer)."""
+        if self.compute_dtype == self.dtype:
+            return self.params
+        buffer = self.compute_buffer
+        if buffer is None or not buffer.same_layout(self.params):
+            buffer = self.compute_buffer = self.params.zeros_like(dtype=self.compute_dtype)
+        buffer.flat[...] = self.xp.astype(self.params.flat, self.compute_dtype)
+        return buffer
 
     __call__ = forward
 
@@ -268,6 +289,7 @@ class T2TViT:
                                "(its cache is used once)")
         caches, self.cache = self.cache, None
         xp, g = self.xp, {}
+        dlogits = xp.astype(dlogits, self.compute_dtype)  # (B, K): under bf16/fp16 half
 
         dcls_out, g["head.weight"], g["head.bias"] = linear_backward(dlogits, caches["head"])
         # only the class token's row fed the head: the other rows get zero gradient
@@ -284,17 +306,18 @@ class T2TViT:
         dh = dropout_backward(dh, caches["pos_drop"])
         # the class token and the position table were broadcast over the batch: their
         # gradients sum over it (the table's only where it is trained: ViT's)
-        g["cls_token"] = xp.sum(dh[:, :1, :], axis=0, keepdims=True)  # (1, 1, D)
+        # (in float32 when dh is half: sums over the batch go into the float32 buffer)
+        g["cls_token"] = xp.sum(wide(dh[:, :1, :]), axis=0, keepdims=True)  # (1, 1, D)
         if not self._is_fixed("pos_embed"):
-            g["pos_embed"] = xp.sum(dh, axis=0, keepdims=True)  # (1, G*G+1, D)
+            g["pos_embed"] = xp.sum(wide(dh), axis=0, keepdims=True)  # (1, G*G+1, D)
         prefix, _, stem_backward = STEMS[self.variant.tokens_type]
         dx, stem_grads = stem_backward(dh[:, 1:, :], caches["stem"])  # (B, 3, S, S)
         g.update(add_prefix(stem_grads, prefix))
         if self.grad_buffer is None or not self.grad_buffer.same_layout(self.params):
             self.grad_buffer = self.params.zeros_like()
         self.grads = self.grad_buffer
-        self.grads.update(g)  # copied into the flat buffer's views
-        return dx
+        self.grads.update(g)  # copied into the flat buffer's views (and its dtype)
+        return xp.astype(dx, self.dtype)  # (B, 3, S, S) in the master dtype
 
 
 class _Discard(dict):
@@ -334,15 +357,17 @@ def is_fixed(variant, name):
 
 
 def create_model(name, *, num_classes=1000, img_size=224, backend="numpy", dtype="float32",
-                 seed=0, drop_rate=0.0, drop_path_rate=0.0, qk_scale=None):
+                 seed=0, drop_rate=0.0, drop_path_rate=0.0, qk_scale=None,
+                 precision="float32"):
     """Build a model by name (see list_models()), freshly initialised; or, given a
     t2t_ref.variants.Variant, a model of that shape (named 'custom').
     It computes each batch in the calling thread; t2t_ref.parallel.DataParallel(model) runs
-    it on every core (or over MPI ranks)."""
+    it on every core (or over MPI ranks). precision "bf16" or "fp16": products and
+    activations in half precision, float32 master weights (precision.py)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
     if not isinstance(name, (str, Variant)):
         raise ValueError(f"model must be a name or a Variant, got {type(name).__name__}")
     return T2TViT(name, num_classes=num_classes, img_size=img_size, backend=backend,
                   dtype=dtype, seed=seed, drop_rate=drop_rate, drop_path_rate=drop_path_rate,
-                  qk_scale=qk_scale)
+                  qk_scale=qk_scale, precision=precision)

@@ -10,6 +10,7 @@ The N x N attention map is what makes the first T2T layer expensive: at 224 it h
 """
 
 from ..backend import array_namespace
+from ..gaps import matmul
 from .dropout import dropout_backward, dropout_forward
 from .linear import linear_backward, linear_forward
 from .softmax import softmax_backward, softmax_forward
@@ -18,10 +19,10 @@ from .softmax import softmax_backward, softmax_forward
 def scaled_dot_product_attention_forward(q, k, v, scale):
     """q, k, v (B, h, N, d) -> out (B, h, N, d). cache = (q, k, v, p, scale)."""
     xp = array_namespace(q)
-    scores = xp.matmul(q, xp.matrix_transpose(k))  # (B, h, N, N)
+    scores = matmul(q, xp.matrix_transpose(k))  # (B, h, N, N)
     scores *= scale
     p, _ = softmax_forward(scores)  # (B, h, N, N) each row a distribution over keys
-    out = xp.matmul(p, v)  # (B, h, N, d)
+    out = matmul(p, v)  # (B, h, N, d)
     return out, (q, k, v, p, scale)
 
 
@@ -39,12 +40,12 @@ def scaled_dot_product_attention_backward(dout, cache):
     q, k, v, p, scale = cache
     xp = array_namespace(dout)
     t = xp.matrix_transpose
-    dv = t(xp.matmul(t(dout), p))  # (B, h, N, d) = p^T dout
-    dp = xp.matmul(dout, t(v))  # (B, h, N, N)
+    dv = t(matmul(t(dout), p))  # (B, h, N, d) = p^T dout
+    dp = matmul(dout, t(v))  # (B, h, N, N)
     dscores = softmax_backward(dp, p)  # (B, h, N, N)
     dscores *= scale
-    dq = xp.matmul(dscores, k)  # (B, h, N, d)
-    dk = t(xp.matmul(t(q), dscores))  # (B, h, N, d) = dscores^T q
+    dq = matmul(dscores, k)  # (B, h, N, d)
+    dk = t(matmul(t(q), dscores))  # (B, h, N, d) = dscores^T q
     return dq, dk, dv
 
 

@@ -9,6 +9,7 @@ modules use it to make a second set of features from the first for next to nothi
 """
 
 from ..backend import array_namespace
+from ..gaps import wide
 
 
 def cheap_operation_forward(x, weight):
@@ -28,5 +29,6 @@ def cheap_operation_backward(dy, cache):
     x, weight = cache
     C = weight.shape[0]
     dx = dy * xp.reshape(weight, (C,))
-    dweight = xp.reshape(xp.sum(dy * x, axis=(0, 1)), weight.shape)  # (C, 1, 1)
+    dweight = xp.reshape(xp.sum(wide(dy * x), axis=(0, 1)), weight.shape)  # (C, 1, 1) summed
+    # in float32 for half precision
     return dx, dweight

@@ -6,6 +6,7 @@ Targets may also be given as probabilities (B, K), as mixup and cutmix make them
 """
 
 from ..backend import array_namespace, device_of
+from ..gaps import wide
 
 
 def smoothed_targets(labels, num_classes, smoothing, dtype):
@@ -23,8 +24,13 @@ def cross_entropy(logits, targets, smoothing=0.0):
     The backward is short enough to live here: with p = softmax(logits) and targets t,
     loss = -sum(t * log p) / B gives d(loss)/d(logits) = (p * sum(t) - t) / B, which is
     (p - t) / B when each row of t sums to 1 (always, for labels, mixup and cutmix).
+    Half-precision logits are taken in float32 (precision.py): the loss and dlogits are
+    float32.
     """
     xp = array_namespace(logits)
+    logits = wide(logits)
+    if targets.ndim == 2:
+        targets = wide(targets)
     B, K = logits.shape
     if targets.ndim == 1:
         targets = smoothed_targets(targets, K, smoothing, logits.dtype)  # (B, K)

@@ -8,14 +8,18 @@ import math
 
 from .. import cupy_kernels
 from ..backend import array_namespace
-from ..gaps import erf, in_chunks
+from ..gaps import erf, in_chunks, is_half, wide
 
 INV_SQRT2 = 1.0 / math.sqrt(2.0)
 INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
 
 def gelu_forward(x):
-    """x (any shape) -> y (same shape). cache = (x, cdf) with cdf = Phi(x)."""
+    """x (any shape) -> y (same shape). cache = (x, cdf) with cdf = Phi(x).
+    In half precision on float32 copies (erf stays float32), y back in the half type."""
+    if is_half(x.dtype):
+        y, cache = gelu_forward(wide(x))
+        return array_namespace(x).astype(y, x.dtype), cache
     if cupy_kernels.applies(x):  # CuPy: the same in one kernel (cupy_kernels.py)
         return cupy_kernels.gelu_forward(x)
     cdf = in_chunks(_normal_cdf, x)
@@ -32,6 +36,8 @@ def _normal_cdf(x):
 
 def gelu_backward(dy, cache):
     """forward was y = x Phi(x), so dy/dx = Phi(x) + x phi(x), phi the normal density."""
+    if is_half(dy.dtype):
+        return array_namespace(dy).astype(gelu_backward(wide(dy), cache), dy.dtype)
     if cupy_kernels.applies(dy):
         return cupy_kernels.gelu_backward(dy, cache)
     x, cdf = cache

@@ -3,10 +3,13 @@
 The math is the textbook one; two things make it fast: every per-row or per-column sum is a
 BLAS matrix-vector product (rows.py), and fresh temporaries are updated in place
 (xhat *= rstd), so each step touches memory once. Only arrays made here are written to.
+In half precision (precision.py) it runs on float32 copies: a mean and a variance of a
+few hundred half-precision values lose most of their digits.
 """
 
 from .. import cupy_kernels
 from ..backend import array_namespace
+from ..gaps import is_half, wide
 from .rows import column_sum, row_dot, row_mean
 
 EPS = 1e-5  # PyTorch's nn.LayerNorm default, used by the official T2T-ViT
@@ -17,6 +20,9 @@ def layernorm_forward(x, weight, bias, eps=EPS):
 
     cache = (xhat, rstd, weight): the normalised input and 1/std, all the backward needs.
     """
+    if is_half(x.dtype):  # a float32 island; y back in the half type
+        y, cache = layernorm_forward(wide(x), wide(weight), wide(bias), eps)
+        return array_namespace(x).astype(y, x.dtype), cache
     if cupy_kernels.applies(x):  # CuPy: one kernel, one warp per row (cupy_kernels.py)
         return cupy_kernels.layernorm_forward(x, weight, bias, eps)
     xp = array_namespace(x)
@@ -38,6 +44,9 @@ def layernorm_backward(dy, cache):
     Both means are row dots with w / D: mean(g) = dy . (w / D), mean(g * xhat) = (dy * xhat)
     . (w / D), so g * xhat is never formed, and dy * xhat is shared with dweight.
     """
+    if is_half(dy.dtype):  # the float32 island's backward; dx back in the half type
+        dx, dweight, dbias = layernorm_backward(wide(dy), cache)
+        return array_namespace(dy).astype(dx, dy.dtype), dweight, dbias
     if cupy_kernels.applies(dy):
         return cupy_kernels.layernorm_backward(dy, cache)
     xhat, rstd, weight = cache

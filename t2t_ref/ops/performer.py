@@ -6,11 +6,17 @@ Then attention needs no N x N map: with kp = phi(k), qp = phi(q) (B, N, m),
     y = qp (kp^T v) / (qp . sum_t kp_t + eps)
 costs O(N m d) instead of O(N^2 d). This mirrors the official Token_performer.single_attn,
 whose random-feature step it calls prm_exp.
+
+In half precision (precision.py) the whole attention runs on float32 copies: in float16 the
+exponent z W^T overflows past 11 (exp > 65504) and the epsilon 1e-8 is below float16's
+smallest step (6e-8), so the denominator can be 0: the official code's NaNs (its issues #19,
+#26, #65, #69). Tutorial 4 shows the numbers.
 """
 
 import math
 
 from ..backend import array_namespace
+from ..gaps import is_half, wide
 from .rows import row_dots, row_sum
 
 EPS = 1e-8  # the official code's epsilon, "for stable in division"
@@ -55,6 +61,9 @@ def performer_attention_forward(q, k, v, w, eps=EPS):
     cache = the random-feature caches and the intermediates named below.
     """
     xp = array_namespace(q)
+    if is_half(q.dtype):  # a float32 island; y back in the half type
+        y, cache = performer_attention_forward(wide(q), wide(k), wide(v), wide(w), eps)
+        return xp.astype(y, q.dtype), cache
     kp, kp_cache = random_features_forward(k, w)  # (B, N, m)
     qp, qp_cache = random_features_forward(q, w)  # (B, N, m)
     kp_sum = xp.sum(kp, axis=1)  # (B, m)
@@ -74,6 +83,10 @@ def performer_attention_backward(dy, cache):
       dv = kp dkptv^T;  dkp = v dkptv + (sum_t ddenom_t qp_t) broadcast over tokens
     and kp, qp flow back through the random features.
     """
+    if is_half(dy.dtype):  # the float32 island's backward
+        xp = array_namespace(dy)
+        return tuple(xp.astype(g, dy.dtype)
+                     for g in performer_attention_backward(wide(dy), cache))
     kp_cache, qp_cache, v, kp, qp, kp_sum, denom, kptv, y = cache
     xp = array_namespace(dy)
     dnumer = dy / denom  # (B, N, e)

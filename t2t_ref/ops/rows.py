@@ -7,6 +7,7 @@ NumPy at these shapes). The results equal the plain sums up to float rounding.
 """
 
 from ..backend import array_namespace, backend_name, device_of
+from ..gaps import matmul, wide_dtype
 
 
 def row_dot(x, column):
@@ -39,11 +40,12 @@ def row_dots(a, b):
 
 
 def column_sum(x):
-    """x (..., D) -> (D,): the sum over all rows, as ones (1, M) @ x (M, D)."""
+    """x (..., D) -> (D,): the sum over all rows, as ones (1, M) @ x (M, D); in float32 for
+    a half-precision x (a bias gradient: it goes into the float32 gradient buffer)."""
     xp = array_namespace(x)
     rows = xp.reshape(x, (-1, x.shape[-1]))  # (M, D)
     ones = _ones_row(xp, rows.shape[0], x.dtype, device_of(x))  # (1, M)
-    return xp.reshape(xp.matmul(ones, rows), (x.shape[-1],))
+    return xp.reshape(matmul(ones, rows, out_dtype=wide_dtype(x)), (x.shape[-1],))
 
 
 _ONES = {}  # (backend, device, M, dtype) -> ones (1, M): read only, made once per shape

@@ -11,6 +11,7 @@ over the transposed (B, D, N) tokens).
 """
 
 from ..backend import array_namespace
+from ..gaps import is_half, wide
 from .attention import self_attention_backward, self_attention_forward
 from .dropout import dropout_backward, dropout_forward
 from .linear import linear_backward, linear_forward
@@ -31,8 +32,12 @@ def relu_backward(dy, cache):
 
 def sigmoid_forward(z):
     """z (any shape) -> 1 / (1 + exp(-z)), without overflow: with e = exp(-|z|) <= 1, it is
-    1 / (1 + e) for z >= 0 and e / (1 + e) below. cache = the output."""
+    1 / (1 + e) for z >= 0 and e / (1 + e) below. cache = the output. Half precision: on a
+    float32 copy, the output back in the half type."""
     xp = array_namespace(z)
+    if is_half(z.dtype):
+        y = xp.astype(sigmoid_forward(wide(z))[0], z.dtype)
+        return y, y
     e = xp.exp(-xp.abs(z))
     y = xp.where(z >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
     return y, y
@@ -41,6 +46,8 @@ def sigmoid_forward(z):
 def sigmoid_backward(dy, cache):
     """forward was y = sigmoid(z), so dz = dy * y (1 - y)."""
     y = cache
+    if is_half(dy.dtype):
+        return array_namespace(dy).astype(sigmoid_backward(wide(dy), wide(y)), dy.dtype)
     return dy * y * (1.0 - y)
 
 
@@ -50,7 +57,7 @@ def se_gate_forward(x, w1, w2):
     cache = (x, gate, fc1 cache, relu cache, fc2 cache, sigmoid cache)
     """
     xp = array_namespace(x)
-    s = xp.mean(x, axis=1)  # (B, D) squeeze
+    s = xp.astype(xp.mean(wide(x), axis=1), x.dtype)  # (B, D) squeeze, summed in float32
     z1, fc1_cache = linear_forward(s, w1)  # (B, D/r)
     a, relu_cache = relu_forward(z1)
     z2, fc2_cache = linear_forward(a, w2)  # (B, D)
@@ -68,13 +75,15 @@ def se_gate_backward(dy, cache):
     xp = array_namespace(dy)
     x, gate, fc1_cache, relu_cache, fc2_cache, sigmoid_cache = cache
     N = x.shape[1]
-    dgate = xp.sum(dy * x, axis=1)  # (B, D): each gate scaled all N tokens' channel
+    dgate = xp.astype(xp.sum(wide(dy * x), axis=1), dy.dtype)  # (B, D): each gate scaled
+    # all N tokens' channel (summed in float32)
     dz2 = sigmoid_backward(dgate, sigmoid_cache)  # (B, D)
     da, dw2, _ = linear_backward(dz2, fc2_cache)  # (B, D/r)
     dz1 = relu_backward(da, relu_cache)
     ds, dw1, _ = linear_backward(dz1, fc1_cache)  # (B, D)
     dx = dy * gate[:, None, :]  # (B, N, D) the direct path
-    dx += (ds / N)[:, None, :]  # the mean's backward: 1/N to every token
+    ds *= 1.0 / N  # in place: the dtype stays
+    dx += ds[:, None, :]  # the mean's backward: 1/N to every token
     return dx, dw1, dw2
 
 

@@ -1,7 +1,12 @@
-"""Softmax over the last axis."""
+"""Softmax over the last axis.
+
+In half precision (precision.py) it runs on float32 copies (a sum of exponentials over a row
+of thousands loses its small terms in half precision) and returns p in the half type, the
+dtype the product p v takes; the backward reads that p."""
 
 from .. import cupy_kernels
 from ..backend import array_namespace
+from ..gaps import is_half, wide
 from .rows import row_sum
 
 
@@ -10,6 +15,9 @@ def softmax_forward(x):
 
     Subtracting the row maximum changes nothing mathematically and keeps exp() from overflowing.
     """
+    if is_half(x.dtype):  # a float32 island
+        p = array_namespace(x).astype(softmax_forward(wide(x))[0], x.dtype)
+        return p, p
     if cupy_kernels.applies(x):  # CuPy: one kernel, one warp per row (cupy_kernels.py)
         return cupy_kernels.softmax_forward(x)
     xp = array_namespace(x)
@@ -21,6 +29,8 @@ def softmax_forward(x):
 def softmax_backward(dp, cache):
     """forward was p_i = exp(x_i) / sum_j exp(x_j), so dx_i = p_i (dp_i - sum_j dp_j p_j)."""
     p = cache
+    if is_half(dp.dtype):  # the float32 island's backward
+        return array_namespace(dp).astype(softmax_backward(wide(dp), wide(p)), dp.dtype)
     if cupy_kernels.applies(dp):
         return cupy_kernels.softmax_backward(dp, p)
     xp = array_namespace(dp)

@@ -77,7 +77,8 @@ class DataParallel:
         object.__setattr__(self, "samples", 0)  # the last forward's global batch size
         object.__setattr__(self, "_share", (0, 0))  # (this rank's samples, all ranks')
         object.__setattr__(self, "_pieces", None)  # forward's replicas, for the backward
-        object.__setattr__(self, "_buffers", [])  # the gradient buffers of pieces 1, 2, ...
+        # [gradient buffer, half-precision parameters] of pieces 1, 2, ...
+        object.__setattr__(self, "_buffers", [])
 
     def __getattr__(self, name):
         return getattr(self.model, name)
@@ -181,20 +182,28 @@ class DataParallel:
 
     def _replica(self, index, rng):
         """The model for piece `index` (its generator `rng`): shares every parameter, has
-        its own cache, random generator and (but piece 0) gradient buffer."""
+        its own cache, random generator and (but piece 0) gradient buffer and half-precision
+        copy of the parameters (precision.py: each forward rounds it afresh)."""
         model = self.model
         if model.grad_buffer is None or not model.grad_buffer.same_layout(model.params):
             model.grad_buffer = model.params.zeros_like()
+        if model.compute_dtype != model.dtype and (
+                model.compute_buffer is None
+                or not model.compute_buffer.same_layout(model.params)):
+            model.compute_buffer = model.params.zeros_like(dtype=model.compute_dtype)
         replica = copy.copy(model)
         replica.cache = None
         replica.rng = rng
         if index > 0:
             while len(self._buffers) < index:
-                self._buffers.append(None)
-            buffer = self._buffers[index - 1]
-            if buffer is None or not buffer.same_layout(model.params):
-                buffer = self._buffers[index - 1] = model.params.zeros_like()
-            replica.grad_buffer = buffer
+                self._buffers.append([None, None])
+            buffers = self._buffers[index - 1]  # [gradient buffer, half copy]
+            if buffers[0] is None or not buffers[0].same_layout(model.params):
+                buffers[0] = model.params.zeros_like()
+            if model.compute_dtype != model.dtype and (
+                    buffers[1] is None or not buffers[1].same_layout(model.params)):
+                buffers[1] = model.params.zeros_like(dtype=model.compute_dtype)
+            replica.grad_buffer, replica.compute_buffer = buffers
         return replica
 
 

@@ -1,0 +1,59 @@
+"""The precision policy: which dtype each part of a training step computes in.
+
+    create_model(name, precision="bf16")       # or "fp16"; "float32" (the default)
+    python -m t2t_ref.train --precision bf16 ...
+
+Under "bf16" or "fp16" the parameters the optimizer updates, AdamW's moments, the EMA and the
+gradient buffer stay float32 (the "master" copy); each forward rounds a half-precision copy
+of the parameters from them, and matrix products and stored activations are half precision.
+Where half precision breaks, an op works on float32 copies (a "float32 island") and rounds
+its output back:
+
+| op | float32 | bf16 | fp16 | why |
+|---|---|---|---|---|
+| matrix products (Linear, attention's q k^T and p v) | float32 | bf16 operands, float32 sums | fp16 operands, float32 sums | tensor cores sum in float32; NumPy multiplies float32 copies the same way (gaps.matmul) |
+| stored activations, input gradients | float32 | bf16 | fp16 | half the memory and bandwidth |
+| weight and bias gradients | float32 | float32 | float32 | summed over all tokens, and into the float32 gradient buffer |
+| LayerNorm (mean, variance, normalisation) | float32 | float32 island | float32 island | a variance of hundreds of half values loses its digits |
+| softmax | float32 | float32 island, p stored bf16 | float32 island, p stored fp16 | its sum of exponentials over a row of thousands |
+| GELU | float32 | float32 island | float32 island | erf stays float32 (cupyx maps float16 erf to float64) |
+| performer attention (exp of the random features, key sum, denominator + epsilon) | float32 | float32 island | float32 island | in fp16 exp overflows past 65504 and 1e-8 rounds to 0: the official code's NaNs (tutorial 4) |
+| SE gate's mean and sigmoid | float32 | float32 island | float32 island | a mean over all tokens; exp |
+| cross-entropy, the loss | float32 | float32 | float32 | log-sum-exp, and the loss is what is reported |
+| gradient sum over threads and ranks | float32 | float32 | float32 | the flat float32 gradient buffer |
+| AdamW, weight decay, EMA, clipping | float32 | float32 | float32 | updates far smaller than the weights |
+| loss scale | none | none | dynamic, 2^16 at first (loss_scale.py) | fp16's smallest normal number is 6e-5: small gradients would flush to zero |
+
+bfloat16 is ml_dtypes' (NumPy and CuPy both take it); float16 is the backends' own. The whole
+policy runs on NumPy too, so the tests prove it without a GPU; on NumPy it is slower than
+float32, not faster (no half-precision BLAS). array_api_strict has no half types.
+"""
+
+PRECISIONS = ("float32", "bf16", "fp16")
+
+
+class PrecisionError(ValueError):
+    """A precision this model or machine cannot compute in; the message is one line."""
+
+
+def compute_dtype(xp, precision, master_dtype):
+    """The dtype of a model's products and activations under the policy."""
+    if precision not in PRECISIONS:
+        raise PrecisionError(f"unknown precision {precision!r}: choose one of "
+                             f"{', '.join(PRECISIONS)}")
+    if precision == "float32":
+        return master_dtype
+    if master_dtype != xp.float32:
+        raise PrecisionError(f"precision {precision} keeps float32 master weights: use "
+                             "dtype float32 with it")
+    if not hasattr(xp, "float16"):
+        raise PrecisionError(f"precision {precision} needs half-precision arrays, which this "
+                             "backend does not have: use numpy or cupy")
+    if precision == "fp16":
+        return xp.float16
+    try:
+        import ml_dtypes
+    except ImportError:
+        raise PrecisionError("precision bf16 needs the ml_dtypes package for its bfloat16 "
+                             "type: pip install ml_dtypes") from None
+    return ml_dtypes.bfloat16

@@ -1,0 +1,134 @@
+"""The precision policy (precision.py): bf16 and fp16 against float32, the performer's float16
+failure and its fix, and the policy's errors. NumPy computes float16 and ml_dtypes' bfloat16,
+so all of this runs without a GPU."""
+
+import numpy as np
+import pytest
+import torch
+
+import t2t_ref
+from t2t_ref.gaps import matmul, make_rng
+from t2t_ref.layers.token_performer import token_performer_forward
+from t2t_ref.parallel import DataParallel
+from t2t_ref.precision import PrecisionError
+from t2t_ref.torch_port import Token_performer
+
+from conftest import rel_error
+
+# relative error (max|a-b| / max(|a|+|b|)) against float32 that each policy stays within
+TOLERANCE = {"bf16": {"logits": 1e-2, "dx": 2e-2, "grads": 3e-2},
+             "fp16": {"logits": 2e-3, "dx": 3e-3, "grads": 5e-3}}
+
+
+def _forward_backward(model, x, g):
+    logits = model.forward(x)
+    dx = model.backward(g)
+    return logits, dx, {k: v.copy() for k, v in model.grads.items()}
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+@pytest.mark.parametrize("name", ["t2t_vit_7", "t2t_vit_t_14"])  # performer, transformer
+def test_logits_and_every_gradient_stay_near_float32(name, precision):
+    """Same weights, same batch: the half-precision model's logits, input gradient and every
+    parameter's gradient (float32, into the master buffer) within the policy's tolerance."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(4, 3, 32, 32)).astype(np.float32)
+    g = (0.25 * rng.normal(size=(4, 10))).astype(np.float32)
+    results = {}
+    for policy in ("float32", precision):
+        model = t2t_ref.create_model(name, num_classes=10, img_size=32, precision=policy)
+        results[policy] = _forward_backward(model.eval(), x, g)
+        assert results[policy][0].dtype == np.float32 and results[policy][1].dtype == np.float32
+        assert model.grads.flat.dtype == np.float32, "gradients stay float32"
+    (logits, dx, grads), (ref_logits, ref_dx, ref_grads) = results[precision], results["float32"]
+    tol = TOLERANCE[precision]
+    assert rel_error(logits, ref_logits) <= tol["logits"], rel_error(logits, ref_logits)
+    assert rel_error(dx, ref_dx) <= tol["dx"], rel_error(dx, ref_dx)
+    errors = {k: rel_error(grads[k], ref_grads[k]) for k in ref_grads}
+    worst = max(errors, key=errors.get)
+    assert errors[worst] <= tol["grads"], f"{worst}: {errors[worst]:.1e} > {tol['grads']}"
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_activations_are_stored_in_the_half_type(precision):
+    """What the forward keeps for the backward is half precision, but the float32 islands."""
+    model = t2t_ref.create_model("t2t_vit_7", num_classes=10, img_size=32, precision=precision)
+    model.train().forward(np.random.default_rng(0).normal(size=(2, 3, 32, 32)).astype(
+        np.float32))
+    sizes = {}
+
+    def walk(node):
+        if isinstance(node, np.ndarray):
+            sizes[node.dtype.name] = sizes.get(node.dtype.name, 0) + node.size
+        elif isinstance(node, dict):
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, (tuple, list)):
+            for value in node:
+                walk(value)
+    walk(model.cache)
+    half = "bfloat16" if precision == "bf16" else "float16"
+    assert sizes[half] > 10 * sizes.get("float32", 0), sizes
+
+
+def test_the_official_performer_is_not_finite_in_float16_and_ours_is():
+    """The official Token_performer (the project's PyTorch port) run in float16: once the keys
+    reach a norm of about 10 (kqv weights twice their initial size), exp(w k - |k|^2/2)
+    underflows for every feature, the denominator is 0 + 1e-8, and 1e-8 is 0 in float16:
+    0/0. The same layer under t2t_ref's fp16 policy (the performer in float32) is finite
+    and within float16's rounding of the float32 result."""
+    torch.manual_seed(0)
+    layer = Token_performer(dim=147, in_dim=64).eval()
+    with torch.no_grad():
+        layer.kqv.weight *= 2.0
+    x = np.random.default_rng(0).normal(size=(2, 64, 147)).astype(np.float32)
+    with torch.no_grad():
+        official_fp32 = layer(torch.from_numpy(x)).numpy()
+        official_fp16 = layer.half()(torch.from_numpy(x).half()).float().numpy()
+    assert np.isfinite(official_fp32).all()
+    assert not np.isfinite(official_fp16).all(), "the naive float16 performer stayed finite"
+
+    params = {k: v.detach().float().numpy() for k, v in layer.state_dict().items()}
+    half_params = {k: (v if k == "w" else v.astype(np.float16)) for k, v in params.items()}
+    ours, _ = token_performer_forward(x.astype(np.float16), half_params, rng=make_rng(np, 0))
+    assert ours.dtype == np.float16 and np.isfinite(ours).all()
+    assert rel_error(ours, official_fp32) < 5e-3, rel_error(ours, official_fp32)
+
+
+def test_half_products_sum_in_float32():
+    """gaps.matmul on float16 operands: the exact product of the half values, rounded once."""
+    rng = np.random.default_rng(1)
+    a = rng.normal(size=(8, 4096)).astype(np.float16)
+    b = rng.normal(size=(4096, 3)).astype(np.float16)
+    exact = a.astype(np.float64) @ b.astype(np.float64)
+    got = matmul(a, b)
+    assert got.dtype == np.float16
+    np.testing.assert_array_equal(got, exact.astype(np.float32).astype(np.float16))
+    assert matmul(a, b, out_dtype=np.float32).dtype == np.float32
+
+
+def test_two_threads_equal_one_under_bf16():
+    """Each piece rounds its own half copy of the parameters: the pieces' sum is the batch's."""
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(4, 3, 32, 32)).astype(np.float32)
+    g = rng.normal(size=(4, 10)).astype(np.float32)
+    results = []
+    for threads in (1, 2):
+        model = DataParallel(t2t_ref.create_model("t2t_vit_7", num_classes=10, img_size=32,
+                                                  precision="bf16", drop_rate=0.1),
+                             threads=threads).train()
+        model.rng = make_rng(np, 5)
+        results.append(_forward_backward(model, x, g))
+    assert rel_error(results[1][0], results[0][0]) < 1e-6
+    assert rel_error(results[1][2]["head.weight"], results[0][2]["head.weight"]) < 1e-5
+
+
+@pytest.mark.parametrize("kwargs, says", [
+    (dict(precision="fp8"), "unknown precision 'fp8'"),
+    (dict(precision="bf16", dtype="float64"), "keeps float32 master weights"),
+    (dict(precision="fp16", backend="array_api_strict"), "does not have"),
+])
+def test_precision_mistakes_say_what_to_do(kwargs, says):
+    with pytest.raises(PrecisionError, match=says) as err:
+        t2t_ref.create_model("t2t_vit_7", num_classes=3, img_size=32, **kwargs)
+    assert "\n" not in str(err.value)
