@@ -9,7 +9,9 @@
 # 1. derives why random features estimate $\exp(q \cdot k)$, and checks it;
 # 2. plots the approximation error against the number of features $m$ (T2T-ViT uses 32);
 # 3. derives and checks the performer's backward pass;
-# 4. measures time and memory of performer vs full attention as N grows.
+# 4. measures time and memory of performer vs full attention as N grows;
+# 5. shows why the official performer gives NaN in float16, and how t2t_ref's precision policy
+#    avoids it.
 #
 # Shape letters: B batch, N tokens, d the width of q and k, e the width of v, m the number of
 # random features.
@@ -363,6 +365,114 @@ plt.show()
 # quadratically; at 3136 tokens the performer is one to two orders of magnitude cheaper, which
 # is what lets T2T-ViT run its first T2T layer on 56x56 tokens at all.
 #
+# ## Why the performer NaNs in float16
+# Mixed precision computes in 16-bit floats. Users of the official code who turn it on get NaN
+# losses (its issues #19, #26, #65, #69), and the performer is the reason. Its features are
+# $\exp(w_i \cdot z - |z|^2/2)/\sqrt m$, and its output divides by
+# $D = \phi(q) \cdot \sum_t \phi(k_t) + 10^{-8}$. Two numbers decide what float16 makes of
+# that: its largest value, 65504 ($= e^{11.1}$), and its smallest, $6 \cdot 10^{-8}$
+# ($= e^{-16.6}$); $10^{-8}$ itself rounds to 0. Real activations: the photograph through a
+# T2T-ViT-7's first soft split, LayerNorm and `kqv` Linear, with the initial weights, and
+# with the `kqv` weights three times as large (training grows them; the keys' norms grow
+# with them, to about 7 here).
+
+# %%
+import t2t_ref
+from PIL import Image
+from skimage import data
+
+from t2t_ref.data import eval_transform
+from t2t_ref.ops.layernorm import layernorm_forward
+from t2t_ref.ops.linear import linear_forward
+from t2t_ref.ops.soft_split import soft_split_forward
+
+t2t7 = t2t_ref.create_model("t2t_vit_7", num_classes=10, img_size=224, seed=0)
+p1 = {k.removeprefix("tokens_to_token.attention1."): v for k, v in t2t7.params.items()
+      if k.startswith("tokens_to_token.attention1.")}
+W1 = t2t7.buffers["tokens_to_token.attention1.w"]                  # (32, 64)
+photo = eval_transform(Image.fromarray(data.astronaut()), 224)[None]
+tokens, _ = soft_split_forward(photo, 7, 4, 2)                     # (1, 3136, 147)
+u, _ = layernorm_forward(tokens, p1["norm1.weight"], p1["norm1.bias"])
+
+FP16_MAX, FP16_TINY = float(np.finfo(np.float16).max), float(np.finfo(np.float16).smallest_subnormal)
+
+
+def performer_numbers(kqv_scale, dtype):
+    """The performer of T2T layer 1 on the photograph, in dtype: the exponents' range, the
+    smallest denominator, and how many outputs are not finite."""
+    kqv, _ = linear_forward(u, p1["kqv.weight"] * kqv_scale, p1["kqv.bias"])
+    k, q, v = (a.astype(dtype) for a in (kqv[..., :64], kqv[..., 64:128], kqv[..., 128:]))
+    exponent = k @ W1.T.astype(dtype) - (k * k).sum(-1, keepdims=True) / dtype(2)  # (1, N, 32)
+    kp = np.exp(exponent) / dtype(np.sqrt(32))
+    qp = np.exp(q @ W1.T.astype(dtype) - (q * q).sum(-1, keepdims=True) / dtype(2)) / dtype(np.sqrt(32))
+    denominator = qp @ kp.sum(axis=1)[0] + dtype(1e-8)            # (1, N)
+    with np.errstate(divide="ignore", invalid="ignore"):          # 0/0 is what we look for
+        y = (qp @ (v.transpose(0, 2, 1) @ kp).transpose(0, 2, 1)) / denominator[..., None]
+    return (float(exponent.min()), float(exponent.max()), float(denominator.min()),
+            int((~np.isfinite(y)).sum()), y.size)
+
+
+rows = []
+for scale in (1.0, 3.0):
+    for dtype in (np.float32, np.float16):
+        low, high, smallest, bad, total = performer_numbers(scale, dtype)
+        rows.append((scale, dtype.__name__, low, high, smallest))
+        print(f"kqv x{scale:.0f}, {dtype.__name__:7s}: exponents {low:7.1f} .. {high:5.1f}, "
+              f"smallest denominator {smallest:.1e}, {bad} of {total} outputs not finite")
+
+# %% [markdown]
+# With the initial weights every exponent is small and float16 agrees with float32. With the
+# longer keys the exponent $-|z|^2/2$ wins: for some tokens *every* feature is below
+# $e^{-16.6}$, so in float16 all of them are 0, the denominator is $0 + 0$ ($10^{-8}$ rounded),
+# and $0/0$ is NaN; float32 still holds $e^{-39}$, and its denominator stays near $10^{-8}$.
+# (Keys aligned with a row of $w$ and of norm near $\sqrt m \approx 5.7$ give the other
+# failure: exponents up to $+16$, features past 65504, inf / inf.) The plot puts these
+# numbers beside the three formats' ranges.
+
+# %%
+import ml_dtypes
+
+formats = {"float32": np.finfo(np.float32), "bfloat16": ml_dtypes.finfo(ml_dtypes.bfloat16),
+           "float16": np.finfo(np.float16)}
+fig, ax = plt.subplots(figsize=(10, 3.6))
+for row, (label, info) in enumerate(formats.items()):
+    tiny, normal, biggest = float(info.smallest_subnormal), float(info.smallest_normal), float(info.max)
+    ax.plot([np.log(tiny), np.log(biggest)], [row, row], lw=8, color="tab:blue", alpha=0.35)
+    ax.plot([np.log(normal), np.log(biggest)], [row, row], lw=8, color="tab:blue")
+    ax.text(np.log(biggest) + 3, row, f"{label}: {tiny:.0e} .. {biggest:.0e}", va="center", fontsize=8)
+for scale, name, low, high, smallest in rows:
+    if name == "float32":
+        y = -0.6 * scale / 3.0 - 0.6                               # one row per kqv scale
+        ax.plot([low, high], [y, y], "|-", color="tab:red", lw=2)
+        ax.text(high + 3, y, f"the exponents, kqv x{scale:.0f}", va="center", fontsize=8)
+ax.axvline(np.log(1e-8), color="gray", ls=":")
+ax.text(np.log(1e-8) + 2, 2.45, "eps = 1e-8", fontsize=8)
+ax.set(yticks=[], xlabel="natural log of the value (pale: subnormal numbers)", xlim=(-120, 150),
+       ylim=(-1.6, 2.7), title="what each format can hold, and the performer's exponents")
+plt.show()
+
+# %% [markdown]
+# **Takeaway:** bfloat16 has float32's exponent range and would hold these numbers (with 3
+# significant digits); float16's range is far narrower, and the performer's exponentials leave
+# it at both ends. Two fixes: (1) compute the random-feature map, the key sum, the denominator
+# and its epsilon in float32 (a "float32 island"), then round the output to float16: what
+# t2t_ref's `precision="fp16"` does (`t2t_ref/precision.py` lists every island); (2) an
+# epsilon float16 can hold (say $10^{-4}$) turns $0/0$ into $0$, but not inf / inf, and it
+# changes the function. The first fix, on the same keys:
+
+# %%
+from t2t_ref.ops.performer import performer_attention_forward as performer
+
+kqv, _ = linear_forward(u, p1["kqv.weight"] * 3.0, p1["kqv.bias"])
+k, q, v = (a.astype(np.float16) for a in (kqv[..., :64], kqv[..., 64:128], kqv[..., 128:]))
+island, _ = performer(q, k, v, W1)                                 # float16 in, float32 inside
+reference, _ = performer(*(a.astype(np.float32) for a in (q, k, v)), W1)
+print(f"float16 in, float32 island: {island.dtype}, all finite: {bool(np.isfinite(island).all())}, "
+      f"largest difference to float32: {float(np.max(np.abs(island - reference))):.1e} "
+      f"(values up to {float(np.max(np.abs(reference))):.1f})")
+assert np.isfinite(island).all()
+
+# %% [markdown]
 # ## What we saw
 # - $\phi(q)\cdot\phi(k)$ with positive random features is an unbiased estimate of
 #   $\exp(q\cdot k)$; re-associating the product removes the N x N map.
@@ -371,5 +481,7 @@ plt.show()
 # - The backward is a chain of small products and two quotient rules; checked against finite
 #   differences and autograd.
 # - Cost: linear in N instead of quadratic.
+# - In float16 its exponentials under- and overflow and its epsilon rounds to 0: computed in a
+#   float32 island, it stays finite.
 #
 # Next, [notebook 5](05_whole_model.ipynb): the whole model, shape by shape.
