@@ -62,18 +62,25 @@ class StepMonitor:
                                        device=device) for name in self.FIELDS}
         self.loss = xp.asarray(math.nan, dtype=xp.float64, device=device)
 
-    def step(self, step, loss, norm, batch):
+    def step(self, step, loss, norm, batch, scaled=False):
         """Record training step `step` (its loss, gradient norm and batch size, the first two
         0-d device arrays). Returns found_inf, a 0-d boolean device array, True when the step
-        is not finite and must be skipped."""
+        is not finite and must be skipped.
+
+        scaled: the gradients come from a float16 loss scale (loss_scale.py), where an inf
+        gradient with a finite loss is an overflow of the scale, not a diverging run: the
+        step is skipped (and counted) as any other, but only a non-finite loss counts towards
+        the `limit` in a row (the loss scale backs off instead)."""
         xp, s = self.xp, self.state
         loss = xp.astype(loss, xp.float64)
-        finite = xp.logical_and(xp.isfinite(loss), xp.isfinite(norm))  # ()
+        finite_loss = xp.isfinite(loss)
+        finite = xp.logical_and(finite_loss, xp.isfinite(norm))  # ()
         ok = xp.astype(finite, xp.float64)  # 1.0 or 0.0
+        diverging = 1.0 - (xp.astype(finite_loss, xp.float64) if scaled else ok)
         s["loss_sum"] = s["loss_sum"] + xp.where(finite, loss * batch, 0.0)  # NaN * 0 is NaN
         s["images"] = s["images"] + ok * batch
         s["skipped"] = s["skipped"] + (1.0 - ok)
-        s["run"] = (s["run"] + 1.0) * (1.0 - ok)
+        s["run"] = (s["run"] + 1.0) * diverging
         s["tripped"] = xp.where(xp.logical_and(s["tripped"] < 0, s["run"] >= self.limit),
                                 float(step), s["tripped"])
         s["last_loss"] = xp.where(finite, loss, s["last_loss"])

@@ -117,3 +117,17 @@ def test_step_monitor_counts_skips_runs_and_trips(backend):
     inf = xp.asarray(math.inf, device=device)
     assert bool(to_numpy(monitor.step(7, xp.asarray(1.0, device=device), inf, batch=4)))
     assert monitor.read()["skipped"] == 1 and monitor.read()["images"] == 0
+
+
+def test_a_loss_scale_overflow_is_skipped_but_is_no_divergence():
+    """Under a float16 loss scale an inf gradient with a finite loss is the scale's overflow:
+    skipped and counted, but not a step towards the limit of non-finite steps in a row."""
+    xp, device = get_namespace("numpy")
+    monitor = StepMonitor(xp, device, limit=2)
+    finite, inf = np.asarray(1.0), np.asarray(np.inf)
+    flags = [bool(monitor.step(i, finite, inf, 4, scaled=True)) for i in range(5)]
+    state = monitor.read()
+    assert flags == [True] * 5 and state["skipped"] == 5 and state["tripped"] < 0
+    assert bool(monitor.step(5, np.asarray(np.nan), finite, 4, scaled=True))
+    assert bool(monitor.step(6, np.asarray(np.nan), finite, 4, scaled=True))
+    assert monitor.read()["tripped"] == 6, "two non-finite losses in a row trip it"
