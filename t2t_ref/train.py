@@ -4,7 +4,17 @@
     python -m t2t_ref.train --data imagenette2-320 --img-size 224 --epochs 100 --backend cupy
     python -m t2t_ref.train --resume runs/t2t/last.safetensors
     python -m t2t_ref.train --data flowers --model t2t_vit_14 --init-from 81.5_T2T_ViT_14.pth.tar
+    python -m t2t_ref.train --data imagenet --recipe official --model t2t_vit_14 --backend cupy
+    python -m t2t_ref.train --data digits --img-size 64 --hflip 0 --crop-pct 1   # no flip,
+                                                          # whole-image evaluation
     mpirun -n 4 python -m t2t_ref.train ...    # 4 processes, each a quarter of every batch
+
+Augmentation takes timm's flags (--hflip, --vflip, --scale/--ratio, --train-interpolation,
+--color-jitter, --aa, --reprob/--remode/--recount, --no-aug; evaluation --crop-pct,
+--interpolation), each with its official value in --help; --recipe official sets the whole
+official ImageNet recipe for --model (recipe.py) and prints it as a command line. Batches come
+from worker processes as uint8 (data/loader.py) and are normalised, erased and mixed on the
+training device (data/feed.py, mixup.py).
 
 Each epoch writes to --out: metrics.jsonl (one line per epoch), curves.png, and the
 checkpoints last.safetensors and best.safetensors (see checkpoint.py). Ctrl-C saves `last`
@@ -346,16 +356,16 @@ def resumed_config(flags, given, meta):
     return config
 
 
-def command_line(config):
-    """The flags of a configuration that differ from their defaults, as a command line that
-    gives the same configuration without --recipe (where the run is: --resume, --stop-after
-    left out)."""
+def command_line(config, always=()):
+    """The flags of a configuration that differ from their defaults (and those named in
+    always), as a command line that gives the same configuration without --recipe (where the
+    run is: --resume, --stop-after left out)."""
     defaults = vars(build_parser().parse_args([]))
     words = []
     for key, value in config.items():
         if key in ("recipe", "resume", "stop_after") or key not in defaults:
             continue
-        if _listify(value) == _listify(defaults[key]):
+        if _listify(value) == _listify(defaults[key]) and key not in always:
             continue
         flag = "--" + key.replace("_", "-")
         if value is True:
@@ -571,7 +581,7 @@ def prepare(config, resume=None, world=None):
 
     if config["recipe"] is not None and resume is None:
         run.say(f"--recipe {config['recipe']} resolves to: python -m t2t_ref.train "
-                + command_line(config))
+                + command_line(config, always=official(config["model"], 1)))
     history = []
     if run.speaks:
         os.makedirs(out, exist_ok=True)

@@ -88,7 +88,7 @@ def cupy_with_gpu():
 
 @pytest.mark.skipif(not cupy_with_gpu(), reason="the upload from pinned memory needs CuPy and "
                     "a GPU (checked by the device script)")
-def test_the_upload_from_pinned_memory_hands_over_every_batch_unchanged():
+def test_cupy_upload_from_pinned_memory_hands_over_every_batch_unchanged():
     import cupy
     from t2t_ref.data import Batch
     from t2t_ref.data.upload import ahead
