@@ -15,7 +15,8 @@ the official repository's README and main.py) that the command line does not giv
     augmentation   RandomResizedCrop 0.08-1, 3/4-4/3, random interpolation; flip 0.5;
                    RandAugment rand-m9-mstd0.5-inc1 (colour jitter 0.4 is set but unused, as
                    there: RandAugment replaces it); random erasing 0.25, pixel, 1
-    evaluation     resize to S / 0.9 bicubic, centre crop S; image size 224
+    evaluation     resize to S / 0.9 bicubic, centre crop S; image size 224 (not on the
+                   built-in shapes, which stay at 32 unless --img-size says otherwise)
 
 The run prints the command it resolved to; flags given explicitly win. Differences that
 remain: the official warmup overwrites the start of the cosine (timm's warmup_prefix=False),

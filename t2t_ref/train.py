@@ -271,6 +271,8 @@ def resolve_config(args, given=None):
     if config["recipe"] is not None:
         given = given or {}
         recipe = official(config["model"], config["batch_size"])
+        if config["data"] is None:  # the built-in shapes keep their size (224: 6 GB of them)
+            del recipe["img_size"]
         config.update({k: v for k, v in recipe.items() if k not in given})
     builtin = config["data"] is None
     if config["img_size"] is None:

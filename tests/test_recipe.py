@@ -98,6 +98,8 @@ def test_a_run_prints_the_resolved_recipe_and_records_its_flags(tmp_path, capsys
                 "crop_ratio"):
         assert key in saved, key
     assert (saved["aa"], saved["reprob"], saved["lr"]) == ("rand-m9-mstd0.5-inc1", 0.25, 6.25e-5)
+    # without --data (the built-in shapes) the recipe leaves the image size at 32
+    assert resolve(["--recipe", "official"])["img_size"] == 32
 
 
 def test_workers_default_to_the_cores_less_one(tmp_path, capsys):

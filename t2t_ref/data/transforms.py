@@ -160,10 +160,9 @@ class TrainTransform:
     def __call__(self, img, size, rng):
         """PIL image (any mode) -> augmented RGB PIL image (S, S), every choice from rng."""
         img = img if img.mode == "RGB" else img.convert("RGB")
-        if self.no_aug:
-            return resize_and_centre_crop(img, size, size, RESAMPLE["bicubic"
-                                          if self.interpolation == "random" else
-                                          self.interpolation])
+        if self.no_aug:  # (timm resamples "random" as bilinear here)
+            kind = "bilinear" if self.interpolation == "random" else self.interpolation
+            return resize_and_centre_crop(img, size, size, RESAMPLE[kind])
         top, left, h, w = random_resized_crop_params(img.height, img.width, rng, self.scale,
                                                      self.ratio)
         if self.interpolation == "random":
