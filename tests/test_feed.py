@@ -94,9 +94,91 @@ def test_cupy_upload_from_pinned_memory_hands_over_every_batch_unchanged():
     from t2t_ref.data.upload import ahead
     batches = [Batch(uint8_batch(4 + k % 2, 16, seed=k), np.arange(4 + k % 2), None)
                for k in range(5)]
+    batches[2] = Batch(uint8_batch(0, 16), np.arange(0), None)  # an MPI rank's empty piece
     got = list(ahead(iter(batches)))
     assert len(got) == 5
     for (images, labels, erase), batch in zip(got, batches):
         assert isinstance(images, cupy.ndarray) and images.dtype == cupy.uint8
         assert np.array_equal(images.get(), batch.images)
         assert np.array_equal(labels, batch.labels) and erase is None
+
+
+class StandInCupy:
+    """Enough of CuPy for data/upload.py, logging what it is asked: streams, events, pinned
+    buffers and copies, so the order of the upload can be checked without a GPU."""
+
+    uint8 = np.uint8
+
+    def __init__(self):
+        self.log, self.pinned, self.events = [], 0, 0
+        parent = self
+
+        class Event:
+            def __init__(self):
+                parent.events += 1
+                self.id = parent.events
+
+            def synchronize(self):
+                parent.log.append(("synchronize", self.id))
+
+        class Stream:
+            def __init__(self, non_blocking=False, name="side"):
+                self.name = name
+
+            def record(self):
+                event = Event()
+                parent.log.append(("record", self.name, event.id))
+                return event
+
+            def wait_event(self, event):
+                parent.log.append(("wait", self.name, event.id))
+
+        class DeviceArray:
+            def __init__(self, shape, dtype):
+                self.data = np.zeros(shape, dtype)
+
+            def set(self, host, stream=None):
+                assert stream is not None and stream.name == "side"  # asynchronous
+                self.data[...] = host
+                parent.log.append(("copy", id(host.base if host.base is not None else host)))
+
+        consumer = Stream(name="consumer")
+        self.cuda = type("cuda", (), {"Stream": Stream,
+                                      "get_current_stream": staticmethod(lambda: consumer)})
+        self.empty = lambda shape, dtype: DeviceArray(shape, dtype)
+
+    def empty_pinned(self, size, dtype):
+        self.pinned += 1
+        return np.zeros(size, dtype)
+
+
+def test_upload_order_with_a_stand_in_cupy(monkeypatch):
+    """The copy of each batch is queued on the side stream before the batch is handed on; the
+    consumer's stream waits for that copy's event; a pinned buffer is rewritten only after its
+    previous copy's event; two pinned buffers serve any number of batches."""
+    import sys
+    from t2t_ref.data import Batch
+    from t2t_ref.data.upload import ahead
+    fake = StandInCupy()
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    monkeypatch.setitem(sys.modules, "cupyx", fake)
+    batches = [Batch(uint8_batch(4, 8, seed=k), np.arange(4) + k, None) for k in range(5)]
+    got = []
+    for batch in ahead(iter(batches)):
+        got.append(batch)
+        # the consumer's stream waited (on the GPU) for this batch's copy before it is used
+        copy_event = [e for e in fake.log if e[0] == "record" and e[1] == "side"][len(got) - 1]
+        assert ("wait", "consumer", copy_event[2]) in fake.log
+    assert [np.array_equal(b.images.data, h.images) for b, h in zip(got, batches)] == [True] * 5
+    assert [list(b.labels) for b in got] == [list(h.labels) for h in batches]
+    assert fake.pinned == 2
+    copies = [k for k, e in enumerate(fake.log) if e[0] == "copy"]
+    syncs = [k for k, e in enumerate(fake.log) if e[0] == "synchronize"]
+    assert len(copies) == 5 and len(syncs) == 3  # batches 2, 3, 4 reuse a buffer
+    copied = [e[2] for e in fake.log if e[0] == "record" and e[1] == "side"]
+    assert [fake.log[k][1] for k in syncs] == copied[:3]  # each waits for its buffer's last
+    for reuse, sync in zip(copies[2:], syncs):
+        assert sync < reuse
+    # and every copy waits for what the consumer's stream had queued (the pool's blocks)
+    for k in copies:
+        assert fake.log[k - 1][:2] == ("wait", "side") and fake.log[k - 2][1] == "consumer"

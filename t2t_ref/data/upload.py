@@ -35,6 +35,11 @@ def ahead(batches, depth=2):
     copied = [None] * depth            # the event of each buffer's last copy
     queue = collections.deque()
     for k, (images, labels, erase) in enumerate(batches):
+        if images.size == 0:  # an MPI rank's empty piece: nothing to copy
+            queue.append((cupy.empty(images.shape, dtype=cupy.uint8), labels, erase, None))
+            if len(queue) == depth:
+                yield _ready(queue.popleft())
+            continue
         i = k % depth
         if copied[i] is not None:
             copied[i].synchronize()     # the buffer's previous copy has left it
@@ -60,5 +65,6 @@ def _ready(item):
 
     from .loader import Batch
     images, labels, erase, event = item
-    cupy.cuda.get_current_stream().wait_event(event)
+    if event is not None:
+        cupy.cuda.get_current_stream().wait_event(event)
     return Batch(images, labels, erase)
