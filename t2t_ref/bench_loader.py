@@ -2,8 +2,9 @@
 augmentation, for 1, 2 and all cores' worker processes. `python -m t2t_ref.bench --loader`.
 
     photos  : JPEG files (about 500 x 375, quality 90, like ImageNet's) cut from the photographs
-              scikit-image ships (astronaut, coffee, chelsea, rocket, ...), written to a
-              temporary folder: decoding real JPEGs is a large part of a loader's work
+              scikit-image ships (astronaut, coffee, chelsea, rocket, ...; photo-like stand-ins
+              where it is missing), written to a temporary folder: decoding real JPEGs is a
+              large part of a loader's work
     workers : each count's loader makes one whole epoch of uint8 batches (random resized crop,
               random interpolation, flip, RandAugment rand-m9-mstd0.5-inc1, the erasing
               rectangles), timed from its start (workers working ahead of a clock started
@@ -28,19 +29,38 @@ from .recipe import OFFICIAL_AA
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field")
 
 
-def write_photos(root, count, seed=0):
-    """count JPEG files under root, each a random crop (about 500 x 375, either way round) of
-    one of scikit-image's photographs; returns [(path, label)]."""
+def source_photos(seed=0):
+    """(what they are, [(H, W, 3) uint8]): scikit-image's photographs, or where it is not
+    installed (a bare GPU machine) stand-ins with a photo's texture: a smooth colour field,
+    shapes and sensor-like noise, which JPEG-compress and decode at about a photo's cost."""
     try:
         import skimage.data
+        return "scikit-image's photographs", [getattr(skimage.data, n)()[..., :3]
+                                              for n in PHOTOS]
     except ImportError:
-        raise SystemExit("error: the loader bench cuts its photos from scikit-image's: pip "
-                         "install scikit-image") from None
+        pass
     rng = np.random.default_rng(seed)
-    sources = [getattr(skimage.data, name)() for name in PHOTOS]
+    photos = []
+    for _ in PHOTOS:
+        field = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8))
+        x = np.asarray(field.resize((640, 480), Image.Resampling.BICUBIC), dtype=np.float64)
+        y, z = np.mgrid[0:480, 0:640]
+        for _ in range(8):  # discs with sharp edges
+            cy, cx, r = rng.uniform(0, 480), rng.uniform(0, 640), rng.uniform(20, 120)
+            x[(y - cy) ** 2 + (z - cx) ** 2 < r * r] = rng.integers(0, 256, 3)
+        x += rng.normal(0, 8, x.shape)
+        photos.append(np.clip(x, 0, 255).astype(np.uint8))
+    return "generated stand-ins (scikit-image is not installed)", photos
+
+
+def write_photos(root, count, seed=0):
+    """count JPEG files under root, each a random crop (about 500 x 375, either way round) of
+    one of the source photos; returns [(path, label)]."""
+    rng = np.random.default_rng(seed)
+    _, sources = source_photos(seed)
     samples = []
     for i in range(count):
-        photo = Image.fromarray(sources[i % len(sources)][..., :3])
+        photo = Image.fromarray(sources[i % len(sources)])
         scale = 520 / max(photo.size) * rng.uniform(1.0, 1.6)  # zoom in a little, at random
         photo = photo.resize((round(photo.width * scale), round(photo.height * scale)),
                              Image.Resampling.BICUBIC)
@@ -92,9 +112,9 @@ def run(batch=64, size=224, batches=6, worker_counts=None, out=print):
     counts = worker_counts or sorted({1, 2, cores})
     with tempfile.TemporaryDirectory(prefix="t2t-loader-bench-") as root:
         dataset = FileDataset(write_photos(root, batch * batches))
-        out(f"loader: {len(dataset)} JPEG photos (about 500 x 375) -> {batch} x 3 x {size} x "
-            f"{size} uint8 batches, official recipe's augmentation ({OFFICIAL_AA}, random "
-            f"erasing 0.25), {cores} cores")
+        out(f"loader: {len(dataset)} JPEG photos (about 500 x 375, from "
+            f"{source_photos()[0]}) -> {batch} x 3 x {size} x {size} uint8 batches, official "
+            f"recipe's augmentation ({OFFICIAL_AA}, random erasing 0.25), {cores} cores")
         rates = {}
         for workers in counts:
             warm = recipe_loader(dataset, batch, size, 0)
