@@ -83,7 +83,10 @@ stage bench 200 $PY -m t2t_ref.bench --backend cupy --repeats 7 --warmup 2 --jso
 # 6. the default built-in training run (3 epochs of 40,000 images), end to end
 stage default_run 100 $PY -m t2t_ref.train --backend cupy --out "$WORK/default"
 
-# 7. the plain ops on CuPy (kernels off), for the kernels' share of the speed
+# 7. the loader at 224 with the recipe's augmentation: images/s for 1, 2 and all cores
+stage loader 60 $PY -m t2t_ref.bench --loader --json "$LOGS/loader.json"
+
+# 8. the plain ops on CuPy (kernels off), for the kernels' share of the speed
 stage bench_plain 90 env T2T_REF_PLAIN_OPS=1 $PY -m t2t_ref.bench --backend cupy --repeats 5 \
     --warmup 2 --json "$LOGS/bench_plain.json" \
     --config t2t_vit_7-224-b64-train --config t2t_vit_14-224-b64-train
@@ -99,5 +102,7 @@ for b in bench bench_plain; do
     echo "-- $b"
     grep -h -E "^== |agree|ms per step|peak memory|FAILED" "$LOGS/$b.log" 2>/dev/null
 done
+echo "-- loader"
+grep -h -E "worker|share" "$LOGS/loader.log" 2>/dev/null
 echo "-- default run"
 { tr "\r" "\n" < "$LOGS/default_run.log"; } 2>/dev/null | grep -E "^epoch [0-9]+:|^done" | tail -n 4

@@ -5,6 +5,7 @@
     python -m t2t_ref.bench --config t2t_vit_7-64-b64-train --repeats 9 --json bench.json
     python -m t2t_ref.bench --markdown           # also a table ready for BENCHMARKS.md
     python -m t2t_ref.bench --backend cupy       # GPU: CuPy against PyTorch CUDA eager
+    python -m t2t_ref.bench --loader             # the loader alone: images/s at 224
 
 A configuration is named MODEL-SIZE-bBATCH-MODE, MODE 'train' (one training step: forward,
 cross-entropy with label smoothing 0.1, backward, AdamW update) or 'infer' (one forward; PyTorch
@@ -30,8 +31,9 @@ What is printed for each configuration:
     on both sides. Inference is forward(x, keep_cache=False) on t2t_ref's side, as
     torch.no_grad() on PyTorch's. Target: a training step <= 1.5x PyTorch's.
   - loader: images/s of t2t_ref.data.Loader making training batches of this size and batch
-    from in-memory synthetic images (--workers threads), beside the model's images/s, so the
-    slower of the two shows.
+    with the official recipe's augmentation from in-memory synthetic images (--workers
+    processes), beside the model's images/s, so the slower of the two shows. --loader times
+    only the loader, on JPEG photos at 224, for 1, 2 and all cores (bench_loader.py).
   - where t2t_ref's time goes: one extra profiled step (not one of the timed ones), with every
     function of t2t_ref.ops, t2t_ref.layers and t2t_ref.gaps, the model's forward/backward and
     AdamW's step timed through Python's profiling hook (OpProfiler), keeping *exclusive* time
@@ -722,20 +724,17 @@ def profile_step(side, pause=0.0):
 # ---- the loader -----------------------------------------------------------------------------
 
 def loader_rate(config, workers, batches=LOADER_BATCHES):
-    """Images/s of t2t_ref.data.Loader making training batches (random-resized crop + flip,
-    normalization) of the configuration's size and batch from in-memory synthetic images:
-    one whole epoch of `batches` batches, timed from the start (the workers work ahead, so
-    timing only later batches would time batches made before the clock started)."""
-    from .data import ArrayDataset, Loader, make_shapes
+    """Images/s of t2t_ref.data.Loader making training batches of the configuration's size
+    and batch with the official recipe's augmentation (random resized crop, flip,
+    RandAugment, erasing rectangles) from in-memory synthetic images: one whole epoch of
+    `batches` batches (bench_loader.py times JPEG photos, at 224, for 1, 2 and all cores)."""
+    from .bench_loader import recipe_loader
+    from .bench_loader import loader_rate as rate
+    from .data import ArrayDataset, make_shapes
     B, S = config.batch, config.img_size
     dataset = ArrayDataset(*make_shapes(B * batches, S, seed=0)[:2])
-    with Loader(dataset, B, S, train=True, workers=0) as warm:
-        next(warm.epoch_batches(0))  # imports and caches warm, in this process
-    with Loader(dataset, B, S, train=True, workers=workers) as loader:
-        start = time.perf_counter()
-        made = sum(len(labels) for _, labels in loader.epoch_batches(1))
-        seconds = time.perf_counter() - start
-    return made / seconds
+    recipe = recipe_loader(dataset, B, S, 0)
+    return rate(dataset, B, S, workers, recipe.transform, recipe.erasing)
 
 
 # ---- the machine ----------------------------------------------------------------------------
@@ -971,11 +970,25 @@ def main(argv=None):
                         help="idle time before each timed step, so that the other library's "
                              "idle threads have stopped spinning (default: 0.15 with numpy "
                              "and more than one thread, else 0)")
-    parser.add_argument("--workers", type=int, default=2, help="loader worker threads")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="loader worker processes (default: the cores less one)")
+    parser.add_argument("--loader", action="store_true",
+                        help="only the loader: images/s at 224 with the official recipe's "
+                        "augmentation from JPEG photos, for 1, 2 and all cores' workers "
+                        "(t2t_ref/bench_loader.py)")
     parser.add_argument("--json", metavar="PATH", help="write every number to this JSON file")
     parser.add_argument("--markdown", action="store_true",
                         help="also print a Markdown table for BENCHMARKS.md")
     args = parser.parse_args(argv)
+    if args.loader:
+        from . import bench_loader
+        result = bench_loader.run(batches=3 if args.quick else 6)
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=1))
+        return 0
+    if args.workers is None:
+        from .data import default_workers
+        args.workers = default_workers()
     if args.repeats < MIN_REPEATS:
         return user_error(f"--repeats {args.repeats}: at least {MIN_REPEATS} timed runs")
     if args.warmup < MIN_WARMUP:

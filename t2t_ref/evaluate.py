@@ -4,7 +4,10 @@
     python -m t2t_ref.evaluate --weights 71.7_T2T_ViT_7.pth.tar --model t2t_vit_7 --data imagenet
 
 Without --data, a checkpoint trained on the built-in shapes is evaluated on the built-in
-validation set it was trained beside.
+validation set it was trained beside. Images go through the checkpoint's evaluation transform
+(its training run's --crop-pct and --interpolation): resize the shorter side to S / crop-pct,
+centre crop S; --crop-pct and --interpolation here override them (--crop-pct 1: the whole
+image). The JSON line says which were used.
 
 --weights evaluates official T2T-ViT weights (or any t2t_ref weight file; EMA weights where the
 file has them) on DIR/val/<class>/ (DIR/train/ is not needed; DIR may also be the val folder
@@ -23,10 +26,12 @@ import zlib
 
 from tqdm import tqdm
 
-from .backend import BackendError, keep_freed_memory, to_device, to_numpy
+from .backend import BackendError, backend_name, keep_freed_memory, to_device, to_numpy
 from .cli import Parser, number, plural, user_error
 from .checkpoint import CheckpointError, load_checkpoint
-from .data import ArrayDataset, DataError, FileDataset, Loader, find_splits, make_shapes_splits
+from .data import (ArrayDataset, DataError, FileDataset, Loader, default_workers,
+                   find_splits, make_shapes_splits, model_input)
+from .data.transforms import RESAMPLE
 from .data.folder import scan_split, short_list
 from .guard import quiet_float_warnings
 from .model import T2TViT, create_model
@@ -34,6 +39,7 @@ from .parallel import DataParallel, mpi
 from .parallel.mpi import WorldError
 from .ops.cross_entropy import cross_entropy
 from .pretrained import PretrainedError, imagenet_classes, model_from_weights, read_weights
+from .recipe import eval_transform_of
 from .variants import list_models
 
 USER_ERRORS = (DataError, CheckpointError, BackendError, PretrainedError)
@@ -70,11 +76,15 @@ def evaluate(model, loader, progress=True, desc="eval"):
     k = top_k(K)
     loss_sum = top1 = topk = nonfinite = 0.0
     count = 0
-    for images, labels in tqdm(loader.epoch_batches(0), total=len(loader), desc=desc,
-                               leave=False, disable=not progress):
+    batches = loader.epoch_batches(0)
+    if backend_name(xp) == "cupy":  # uploaded from pinned memory, a batch ahead
+        from .data.upload import ahead
+        batches = ahead(batches)
+    for images, labels, _ in tqdm(batches, total=len(loader), desc=desc, leave=False,
+                                  disable=not progress):
         if len(labels) == 0 and not together:
             continue
-        x = xp.astype(to_device(images, xp, device), model.dtype)
+        x = model_input(images, xp=xp, device=device, dtype=model.dtype)  # (B, 3, S, S)
         y = to_device(labels, xp, device)
         with quiet_float_warnings():  # non-finite outputs are counted below
             logits = model.forward(x, keep_cache=False)  # (B, K)
@@ -138,8 +148,10 @@ def model_from_checkpoint(path, backend, dtype=None):
 
 
 def validation_loader(meta, data, batch_size, workers, val_fraction=None, source="the file",
-                      piece=None):
-    """The validation split a checkpoint's model is evaluated on, checked against its classes."""
+                      piece=None, crop_pct=None, interpolation=None):
+    """The validation split a checkpoint's model is evaluated on, checked against its classes,
+    with the checkpoint's evaluation transform (--crop-pct, --interpolation as trained;
+    crop_pct / interpolation override them)."""
     config = meta["config"]
     size = config["img_size"]
     if data is None:
@@ -167,12 +179,14 @@ def validation_loader(meta, data, batch_size, workers, val_fraction=None, source
             f"{sorted(set(classes) ^ set(meta['class_names']))[:5]}): evaluate on the dataset "
             "the model was trained on")
     # the built-in shapes are scored as drawn, as in training (see train.py)
-    return Loader(dataset, batch_size, size, train=False, workers=workers,
-                  eval_resize=isinstance(dataset, FileDataset), on_bad_file=warn_bad_file,
-                  piece=piece)
+    transform = eval_transform_of(config, as_drawn=isinstance(dataset, ArrayDataset),
+                                  crop_pct=crop_pct, interpolation=interpolation)
+    return Loader(dataset, batch_size, size, train=False, workers=workers, transform=transform,
+                  on_bad_file=warn_bad_file, piece=piece)
 
 
-def val_folder_loader(data, class_names, num_classes, size, batch_size, workers, piece=None):
+def val_folder_loader(data, class_names, num_classes, size, batch_size, workers, piece=None,
+                      transform=None):
     """A loader over DIR/val/<class>/<image> (or DIR/<class>/<image> when DIR has neither val/
     nor train/), its sorted class folders checked against the weights' classes: class_names
     when known, else the ImageNet synsets for 1000 classes, else only their number."""
@@ -200,7 +214,7 @@ def val_folder_loader(data, class_names, num_classes, size, batch_size, workers,
         raise DataError(f"{val_dir!r} has {len(classes)} class folders but the weights classify "
                         f"{num_classes} classes")
     return Loader(FileDataset(samples), batch_size, size, train=False, workers=workers,
-                  on_bad_file=warn_bad_file, piece=piece)
+                  transform=transform, on_bad_file=warn_bad_file, piece=piece)
 
 
 def warn_bad_file(path, reason):
@@ -228,7 +242,16 @@ def build_parser():
                         help="ImageNet-style folder (its val/ split, or the held-out part of "
                              "train/) (default: the built-in shapes the model was trained on)")
     parser.add_argument("--batch-size", type=number(int, low=1), default=128)
-    parser.add_argument("--workers", type=number(int, low=0), default=2)
+    parser.add_argument("--workers", type=number(int, low=0), default=None,
+                        help="background processes decoding images (default: the usable "
+                        "cores less one, shared among an MPI job's ranks on one machine)")
+    parser.add_argument("--crop-pct", type=number(float, above=0, high=1), default=None,
+                        help="resize the shorter side to img-size / crop-pct and crop the "
+                        "centre; 1 evaluates the whole (square) image (default: the "
+                        "checkpoint's, 0.9 for --weights: the official 248 for 224)")
+    parser.add_argument("--interpolation", default=None, choices=list(RESAMPLE),
+                        help="resampling of that resize (default: the checkpoint's; bicubic "
+                        "for --weights, the official one)")
     parser.add_argument("--backend", default="numpy", choices=["numpy", "cupy"])
     parser.add_argument("--ema", action="store_true",
                         help="evaluate the checkpoint's EMA weights instead of the raw ones")
@@ -259,6 +282,8 @@ def prepare(argv, world):
     """The command line -> a Job (a user error raised as it comes)."""
     args = build_parser().parse_args(argv)
     piece = (world.rank, world.size) if world.size > 1 else None
+    if args.workers is None:
+        args.workers = default_workers(mpi.ranks_on_this_node(world))
     if args.weights is not None:
         if args.data is None:
             raise DataError("--weights needs --data DIR: an ImageNet-style folder with "
@@ -268,11 +293,16 @@ def prepare(argv, world):
             mpi.use_local_gpu(world)
         model, _ = model_from_weights(weight_file, args.model, img_size=args.img_size,
                                       backend=args.backend)
+        transform = eval_transform_of(weight_file.meta["config"] if weight_file.meta and
+                                      "config" in weight_file.meta else {},
+                                      crop_pct=args.crop_pct, interpolation=args.interpolation)
         loader = val_folder_loader(args.data, weight_file.class_names, model.num_classes,
-                                   model.img_size, args.batch_size, args.workers, piece)
+                                   model.img_size, args.batch_size, args.workers, piece,
+                                   transform)
         name = f"{model.name} ({weight_file.which}) at {model.img_size}x{model.img_size}"
         extra = dict(weights=args.weights, which=weight_file.which, model=model.name,
-                     img_size=model.img_size)
+                     img_size=model.img_size, crop_pct=transform.crop_pct,
+                     interpolation=transform.interpolation)
         return Job(model, loader, name, extra, world)
     if args.backend == "cupy":
         mpi.use_local_gpu(world)
@@ -283,9 +313,11 @@ def prepare(argv, world):
                                   "without --ema-decay)")
         model.load_state_dict({**model.state_dict(), **ema})
     loader = validation_loader(meta, args.data, args.batch_size, args.workers,
-                               source=args.checkpoint, piece=piece)
-    return Job(model, loader, meta["model"], dict(checkpoint=args.checkpoint,
-                                                  model=meta["model"]), world)
+                               source=args.checkpoint, piece=piece, crop_pct=args.crop_pct,
+                               interpolation=args.interpolation)
+    return Job(model, loader, meta["model"], dict(
+        checkpoint=args.checkpoint, model=meta["model"], crop_pct=loader.transform.crop_pct,
+        interpolation=loader.transform.interpolation), world)
 
 
 def main(argv=None):

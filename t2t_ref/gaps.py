@@ -212,6 +212,26 @@ class KeyedRandom:
         return xp.reshape(mask, shape)
 
 
+def keyed_normal(xp, key, shape, device):
+    """float32 standard normal numbers of the given shape, a function of (key, element) alone:
+    random erasing's noise (data/erasing.py), made on the consumer's device from a 32-bit key
+    the loader drew, so no worker, thread or rank count changes it.
+
+    Element j (row-major) takes two uniforms from KeyedRandom's hash, u = bits / 2^24 of
+    hash32(hash32(i) ^ key) for i = j and i = n + j (n elements), and Box-Muller:
+        z = sqrt(-2 ln(1 - u1)) * cos(2 pi u2)        (1 - u1 in (0, 1]: no log of 0)
+    """
+    n = math.prod(shape)
+    if 2 * n > 2**32:
+        raise ValueError("keyed_normal numbers at most 2^31 elements")
+    ids = xp.arange(2 * n, dtype=xp.uint32, device=device)               # (2n,)
+    bits = _hash32(_hash32(ids) ^ (int(key) % 2**32))                    # (2n,) uint32
+    u = xp.astype(xp.bitwise_right_shift(bits, 8), xp.float32) * 2.0**-24  # [0, 1), exact
+    radius = xp.sqrt(-2.0 * xp.log(1.0 - u[:n]))
+    z = radius * xp.cos((2.0 * math.pi) * u[n:])                         # (n,)
+    return xp.reshape(z, shape)
+
+
 def _hash32_int(x):
     """lowbias32 on a Python int (the same bits as _hash32 on an array)."""
     x &= 0xFFFFFFFF

@@ -6,8 +6,9 @@
 Prints, for each image, its path and then one "probability  class" line per class, best first.
 An image that cannot be read, or whose output is NaN or inf, gets an "error:" line on stderr
 instead, and the others go on; the exit code is then 1.
-Each image goes through the evaluation transform (short side resized to int(S / 0.9),
-bicubic; centre crop S x S; ImageNet mean/std). Class names: those stored in a t2t_ref
+Each image goes through the evaluation transform (short side resized to int(S / crop_pct),
+centre crop S x S; ImageNet mean/std), with a t2t_ref checkpoint's --crop-pct and
+--interpolation, else the official 0.9 and bicubic. Class names: those stored in a t2t_ref
 checkpoint; the 1000 ImageNet-1k classes (index 0 tench) for 1000-class weights without
 names, as the official ones; otherwise class_0, class_1, ...
 """
@@ -23,6 +24,7 @@ from .guard import quiet_float_warnings
 from .model import T2TViT
 from .parallel import DataParallel
 from .pretrained import PretrainedError, display_names, model_from_weights, read_weights
+from .recipe import eval_transform_of
 from .variants import list_models
 
 
@@ -82,11 +84,14 @@ def main(argv=None):
         names = display_names(weight_file.class_names, model.num_classes)
     except (PretrainedError, BackendError, ValueError) as err:
         return user_error(err)
+    # the evaluation transform the weights were trained with (a t2t_ref run's), else official
+    transform = eval_transform_of((weight_file.meta or {}).get("config", {}))
     # every image on its own: one that cannot be read is reported, and the rest go on
     images, good, failed = [], [], 0
     for path in args.images:
         try:
-            images.append(eval_transform(decode(path), model.img_size))  # (3, S, S)
+            images.append(eval_transform(decode(path), model.img_size, transform.crop_pct,
+                                         transform.interpolation))  # (3, S, S)
             good.append(path)
         except CorruptImage as err:
             print(f"error: {err}", file=sys.stderr)

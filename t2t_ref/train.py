@@ -4,7 +4,17 @@
     python -m t2t_ref.train --data imagenette2-320 --img-size 224 --epochs 100 --backend cupy
     python -m t2t_ref.train --resume runs/t2t/last.safetensors
     python -m t2t_ref.train --data flowers --model t2t_vit_14 --init-from 81.5_T2T_ViT_14.pth.tar
+    python -m t2t_ref.train --data imagenet --recipe official --model t2t_vit_14 --backend cupy
+    python -m t2t_ref.train --data digits --img-size 64 --hflip 0 --crop-pct 1   # no flip,
+                                                          # whole-image evaluation
     mpirun -n 4 python -m t2t_ref.train ...    # 4 processes, each a quarter of every batch
+
+Augmentation takes timm's flags (--hflip, --vflip, --scale/--ratio, --train-interpolation,
+--color-jitter, --aa, --reprob/--remode/--recount, --no-aug; evaluation --crop-pct,
+--interpolation), each with its official value in --help; --recipe official sets the whole
+official ImageNet recipe for --model (recipe.py) and prints it as a command line. Batches come
+from worker processes as uint8 (data/loader.py) and are normalised, erased and mixed on the
+training device (data/feed.py, mixup.py).
 
 Each epoch writes to --out: metrics.jsonl (one line per epoch), curves.png, and the
 checkpoints last.safetensors and best.safetensors (see checkpoint.py). Ctrl-C saves `last`
@@ -49,7 +59,10 @@ from .backend import BackendError, keep_freed_memory, to_device, to_numpy
 from .checkpoint import CheckpointError, NonFiniteError, load_checkpoint, save_checkpoint
 from .cli import Parser, number, plural, user_error
 from .data import (SHAPE_CLASSES, ArrayDataset, DataError, FileDataset, Loader,
-                   find_splits, make_shapes_splits)
+                   default_workers, find_splits, make_shapes_splits, model_input)
+from .data.erasing import MODES
+from .data.randaugment import rand_augment
+from .data.transforms import RESAMPLE, TRAIN_INTERPOLATIONS
 from .ema import WeightEMA
 from .evaluate import evaluate, top_k
 from .gaps import make_rng
@@ -61,6 +74,8 @@ from .parallel.mpi import WorldError
 from .ops.cross_entropy import cross_entropy
 from .optim import AdamW, clip_grad_norm
 from .pretrained import PretrainedError, load_weights_into
+from .recipe import (DATA_DEFAULTS, RECIPES, erasing_of, eval_transform_of, official,
+                     train_transform_of)
 from .schedule import CosineSchedule
 from .variants import list_models
 
@@ -69,6 +84,8 @@ LOG_EVERY = 10  # steps between reads of the loss and the non-finite counters: o
 # Flags that may differ when resuming: where the run is, not what it computes.
 RESUME_MAY_CHANGE = ("data", "workers", "backend", "out", "resume", "stop_after",
                      "max_nonfinite_steps")
+# What a checkpoint written before these flags existed ran with
+BEFORE_THESE_FLAGS = {**DATA_DEFAULTS, "cooldown_epochs": 0, "recipe": None}
 # Flags that may differ between MPI ranks (paths can differ from node to node; what is read
 # there is compared by content)
 RANK_LOCAL = ("data", "workers", "out", "resume")
@@ -115,6 +132,17 @@ class CtrlC:
         signal.signal(signal.SIGINT, self._previous)
 
 
+def aa_spec(text):
+    """--aa's type: a RandAugment spec in timm's grammar (checked now), or none."""
+    if text.lower() in ("none", ""):
+        return None
+    try:
+        rand_augment(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err).removeprefix(f"--aa {text!r}: ")) from None
+    return text
+
+
 def build_parser(defaults=True):
     """The command line. defaults=False leaves every flag not given out of the parsed result:
     how a resumed run tells a flag written out from one left at its default."""
@@ -126,6 +154,11 @@ def build_parser(defaults=True):
         p.add_argument(*names, **options)
 
     fraction = number(float, low=0, below=1)  # [0, 1)
+    add("--recipe", default=None, choices=RECIPES,
+        help="official: every flag of the official ImageNet recipe for --model (lr scaled by "
+        "--batch-size from 1e-3 or 5e-4 at 512, weight decay by size, 310 epochs, warmup, "
+        "drop path, mixup/cutmix, RandAugment, random erasing, EMA; see t2t_ref/recipe.py); "
+        "flags given explicitly win, and the run prints the command it resolved to")
     add("--data", default=None, help="ImageNet-style folder: DIR/train/<class>/*, optional "
         "DIR/val/<class>/* (default: the built-in procedurally generated shapes)")
     add("--model", default="t2t_vit_7", choices=list_models(), metavar="NAME",
@@ -141,6 +174,9 @@ def build_parser(defaults=True):
         help="AdamW's decoupled decay; none on biases, norm weights and the class token")
     add("--warmup-epochs", type=number(float, low=0), default=0.3,
         help="linear warmup from --warmup-lr to --lr, per step")
+    add("--cooldown-epochs", type=number(int, low=0), default=0,
+        help="the last epochs of --epochs train at --min-lr; the cosine spans the others "
+        "(official: 10 of 310)")
     add("--warmup-lr", type=number(float, low=0), default=1e-6,
         help="learning rate at the first step")
     add("--min-lr", type=number(float, low=0), default=1e-5, help="the cosine schedule's floor")
@@ -149,20 +185,54 @@ def build_parser(defaults=True):
         help="clip the gradients' global L2 norm")
     add("--drop", type=fraction, default=0.0, help="dropout rate of the backbone")
     add("--drop-path", type=fraction, default=0.0,
-        help="stochastic depth rate of the last block (official recipe: 0.1)")
+        help="stochastic depth rate of the last block (official: 0.1)")
     add("--mixup", type=number(float, low=0), default=0.0,
-        help="mixup alpha (official recipe: 0.8)")
+        help="mixup alpha (official: 0.8)")
     add("--cutmix", type=number(float, low=0), default=0.0,
-        help="cutmix alpha (official recipe: 1.0)")
+        help="cutmix alpha (official: 1.0)")
     add("--ema-decay", type=fraction, default=0.0,
         help="weight EMA decay, 0 = off (official: 0.99996, far too slow for short runs)")
-    add("--crop-scale", type=number(float, above=0, high=1), nargs=2, default=None,
-        metavar=("MIN", "MAX"), help="random resized crop area range (default: 0.08 1.0, the "
-        "official one; 1 1, no crop, for the built-in shapes: every image is new and already "
-        "randomly placed)")
-    add("--crop-ratio", type=number(float, above=0), nargs=2, default=None,
-        metavar=("MIN", "MAX"),
-        help="random resized crop aspect-ratio range (default: 0.75 1.333; 1 1 built-in)")
+    # ---- data augmentation: timm's flag names (and the official recipe's values) ----
+    probability = number(float, low=0, high=1)
+    add("--crop-scale", "--scale", dest="crop_scale", type=number(float, above=0, high=1),
+        nargs=2, default=None, metavar=("MIN", "MAX"),
+        help="random resized crop area range (default: 0.08 1.0, the official one; 1 1, no "
+        "crop, for the built-in shapes: every image is new and already randomly placed)")
+    add("--crop-ratio", "--ratio", dest="crop_ratio", type=number(float, above=0), nargs=2,
+        default=None, metavar=("MIN", "MAX"),
+        help="random resized crop aspect-ratio range (default: 0.75 1.333, the official one; "
+        "1 1 for the built-in shapes)")
+    add("--train-interpolation", default="bicubic", choices=TRAIN_INTERPOLATIONS,
+        help="resampling of the training crop (and RandAugment's geometric ops); random: "
+        "bilinear or bicubic per image (official: random)")
+    add("--hflip", type=probability, default=0.5, metavar="P",
+        help="probability of a horizontal flip; 0 turns it off, for data whose orientation "
+        "carries the label, such as digits and text (official: 0.5)")
+    add("--vflip", type=probability, default=0.0, metavar="P",
+        help="probability of a vertical flip (official: 0)")
+    add("--color-jitter", type=number(float, low=0), default=0.0, metavar="S",
+        help="brightness, contrast and saturation jitter strength, used only without --aa "
+        "(official: 0.4, unused there since --aa is set)")
+    add("--aa", type=aa_spec, default=None, metavar="SPEC",
+        help="RandAugment in timm's grammar, e.g. rand-m9-mstd0.5-inc1 (magnitude 9, its noise "
+        "0.5, the increasing op set) or rand-m7-n3; none: off (official: "
+        "rand-m9-mstd0.5-inc1)")
+    add("--reprob", type=probability, default=0.0, metavar="P",
+        help="random erasing probability per image, on the normalised image (official: 0.25)")
+    add("--remode", default="pixel", choices=MODES,
+        help="random erasing fill: pixel (per-pixel normal noise), rand (one colour per "
+        "rectangle) or const (zeros) (official: pixel)")
+    add("--recount", type=number(int, low=1), default=1, metavar="N",
+        help="random erasing rectangles per image, 1 to N (official: 1)")
+    add("--no-aug", action="store_true", default=False,
+        help="no augmentation: training images are only resized (shorter side to the image "
+        "size), centre-cropped and normalised; --mixup and --cutmix still apply")
+    add("--crop-pct", type=number(float, above=0, high=1), default=0.9,
+        help="evaluation resizes the shorter side to img-size / crop-pct and crops the "
+        "centre; 1 evaluates the whole (square) image (official: 0.9, 248 for 224). The "
+        "built-in shapes are scored as drawn")
+    add("--interpolation", default="bicubic", choices=list(RESAMPLE),
+        help="resampling of the evaluation resize (official: bicubic)")
     add("--val-fraction", type=fraction, default=0.1,
         help="part of train/ held out for validation when DIR has no val/")
     add("--synthetic-train", type=number(int, low=1), default=40_000,
@@ -171,8 +241,10 @@ def build_parser(defaults=True):
         help="built-in set: validation images")
     add("--synthetic-classes", type=number(int, low=2, high=len(SHAPE_CLASSES)), default=10,
         help=f"built-in set: classes (2-{len(SHAPE_CLASSES)})")
-    add("--workers", type=number(int, low=0), default=2,
-        help="background threads decoding and augmenting images (0: none)")
+    add("--workers", type=number(int, low=0), default=None,
+        help="background processes decoding and augmenting images (0: none, in the training "
+        "process) (default: the usable cores less one, shared among an MPI job's ranks on "
+        "one machine)")
     add("--backend", default="numpy", choices=["numpy", "cupy"],
         help="numpy on the CPU, cupy on an NVIDIA GPU")
     add("--dtype", default="float32", choices=["float32", "float64"], help="compute precision")
@@ -191,10 +263,17 @@ def build_parser(defaults=True):
     return p
 
 
-def resolve_config(args):
-    """The run's full configuration as a dict: the flags, with 'auto' defaults filled in.
+def resolve_config(args, given=None):
+    """The run's full configuration as a dict: the flags, with --recipe's values for the flags
+    not given (`given`: the flags written on the command line) and 'auto' defaults filled in.
     (Each flag's own range is checked as it is parsed; here, what depends on several.)"""
     config = vars(args).copy()
+    if config["recipe"] is not None:
+        given = given or {}
+        recipe = official(config["model"], config["batch_size"])
+        if config["data"] is None:  # the built-in shapes keep their size (224: 6 GB of them)
+            del recipe["img_size"]
+        config.update({k: v for k, v in recipe.items() if k not in given})
     builtin = config["data"] is None
     if config["img_size"] is None:
         config["img_size"] = 32 if builtin else 224
@@ -217,6 +296,14 @@ def resolve_config(args):
     if config["warmup_epochs"] > config["epochs"]:
         raise UsageError(f"--warmup-epochs {config['warmup_epochs']:g} is longer than the run "
                          f"(--epochs {config['epochs']}): give at most {config['epochs']}")
+    if config["warmup_epochs"] + config["cooldown_epochs"] > config["epochs"]:
+        raise UsageError(f"--warmup-epochs {config['warmup_epochs']:g} and --cooldown-epochs "
+                         f"{config['cooldown_epochs']} leave no cosine in --epochs "
+                         f"{config['epochs']}: give fewer cooldown epochs")
+    try:  # every combination of the data flags, as the loader will build them
+        train_transform_of(config), erasing_of(config), eval_transform_of(config)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
     if builtin and config["synthetic_train"] < config["batch_size"]:
         raise UsageError(f"--synthetic-train {config['synthetic_train']} images make no whole "
                          f"batch of --batch-size {config['batch_size']}: give at least "
@@ -248,7 +335,7 @@ def resumed_config(flags, given, meta):
     to its default value counts) must agree with it, apart from where the run is (data path,
     workers, backend, out) and --epochs, which extends (or shortens) the run; else the run
     would not continue as it was. --out defaults to the checkpoint's folder."""
-    saved = meta["config"]
+    saved = {**BEFORE_THESE_FLAGS, **meta["config"]}
     conflicts = [f"--{k.replace('_', '-')} {_shown(v)} (checkpoint: {_shown(saved.get(k))})"
                  for k, v in given.items() if k not in RESUME_MAY_CHANGE + ("epochs",)
                  and _listify(v) != _listify(saved.get(k))]
@@ -270,6 +357,35 @@ def resumed_config(flags, given, meta):
     if "out" not in given:
         config["out"] = os.path.dirname(os.path.abspath(flags["resume"]))
     return config
+
+
+def command_line(config, always=()):
+    """The flags of a configuration that differ from their defaults (and those named in
+    always), as a command line that gives the same configuration without --recipe (where the
+    run is: --resume, --stop-after left out)."""
+    defaults = vars(build_parser().parse_args([]))
+    words = []
+    for key, value in config.items():
+        if key in ("recipe", "resume", "stop_after") or key not in defaults:
+            continue
+        if _listify(value) == _listify(defaults[key]) and key not in always:
+            continue
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            words.append(flag)
+        elif value is None:
+            words += [flag, "none"]  # (only --aa has none for a value)
+        else:
+            words += [flag, *(_number(v) for v in (value if isinstance(value, list)
+                                                   else [value]))]
+    return " ".join(words)
+
+
+def _number(value):
+    """A flag's value as written: floats short where that is exact (0.75, not 0.75000...)."""
+    if isinstance(value, float):
+        return f"{value:g}" if float(f"{value:g}") == value else repr(value)
+    return str(value)
 
 
 def _shown(value):
@@ -409,6 +525,8 @@ def prepare(config, resume=None, world=None):
     optimizer, ema). Under MPI (world of several ranks) every rank builds the same run; rank 0
     alone touches --out."""
     world = world if world is not None else mpi.World()
+    if config["workers"] is None:  # the cores less one, shared with the node's other ranks
+        config["workers"] = default_workers(mpi.ranks_on_this_node(world))
     out = config["out"]
     paths = {name: os.path.join(out, f"{name}.safetensors") for name in ("last", "best")}
     run = Run(config=config, world=world, out=out, last_path=paths["last"],
@@ -464,6 +582,9 @@ def prepare(config, resume=None, world=None):
                              f"{plural(config['epochs'], 'epoch')} already: to train on, "
                              f"resume with --epochs N, N more than {position.epoch}")
 
+    if config["recipe"] is not None and resume is None:
+        run.say(f"--recipe {config['recipe']} resolves to: python -m t2t_ref.train "
+                + command_line(config, always=official(config["model"], 1)))
     history = []
     if run.speaks:
         os.makedirs(out, exist_ok=True)
@@ -473,25 +594,26 @@ def prepare(config, resume=None, world=None):
     # each rank reads its piece of every batch (all of it when alone)
     piece = (world.rank, world.size) if world.size > 1 else None
     loader_options = dict(workers=config["workers"], on_bad_file=warn_bad_file, piece=piece)
+    train_options = dict(seed=config["seed"], transform=train_transform_of(config),
+                         erasing=erasing_of(config), **loader_options)
     loader = Loader(train_set, config["batch_size"], config["img_size"], train=True,
-                    seed=config["seed"], scale=config["crop_scale"], ratio=config["crop_ratio"],
-                    **loader_options)
+                    **train_options)
     mixing = config["mixup"] > 0 or config["cutmix"] > 0
     # mixup pairs sample i with sample B-1-i of the global batch, which another rank reads:
     # a second loader serves this rank the partners of its samples (decoded once more here)
     partners = Loader(train_set, config["batch_size"], config["img_size"], train=True,
-                      seed=config["seed"], scale=config["crop_scale"],
-                      ratio=config["crop_ratio"], **{**loader_options, "mirrored": True,
-                                                     "on_bad_file": _ignore}) \
+                      **{**train_options, "mirrored": True, "on_bad_file": _ignore}) \
         if mixing and world.size > 1 else None
     # the built-in shapes are drawn at the training size: scored as drawn, not zoomed by the
     # photo recipe's resize-to-S/0.9-and-crop (which would cut shapes near the border)
     val_loader = Loader(val_set, config["batch_size"], config["img_size"], train=False,
-                        eval_resize=isinstance(val_set, FileDataset), **loader_options)
+                        transform=eval_transform_of(config, as_drawn=isinstance(
+                            val_set, ArrayDataset)), **loader_options)
     steps_per_epoch = len(loader)
 
     def cosine(epochs):
-        return CosineSchedule(config["lr"], epochs * steps_per_epoch,
+        return CosineSchedule(config["lr"],
+                              (epochs - config["cooldown_epochs"]) * steps_per_epoch,
                               warmup_steps=round(config["warmup_epochs"] * steps_per_epoch),
                               warmup_lr=config["warmup_lr"], min_lr=config["min_lr"])
 
@@ -541,24 +663,37 @@ def dataset_fingerprint(config, class_names, train_set, val_set):
     return f"{len(train_set)}+{len(val_set)} images, {digest.hexdigest()[:16]}"
 
 
-def batch_inputs(run, images, labels, partners):
-    """A step's host batch (this rank's piece) -> (x, targets) on the device, mixed with
-    mixup or cutmix if on; sets model.rng to the step's dropout generator."""
+def batch_inputs(run, batch, partners):
+    """A step's batch (this rank's piece, uint8) -> (x, targets) on the device: normalised,
+    erased, mixed with mixup or cutmix if on (data/feed.py, mixup.py); sets model.rng to the
+    step's dropout generator. partners: the mirrored loader's batch (MPI with mixup) or None."""
     model, config, xp, device = run.model, run.config, run.model.xp, run.model.device
     seed = step_seed(config["seed"], run.position.step)
+    images, labels, erase = batch
+    x = model_input(images, erase, run.loader.erasing, xp=xp, device=device, dtype=model.dtype)
     targets = labels
     if run.mixing:
-        if partners is not None and len(partners[1]) != len(labels):
-            partners = None  # unreadable files shifted the pairs: this piece's own mirror
-        images, targets = mix_batch(images, labels, len(run.class_names),
-                                    np.random.default_rng(seed), config["mixup"],
-                                    config["cutmix"], partners=partners)
-    x = xp.astype(to_device(images, xp, device), model.dtype)  # (b, 3, S, S)
+        pair = None
+        if partners is not None and len(partners.labels) == len(labels):
+            # (else unreadable files shifted the pairs: this piece's own mirror)
+            pair = (model_input(partners.images, partners.erase, run.loader.erasing, xp=xp,
+                                device=device, dtype=model.dtype), partners.labels)
+        x, targets = mix_batch(x, labels, len(run.class_names), np.random.default_rng(seed),
+                               config["mixup"], config["cutmix"], partners=pair)
     t = to_device(targets, xp, device)
     if run.mixing:
         t = xp.astype(t, model.dtype)  # (b, K) probabilities
     model.rng = make_rng(xp, seed)  # keyed by global sample: the same masks on any cut
     return x, t
+
+
+def on_device(batches, backend):
+    """A loader's batches as the step takes them: on CuPy uploaded from pinned memory one
+    batch ahead (data/upload.py); on the CPU as they are."""
+    if backend != "cupy":
+        return batches
+    from .data.upload import ahead
+    return ahead(batches)
 
 
 def save_run_state(path, run):
@@ -672,11 +807,13 @@ def fit(run):
                                desc=f"epoch {epoch + 1}/{config['epochs']}",
                                dynamic_ncols=True, disable=not run.speaks)
                     started = time.perf_counter() - position.epoch_seconds
-                    batches = run.loader.epoch_batches(epoch, position.batch)
-                    partners = run.partners.epoch_batches(epoch, position.batch) \
+                    batches = on_device(run.loader.epoch_batches(epoch, position.batch),
+                                        config["backend"])
+                    partners = on_device(run.partners.epoch_batches(epoch, position.batch),
+                                         config["backend"]) \
                         if run.partners is not None else itertools.repeat(None)
-                    for (images, labels), pair in zip(batches, partners):
-                        if world.total(len(labels)) == 0:  # every file of it was unreadable
+                    for batch, pair in zip(batches, partners):
+                        if world.total(len(batch.labels)) == 0:  # all its files unreadable
                             position.batch += 1
                             bar.update(1)
                             continue
@@ -684,7 +821,7 @@ def fit(run):
                                               and position.step >= config["stop_after"]):
                             raise Interrupted  # between two steps: the state is consistent
                         lr = schedule(position.step)
-                        x, t = batch_inputs(run, images, labels, pair)
+                        x, t = batch_inputs(run, batch, pair)
                         images_done = train_step(model, run.optimizer, run.ema, run.monitor, x,
                                                  t, position.step, lr, config["label_smoothing"],
                                                  config["clip_grad"])
@@ -813,19 +950,19 @@ def start(argv, world):
 
     def build():
         args = build_parser().parse_args(argv)
+        given = vars(build_parser(defaults=False).parse_args(argv))  # written out
         resume = None
         if args.resume is not None and args.init_from is not None:
             raise UsageError("--resume continues a run with its own weights; --init-from "
                              "starts a new one: give only one of them")
         if args.resume is None:
-            config = resolve_config(args)
+            config = resolve_config(args, given)
         else:
             resume = load_checkpoint(args.resume)
             if "step" not in resume[1]:
                 raise CheckpointError(f"{args.resume} holds weights only, not a training run "
                                       f"to continue: start from it with --init-from "
                                       f"{args.resume}")
-            given = vars(build_parser(defaults=False).parse_args(argv))
             config = resumed_config(vars(args), given, resume[1])
         return prepare(config, resume, world)
 

@@ -12,6 +12,7 @@ import time
 
 import pytest
 import torch
+from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
 from t2t_ref import bench
@@ -177,6 +178,27 @@ def test_main_quick_writes_sane_numbers(tmp_path, capsys):
                 r["memory"]["ours"]["peak_mb"] / r["memory"]["torch"]["peak_mb"])
         assert r["loader_images_per_s"] > 0
         assert r["profile_ms"] > 0 and r["profile"][0]["ms"] > 0
+
+
+def test_loader_bench_reports_images_per_second_per_worker_count(tmp_path, monkeypatch):
+    """bench --loader's measurement, small: JPEG photos written and decoded, the recipe's
+    augmentation, a rate per worker count, the consumer's share per batch."""
+    from t2t_ref import bench_loader
+    lines = []
+    result = bench_loader.run(batch=4, size=32, batches=2, worker_counts=[1, 2],
+                              out=lines.append)
+    assert set(result["workers"]) == {1, 2} and all(r > 0 for r in result["workers"].values())
+    assert result["consumer_ms"] > 0
+    assert "rand-m9-mstd0.5-inc1, random erasing 0.25" in lines[0]
+    assert lines[1].strip().startswith("1 worker process") and "per worker" in lines[1]
+    monkeypatch.setitem(sys.modules, "skimage", None)  # a bare GPU machine: stand-ins
+    what, photos = bench_loader.source_photos()
+    assert what.startswith("generated") and photos[0].shape == (480, 640, 3)
+    monkeypatch.undo()
+    samples = bench_loader.write_photos(str(tmp_path), 3)
+    assert [label for _, label in samples] == [0, 1, 2]
+    with Image.open(samples[0][0]) as img:
+        assert img.format == "JPEG" and max(img.size) == 500 and min(img.size) == 375
 
 
 def test_main_refuses_bad_options(capsys):

@@ -33,8 +33,34 @@ BAD_COMMAND_LINES = [
     case("train", "--ema-decay 1", "argument --ema-decay: 1 is out of range"),
     case("train", "--val-fraction 1", "argument --val-fraction: 1 is out of range"),
     case("train", "--clip-grad 0", "argument --clip-grad: 0 is out of range: give a number > 0"),
-    case("train", "--crop-scale 0 1", "argument --crop-scale: 0 is out of range: give a number "
-         "in (0, 1]"),
+    case("train", "--crop-scale 0 1", "argument --crop-scale/--scale: 0 is out of range: give a "
+         "number in (0, 1]"),
+    case("train", "--scale 0.5 2", "argument --crop-scale/--scale: 2 is out of range"),
+    case("train", "--ratio 0 1", "argument --crop-ratio/--ratio: 0 is out of range"),
+    case("train", "--ratio 2 1", "--crop-ratio 2 1: MIN is above MAX: give --crop-ratio 1 2"),
+    case("train", "--aa rand-x", "argument --aa: 'x' is not a section of the grammar (m<int>, "
+         "n<int>, mstd<float>, mmax<int>, inc<0|1>, w0), e.g. rand-m9-mstd0.5-inc1"),
+    case("train", "--aa augmix-m5", "argument --aa: a RandAugment spec starts with 'rand'"),
+    case("train", "--aa rand-n0", "argument --aa: n must be at least 1"),
+    case("train", "--reprob 2", "argument --reprob: 2 is out of range: give a number from 0 to 1"),
+    case("train", "--hflip -1", "argument --hflip: -1 is out of range: give a number from 0 to 1"),
+    case("train", "--vflip 1.5", "argument --vflip: 1.5 is out of range"),
+    case("train", "--remode noise", "argument --remode: invalid choice: 'noise' (choose from "
+         "'pixel', 'rand', 'const')"),
+    case("train", "--recount 0", "argument --recount: 0 is out of range: give a number >= 1"),
+    case("train", "--color-jitter -0.1", "argument --color-jitter: -0.1 is out of range"),
+    case("train", "--crop-pct 0", "argument --crop-pct: 0 is out of range: give a number in "
+         "(0, 1]"),
+    case("train", "--crop-pct 1.2", "argument --crop-pct: 1.2 is out of range"),
+    case("train", "--train-interpolation cubic", "argument --train-interpolation: invalid "
+         "choice: 'cubic'"),
+    case("train", "--interpolation random", "argument --interpolation: invalid choice: "
+         "'random'"),
+    case("train", "--recipe timm", "argument --recipe: invalid choice: 'timm' (choose from "
+         "'official')"),
+    case("train", "--epochs 10 --cooldown-epochs 10", "--warmup-epochs 0.3 and "
+         "--cooldown-epochs 10 leave no cosine in --epochs 10"),
+    case("train", "--cooldown-epochs -1", "argument --cooldown-epochs: -1 is out of range"),
     case("train", "--crop-scale 0.5 0.2", "--crop-scale 0.5 0.2: MIN is above MAX: give "
          "--crop-scale 0.2 0.5"),
     case("train", "--warmup-epochs 5", "--warmup-epochs 5 is longer than the run (--epochs 3)"),
@@ -51,6 +77,9 @@ BAD_COMMAND_LINES = [
     case("evaluate", "--checkpoint c --workers -1", "argument --workers: -1 is out of range"),
     case("evaluate", "--checkpoint c --batch-size 0", "argument --batch-size: 0 is out of range"),
     case("evaluate", "--data d", "one of the arguments --checkpoint --weights is required"),
+    case("evaluate", "--checkpoint c --crop-pct 0", "argument --crop-pct: 0 is out of range"),
+    case("evaluate", "--checkpoint c --interpolation random", "argument --interpolation: "
+         "invalid choice: 'random'"),
     case("predict", "x.png --weights w --top 0", "argument --top: 0 is out of range"),
     case("predict", "x.png --weights w --batch-size 0", "argument --batch-size: 0 is out of range"),
     case("convert", "a.pth", "the following arguments are required: OUT"),

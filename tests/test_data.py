@@ -16,9 +16,12 @@ from scipy import stats
 
 from reliability import tried
 from t2t_ref.data import (IMAGENET_MEAN, IMAGENET_STD, SHAPE_CLASSES, ArrayDataset,
-                          CorruptImage, DataError, FileDataset, Loader, decode, eval_transform,
-                          find_splits, make_shapes, make_shapes_splits,
-                          random_resized_crop_params, sample_rng, train_transform)
+                          CorruptImage, DataError, EvalTransform, FileDataset, Loader,
+                          RandomErasing, TrainTransform, decode, default_workers,
+                          eval_transform, find_splits, make_shapes, make_shapes_splits,
+                          model_input, normalize, random_resized_crop_params, sample_rng,
+                          train_transform)
+from t2t_ref.data.transforms import to_uint8_chw
 
 HAS_WEBP = features.check("webp")
 
@@ -346,10 +349,13 @@ def all_batches(loader, epoch, start_batch=0):
 
 def assert_same_batches(got, expected):
     assert len(got) == len(expected)
-    for k, ((x, y), (x2, y2)) in enumerate(zip(got, expected)):
-        assert x.dtype == np.float32 and y.dtype == np.int64
+    for k, ((x, y, e), (x2, y2, e2)) in enumerate(zip(got, expected)):
+        assert x.dtype == np.uint8 and y.dtype == np.int64
         assert np.array_equal(y, y2), f"batch {k}: labels {y} vs {y2}"
-        assert np.array_equal(x, x2), f"batch {k}: images differ by {np.abs(x - x2).max()}"
+        assert np.array_equal(x, x2), \
+            f"batch {k}: images differ by {np.abs(x.astype(int) - x2).max()}"
+        assert (e is None) == (e2 is None) and (e is None or np.array_equal(e, e2)), \
+            f"batch {k}: erasing rectangles {e} vs {e2}"
 
 
 @pytest.mark.parametrize("processes", [False, True])
@@ -379,29 +385,30 @@ def test_loader_epochs_cover_the_data_in_a_seeded_order():
     assert not np.array_equal(order0, order1)
     assert sorted(order0.tolist()) == list(range(50))
     batches = all_batches(train, 0)
-    assert [len(y) for _, y in batches] == [8] * 6
-    assert np.array_equal(np.concatenate([y for _, y in batches]), labels[order0[:48]])
+    assert [len(b.labels) for b in batches] == [8] * 6
+    assert np.array_equal(np.concatenate([b.labels for b in batches]), labels[order0[:48]])
     evaluation = Loader(data, 8, 32, train=False)
     assert len(evaluation) == 7                              # keeps the last 2
     batches = all_batches(evaluation, 0)
-    assert [len(y) for _, y in batches] == [8] * 6 + [2]
-    assert np.array_equal(np.concatenate([y for _, y in batches]), labels)  # in order
-    x = batches[0][0]
-    assert x.shape == (8, 3, 32, 32) and np.array_equal(x[0], eval_transform(data.image(0), 32))
+    assert [len(b.labels) for b in batches] == [8] * 6 + [2]
+    assert np.array_equal(np.concatenate([b.labels for b in batches]), labels)  # in order
+    x = batches[0].images
+    assert x.shape == (8, 3, 32, 32) and x.dtype == np.uint8
+    assert np.array_equal(normalize(x[0]), eval_transform(data.image(0), 32))
 
 
 def test_eval_without_resize_takes_the_images_as_they_are():
-    """eval_resize=False (the built-in shapes): an S x S image is only normalised, pixel for
+    """as_drawn=True (the built-in shapes): an S x S image is only normalised, pixel for
     pixel; the default resizes to S/0.9 and crops S, which changes the pixels."""
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (6, 16, 16, 3), dtype=np.uint8)
     dataset = ArrayDataset(images, np.arange(6) % 2)
     expected = ((images.transpose(0, 3, 1, 2) / 255.0 - np.asarray(IMAGENET_MEAN)[:, None, None])
                 / np.asarray(IMAGENET_STD)[:, None, None])
-    with Loader(dataset, 3, 16, train=False, eval_resize=False) as loader:
-        as_drawn = np.concatenate([x for x, _ in loader.epoch_batches(0)])
+    with Loader(dataset, 3, 16, train=False, transform=EvalTransform(as_drawn=True)) as loader:
+        as_drawn = normalize(np.concatenate([b.images for b in loader.epoch_batches(0)]))
     with Loader(dataset, 3, 16, train=False) as loader:
-        resized = np.concatenate([x for x, _ in loader.epoch_batches(0)])
+        resized = normalize(np.concatenate([b.images for b in loader.epoch_batches(0)]))
     assert np.abs(as_drawn - expected).max() < 1e-5, "eval_resize=False changed the pixels"
     assert np.abs(resized - expected).max() > 0.1, "the default eval transform did not resize"
 
@@ -422,12 +429,12 @@ def test_loader_resumes_mid_epoch():
 def test_loader_augments_in_memory_images_like_files():
     images, labels, _ = make_shapes(16, 32, seed=0)
     loader = Loader(ArrayDataset(images, labels), 16, 32, train=True, seed=0, shuffle=False)
-    (x, y), = all_batches(loader, 0)
+    (x, y, _), = all_batches(loader, 0)
     for i in (0, 7):  # sample i of epoch 0: train_transform with the generator of (0, 0, i)
         expected = train_transform(Image.fromarray(images[i]), 32, sample_rng(0, 0, i))
-        assert np.array_equal(x[i], expected)
+        assert np.array_equal(normalize(x[i]), expected)
     plain = eval_transform(Image.fromarray(images[0]), 32)
-    assert not np.array_equal(x[0], plain)  # augmented
+    assert not np.array_equal(normalize(x[0]), plain)  # augmented
 
 
 @pytest.mark.parametrize("processes", [False, True])
@@ -462,3 +469,99 @@ def test_dataset_and_loader_argument_errors():
     with pytest.raises(ValueError, match="smaller batch"):
         Loader(ArrayDataset(np.zeros((2, 8, 8, 3), np.uint8), [0, 1]), 4, 8, train=True)
     assert math.isclose(IMAGENET_STD[0], 0.229)
+
+
+# ---- the whole recipe through the loader: workers, pieces, shared memory ----------------------
+
+RECIPE = dict(transform=TrainTransform(scale=(0.3, 1.0), hflip=0.5, vflip=0.2,
+                                       interpolation="random", aa="rand-m9-mstd0.5-inc1"),
+              erasing=RandomErasing(0.5, "pixel", max_count=2))
+
+
+def recipe_loader(dataset, **options):
+    return Loader(dataset, 8, 32, train=True, seed=3, **RECIPE, **options)
+
+
+@pytest.mark.parametrize("workers, processes", [(1, True), (2, True), (2, False)])
+def test_recipe_batches_do_not_depend_on_workers(workers, processes):
+    """RandAugment, random interpolation, flips and the erasing rectangles come out the same
+    from the calling process, worker threads and worker processes, epoch after epoch."""
+    images, labels, _ = make_shapes(40, 32, seed=0)
+    data = ArrayDataset(images, labels)
+    with recipe_loader(data) as serial, \
+            recipe_loader(data, workers=workers, processes=processes) as parallel:
+        for epoch in range(2):
+            expected = all_batches(serial, epoch)
+            assert_same_batches(all_batches(parallel, epoch), expected)
+    erase = np.concatenate([b.erase for b in expected])
+    assert erase.shape == (40, 2, 5) and 0.3 < np.mean(erase[:, 0, 2] > 0) < 0.7
+    # sample i of the epoch is the recipe applied with sample i's generator, nothing else
+    order = serial.epoch_order(1)
+    rng = sample_rng(3, 1, int(order[0]))
+    first = to_uint8_chw(RECIPE["transform"](data.image(int(order[0])), 32, rng))
+    assert np.array_equal(expected[0].images[0], first)
+    assert np.array_equal(expected[0].erase[0], RECIPE["erasing"].draw(32, rng))
+
+
+def test_pieces_and_the_consumer_give_the_whole_batch():
+    """MPI ranks read pieces of each batch (and mirrored pieces for mixup): normalised and
+    erased on the consumer's side, the pieces put together are the whole batch."""
+    import array_api_compat.numpy as xp
+    images, labels, _ = make_shapes(24, 32, seed=0)
+    data = ArrayDataset(images, labels)
+
+    def consumed(loader):
+        return [(model_input(b.images, b.erase, loader.erasing, xp=xp, device="cpu"), b.labels)
+                for b in loader.epoch_batches(0)]
+
+    whole = consumed(recipe_loader(data))
+    pieces = [consumed(recipe_loader(data, piece=(i, 3))) for i in range(3)]
+    mirrored = consumed(recipe_loader(data, piece=(0, 3), mirrored=True))
+    for k, (x, y) in enumerate(whole):
+        assert np.array_equal(np.concatenate([p[k][0] for p in pieces]), x), f"batch {k}"
+        assert np.array_equal(np.concatenate([p[k][1] for p in pieces]), y)
+        assert np.array_equal(mirrored[k][0], x[::-1][:3])  # sample B-1-j for sample j
+
+
+def shared_blocks():
+    return {name for name in os.listdir("/dev/shm") if name.startswith(("psm_", "wnsm_"))} \
+        if os.path.isdir("/dev/shm") else set()
+
+
+def test_worker_processes_free_their_shared_memory():
+    images, labels, _ = make_shapes(48, 32, seed=0)
+    before = shared_blocks()
+    with recipe_loader(ArrayDataset(images, labels), workers=2) as loader:
+        assert len(all_batches(loader, 0)) == 6
+        batches = loader.epoch_batches(1)
+        next(batches)
+        assert len(shared_blocks() - before) == 1  # one ring of slots for the epoch
+        batches.close()  # an early stop frees the ring too
+        assert shared_blocks() == before
+    assert shared_blocks() == before
+
+
+@tried("data", "worker processes with less shared memory (/dev/shm) than their batches need, "
+       "(Docker gives 64 MB)", "`error: the loader's worker processes need 9 MB of shared "
+       "memory for the batches in flight, but /dev/shm has 5 MB free: use fewer --workers or a "
+       "smaller batch, or give the container more (docker run --shm-size=2g)`, before any "
+       "worker starts")
+def test_too_little_shared_memory_is_said_before_a_worker_dies(monkeypatch):
+    images, labels, _ = make_shapes(16, 224, seed=0)
+    loader = Loader(ArrayDataset(images, labels), 16, 224, train=True, workers=2)
+    real = os.statvfs
+
+    def small(path):  # 5 MB free, where 4 slots of 16 x 3 x 224 x 224 uint8 need 9.2 MB
+        stat = real(path)
+        return os.statvfs_result((*stat[:4], 5 * 2**20 // stat.f_frsize, *stat[5:]))
+
+    monkeypatch.setattr(os, "statvfs", small)
+    with loader, pytest.raises(DataError, match=r"need 9 MB of shared memory.*5 MB free: use "
+                               r"fewer --workers or a smaller batch") as err:
+        next(loader.epoch_batches(0))
+    assert "\n" not in str(err.value)
+
+
+def test_default_workers_are_the_cores_less_one_shared_by_ranks(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    assert default_workers() == 15 and default_workers(4) == 3 and default_workers(16) == 0

@@ -128,13 +128,15 @@ def test_two_ranks_equal_one_process_after_five_adamw_steps(tmp_path):
 
 
 @needs_mpirun
-@tried("faults", "`mpirun -n 2` training stopped mid-epoch (`--stop-after`), resumed by one "
-       "process", "exit 130 and `last` saved by rank 0; the resumed run ends where an "
+@tried("faults", "`mpirun -n 2` training (RandAugment, random erasing, mixup, cutmix) stopped "
+       "mid-epoch (`--stop-after`), resumed by one process", "exit 130 and `last` saved by rank 0; the resumed run ends where an "
        "uninterrupted one-process run does (float64, 1e-12); `evaluate` under mpirun gives "
        "the one-process numbers")
 def test_an_mpi_run_stopped_mid_epoch_resumes_with_another_rank_count(tmp_path, capsys):
     args = TINY + ["--epochs", "2", "--dtype", "float64", "--drop", "0.1", "--drop-path", "0.2",
-                   "--mixup", "0.8", "--cutmix", "1.0", "--ema-decay", "0.9"]
+                   "--mixup", "0.8", "--cutmix", "1.0", "--ema-decay", "0.9",
+                   "--aa", "rand-m9-mstd0.5-inc1", "--reprob", "0.5", "--recount", "2",
+                   "--scale", "0.5", "1"]
     straight, cut = tmp_path / "straight", tmp_path / "cut"
     assert train.main(args + ["--out", str(straight)]) == 0
     job = mpirun(2, ["-m", "t2t_ref.train", *args, "--out", str(cut), "--stop-after", "4"])

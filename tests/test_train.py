@@ -53,11 +53,27 @@ def test_help_shows_every_default(capsys):
     for flag in ("--data", "--model", "--img-size", "--epochs", "--batch-size", "--lr",
                  "--weight-decay", "--warmup-epochs", "--min-lr", "--label-smoothing",
                  "--drop-path", "--workers", "--backend", "--dtype", "--seed", "--out",
-                 "--resume", "--mixup", "--cutmix", "--ema-decay", "--clip-grad"):
+                 "--resume", "--mixup", "--cutmix", "--ema-decay", "--clip-grad",
+                 *OFFICIAL_VALUES, "--no-aug", "--crop-ratio", "--cooldown-epochs",
+                 "--recipe"):
         name = flag[1:]  # the split above ate one dash
         assert name in entries, f"{flag} missing from --help"
         assert "(default:" in entries[name], f"{flag} shows no default: {entries[name]}"
     assert entries["-lr"].endswith("(default: 0.0005)")
+    for flag, official in OFFICIAL_VALUES.items():  # timm's flags say the recipe's value
+        entry = entries[flag[1:]]
+        assert f"(official: {official}" in entry or f"{official}, the official" in entry, entry
+    assert entries["-crop-scale"].startswith("-crop-scale MIN MAX, --scale MIN MAX")
+    assert entries["-crop-ratio"].startswith("-crop-ratio MIN MAX, --ratio MIN MAX")
+
+
+# timm's augmentation flags and the official recipe's value each --help entry names
+OFFICIAL_VALUES = {"--hflip": "0.5", "--vflip": "0", "--crop-pct": "0.9",
+                   "--crop-scale": "0.08 1.0", "--color-jitter": "0.4",
+                   "--aa": "rand-m9-mstd0.5-inc1", "--reprob": "0.25", "--remode": "pixel",
+                   "--recount": "1", "--train-interpolation": "random",
+                   "--interpolation": "bicubic", "--drop-path": "0.1", "--mixup": "0.8",
+                   "--cutmix": "1.0", "--ema-decay": "0.99996"}
 
 
 def test_builtin_run_writes_metrics_plot_config_and_checkpoints(tmp_path, capsys):
@@ -98,14 +114,19 @@ def final_state(out):
     return weights, meta, optimizer, ema
 
 
-@tried("faults", "Ctrl-C mid-epoch (with mixup, cutmix, EMA, clipping, dropout, drop path), "
-       "then `--resume`", "exit 130 and `last` saved between two steps; the resumed run says "
-       "`resuming at epoch 2 of 2, step 4` and ends bit-identical to an uninterrupted one")
+@tried("faults", "Ctrl-C mid-epoch (with RandAugment, random erasing, flips, random "
+       "interpolation, mixup, cutmix, EMA, clipping, dropout, drop path), then `--resume`",
+       "exit 130 and `last` saved between two steps; the resumed run (2 worker processes) "
+       "says `resuming at epoch 2 of 2, step 4` and ends bit-identical to an uninterrupted one")
 def test_interrupted_and_resumed_run_ends_with_identical_weights(tmp_path, capsys):
-    """Mixup, cutmix, EMA, clipping, dropout and drop path on: every random number must be
-    reproduced after the interruption. The resumed half also uses background workers."""
+    """The whole augmentation recipe, mixup, cutmix, EMA, clipping, dropout and drop path on:
+    every random number must be reproduced after the interruption. The resumed half uses
+    background worker processes."""
     extra = ["--epochs", "2", "--mixup", "0.8", "--cutmix", "1.0", "--ema-decay", "0.9",
-             "--clip-grad", "1.0", "--drop", "0.1", "--drop-path", "0.2"]
+             "--clip-grad", "1.0", "--drop", "0.1", "--drop-path", "0.2",
+             "--aa", "rand-m9-mstd0.5-inc1", "--reprob", "0.5", "--recount", "2",
+             "--train-interpolation", "random", "--scale", "0.5", "1", "--hflip", "0.3",
+             "--vflip", "0.2"]
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     assert run_train(TINY + extra + ["--out", str(whole)], capsys)[0] == 0
 

@@ -1,6 +1,8 @@
-"""Random erasing (Zhong et al., 2020) as timm's RandomErasing does it, on a normalised image.
+"""Random erasing (Zhong et al., 2020) as timm's RandomErasing does it, on a normalised batch.
 
-    x = random_erasing(x, rng, probability=0.25, mode="pixel", max_count=1)   # (3, S, S)
+    erasing = RandomErasing(probability=0.25, mode="pixel", max_count=1)   # the official recipe
+    rows = erasing.draw(S, rng)        # in a loader worker, per sample: (max_count, 5) int64
+    erasing.apply(x, rows_of_batch)    # on the consumer, after normalising: x (B, 3, S, S)
 
 With the given probability, `count` rectangles (1, or uniformly 1..max_count) are replaced:
 each covers a random fraction of the image in [min_area, max_area] divided by count, with an
@@ -9,16 +11,28 @@ again, up to 10 times. What fills it, by mode:
     "pixel"   per-pixel standard normal noise (the official T2T-ViT recipe's --remode)
     "rand"    one standard normal colour per rectangle
     "const"   zeros (the mean colour, in normalised units)
-It works on the *normalised* image, as timm's does, so the noise has the data's scale. Every
-random number comes from the Generator passed in (one per (seed, epoch, sample)).
+
+Why two halves. Erasing works on the *normalised* image, as timm's does (its GPU prefetcher
+erases after normalising too), so the noise has the data's scale; but the loader hands on
+uint8 images and normalisation happens on the consumer's device. So the worker draws each
+sample's rectangles from the sample's generator (seeded by (seed, epoch, sample index)), with
+one 32-bit key per rectangle, and returns them beside the images: a row (top, left, height,
+width, key), height 0 for none. The consumer fills them, the noise a function of (key, element)
+alone (gaps.keyed_normal). So a run erases the same pixels with the same noise whatever the
+number of workers, threads or MPI ranks, on a resume too, and the noise never crosses the bus.
 """
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
+from ..backend import array_namespace, device_of
+from ..gaps import keyed_normal
+
 MODES = ("pixel", "rand", "const")
 ATTEMPTS = 10
+ROW = 5  # top, left, height, width, key
 
 
 def erase_boxes(height, width, rng, *, count, min_area=0.02, max_area=1 / 3, min_aspect=0.3):
@@ -39,22 +53,61 @@ def erase_boxes(height, width, rng, *, count, min_area=0.02, max_area=1 / 3, min
     return boxes
 
 
+@dataclass(frozen=True)
+class RandomErasing:
+    """timm's --reprob / --remode / --recount. Bad values raise ValueError (one line)."""
+
+    probability: float = 0.25
+    mode: str = "pixel"
+    max_count: int = 1
+    min_area: float = 0.02
+    max_area: float = 1 / 3
+    min_aspect: float = 0.3
+
+    def __post_init__(self):
+        if not 0 <= self.probability <= 1:
+            raise ValueError(f"--reprob {self.probability:g}: a probability, from 0 (off) to 1")
+        if self.mode not in MODES:
+            raise ValueError(f"--remode {self.mode!r}: random erasing mode, choose one of "
+                             f"{', '.join(MODES)}")
+        if not (isinstance(self.max_count, int) and self.max_count >= 1):
+            raise ValueError(f"--recount {self.max_count}: rectangles per image, at least 1")
+
+    def draw(self, size, rng):
+        """The worker's half for one S x S sample: (max_count, 5) int64 rows (top, left,
+        height, width, key), height 0 where no rectangle is; every number from rng."""
+        rows = np.zeros((self.max_count, ROW), dtype=np.int64)
+        if rng.random() > self.probability:
+            return rows
+        count = 1 if self.max_count <= 1 else int(rng.integers(1, self.max_count + 1))
+        boxes = erase_boxes(size, size, rng, count=count, min_area=self.min_area,
+                            max_area=self.max_area, min_aspect=self.min_aspect)
+        for k, box in enumerate(boxes):
+            rows[k, :4] = box
+            rows[k, 4] = rng.integers(0, 2**32)  # the key of this rectangle's noise
+        return rows
+
+    def apply(self, x, rows):
+        """The consumer's half: x (B, C, S, S) normalised, any backend, erased in place (and
+        returned); rows (B, max_count, 5) on the host, as the loader returned them. One
+        slice assignment per rectangle (about B * probability of them), nothing read back."""
+        xp, device = array_namespace(x), device_of(x)
+        C = x.shape[1]
+        for b, r in zip(*np.nonzero(rows[:, :, 2] > 0)):
+            top, left, h, w, key = (int(v) for v in rows[b, r])
+            if self.mode == "pixel":
+                fill = keyed_normal(xp, key, (C, h, w), device)               # (C, h, w)
+            elif self.mode == "rand":
+                fill = keyed_normal(xp, key, (C, 1, 1), device)               # (C, 1, 1)
+            else:
+                fill = xp.zeros((C, 1, 1), dtype=xp.float32, device=device)
+            x[int(b), :, top:top + h, left:left + w] = xp.astype(fill, x.dtype)
+        return x
+
+
 def random_erasing(x, rng, *, probability, mode="pixel", max_count=1, min_area=0.02,
                    max_area=1 / 3, min_aspect=0.3):
-    """x (C, H, W) float, normalised -> x with the rectangles replaced (in place; returned)."""
-    if mode not in MODES:
-        raise ValueError(f"random erasing mode {mode!r}: choose one of {', '.join(MODES)}")
-    if rng.random() > probability:
-        return x
-    C, H, W = x.shape
-    count = 1 if max_count <= 1 else int(rng.integers(1, max_count + 1))
-    for top, left, h, w in erase_boxes(H, W, rng, count=count, min_area=min_area,
-                                       max_area=max_area, min_aspect=min_aspect):
-        if mode == "pixel":
-            fill = rng.standard_normal((C, h, w))
-        elif mode == "rand":
-            fill = rng.standard_normal((C, 1, 1))
-        else:
-            fill = np.zeros((C, 1, 1))
-        x[:, top:top + h, left:left + w] = fill.astype(x.dtype)
+    """One normalised (C, S, S) image erased in place (and returned): both halves at once."""
+    erasing = RandomErasing(probability, mode, max_count, min_area, max_area, min_aspect)
+    erasing.apply(x[None], erasing.draw(x.shape[-1], rng)[None])
     return x

@@ -37,6 +37,8 @@ SIZE_VARIABLES = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE")
 RANK_VARIABLES = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "MV2_COMM_WORLD_RANK", "PMIX_RANK")
 LOCAL_RANK_VARIABLES = ("OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID",
                         "MV2_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID")
+LOCAL_SIZE_VARIABLES = ("OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS",
+                       "MV2_COMM_WORLD_LOCAL_SIZE")
 INSTALL = "pip install 't2t_ref[mpi]'"
 
 
@@ -288,6 +290,13 @@ def use_local_gpu(world):
     # reach World.agree() to be told so
     local_rank = next((int(os.environ[v]) for v in LOCAL_RANK_VARIABLES if v in os.environ), 0)
     cupy.cuda.Device(local_rank % max(1, _gpu_count() or 1)).use()
+
+
+def ranks_on_this_node(world):
+    """How many of the world's ranks share this machine, as the launcher says (no collective:
+    it is asked before the ranks agree); all of them where the launcher does not say."""
+    return next((int(os.environ[v]) for v in LOCAL_SIZE_VARIABLES if v in os.environ),
+                world.size)
 
 
 def code_version():

@@ -1,0 +1,115 @@
+"""Where a loader's batches are made in the background: worker processes (or threads) that fill
+batch-sized uint8 slots, in shared memory, that the loader copies its batches out of.
+
+    ring = Ring(slots=4, batch_shape=(B, 3, S, S), shared=True)  # slots in /dev/shm
+    pool = start_pool(workers, batch_maker, processes=True)
+    future = pool.submit(*fill_task(ring, slot, indices, epoch, batch_maker, processes))
+    labels, erase, bad = future.result()           # the images are in ring[slot][:len(labels)]
+
+Why processes and shared memory: decoding (libjpeg), resizing and RandAugment's Pillow ops
+release the GIL only in part, and the consumer's thread launches kernels or runs the model's
+threads: 15 worker processes keep a 16-core GPU machine's GPU fed where threads sharing one
+interpreter would not. A process hands its batch over by writing it into a slot of shared
+memory (multiprocessing.shared_memory), so only the labels and erasing rows (a few hundred
+bytes) go through a pipe; a uint8 batch is 9.6 MB at 64 x 3 x 224 x 224 and the loader's copy
+out of the slot takes a few milliseconds. Threads (processes=False) fill slots of ordinary
+memory the same way.
+
+Workers are forked by default (Linux): they inherit the dataset (an ArrayDataset's images are
+shared, not copied). "spawn"/"forkserver" pickle the batch maker to each worker and need the
+main script behind `if __name__ == "__main__":`. Workers ignore Ctrl-C: the main process gets
+the KeyboardInterrupt and closes them.
+"""
+
+import concurrent.futures
+import multiprocessing
+import os
+import signal
+from multiprocessing import shared_memory
+
+import numpy as np
+
+from .folder import DataError
+
+
+class Ring:
+    """`slots` uint8 buffers of batch_shape (B, 3, S, S); shared=True: in one shared-memory
+    block that worker processes attach to by name. close() frees it."""
+
+    def __init__(self, slots, batch_shape, shared):
+        self.shape = (slots, *batch_shape)
+        nbytes = int(np.prod(self.shape))
+        self.shm = None
+        if shared:
+            check_shared_memory(nbytes)
+            self.shm = shared_memory.SharedMemory(create=True, size=nbytes)
+            self.array = np.ndarray(self.shape, dtype=np.uint8, buffer=self.shm.buf)
+        else:
+            self.array = np.empty(self.shape, dtype=np.uint8)
+        self.name = None if self.shm is None else self.shm.name
+
+    def __getitem__(self, slot):
+        return self.array[slot]  # (B, 3, S, S) uint8
+
+    def close(self):
+        self.array = None  # the view goes first: shared memory with views cannot close
+        if self.shm is not None:
+            self.shm.close()
+            self.shm.unlink()
+            self.shm = None
+
+
+def check_shared_memory(nbytes, where="/dev/shm"):
+    """Refuse a ring that /dev/shm cannot hold (Docker gives containers 64 MB by default),
+    in one line, before a worker dies of SIGBUS writing into it."""
+    try:
+        stat = os.statvfs(where)
+    except OSError:
+        return  # no /dev/shm to ask (another OS): let the allocation speak
+    free = stat.f_bavail * stat.f_frsize
+    if nbytes > free:
+        raise DataError(f"the loader's worker processes need {nbytes / 2**20:.0f} MB of shared "
+                        f"memory for the batches in flight, but {where} has "
+                        f"{free / 2**20:.0f} MB free: use fewer --workers or a smaller batch, "
+                        "or give the container more (docker run --shm-size=2g)")
+
+
+def start_pool(workers, batch_maker, processes, start_method=None):
+    """An executor of `workers` processes (each holding its own batch_maker) or threads."""
+    if not processes:
+        return concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="t2t-loader")
+    if start_method is None and "fork" in multiprocessing.get_all_start_methods():
+        start_method = "fork"  # the dataset is inherited, not pickled (3.14 defaults otherwise)
+    return concurrent.futures.ProcessPoolExecutor(
+        workers, mp_context=multiprocessing.get_context(start_method),
+        initializer=_install_in_worker, initargs=(batch_maker,))
+
+
+def fill_task(ring, slot, indices, epoch, batch_maker, processes):
+    """(function, *args) that fills ring[slot] with the batch of `indices`: for pool.submit."""
+    if processes:
+        return _fill_in_worker, ring.name, ring.shape, slot, indices, epoch
+    return batch_maker, indices, epoch, ring[slot]
+
+
+# ---- in a worker process: its batch maker, installed once, and the rings it attached to ----
+
+_BATCH_MAKER = None
+_ATTACHED = {}  # ring name -> SharedMemory
+
+
+def _install_in_worker(batch_maker):
+    global _BATCH_MAKER
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
+    _BATCH_MAKER = batch_maker
+
+
+def _fill_in_worker(name, shape, slot, indices, epoch):
+    shm = _ATTACHED.get(name)
+    if shm is None:
+        for old in _ATTACHED.values():  # an earlier epoch's ring: its owner has freed it
+            old.close()
+        _ATTACHED.clear()
+        shm = _ATTACHED[name] = shared_memory.SharedMemory(name=name)
+    out = np.ndarray(shape, dtype=np.uint8, buffer=shm.buf)[slot]  # (B, 3, S, S)
+    return _BATCH_MAKER(indices, epoch, out)
