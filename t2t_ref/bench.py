@@ -53,6 +53,7 @@ performer features, h heads, K classes.
 """
 
 import argparse
+import contextlib
 import gc
 import importlib
 import inspect
@@ -74,10 +75,12 @@ import threadpoolctl
 
 from .backend import keep_freed_memory, to_device, to_numpy
 from .cli import HelpFormatter, user_error
+from .loss_scale import DynamicLossScale
 from .model import PATCH, create_model
 from .ops.cross_entropy import cross_entropy
 from .optim import AdamW, decays
 from .parallel import DataParallel
+from .precision import PRECISIONS
 from .variants import list_models
 
 LR = 5e-4  # the learning rate of the timed AdamW steps (the value does not change the work)
@@ -88,7 +91,10 @@ NUM_CLASSES = 1000
 TARGET_RATIO = {"numpy": {"train": 1.25, "infer": 1.15},
                 "cupy": {"train": 1.2, "infer": 1.2}}
 # logits and gradients of the same model on both sides, max|a-b| / max(|a|+|b|), float32
+# ... and under half precision, where both sides round (each its own way: t2t_ref's islands
+# against torch.autocast's op lists), twice what each is allowed against float32
 PARITY_TOLERANCE = 1e-4
+HALF_PARITY_TOLERANCE = {"bf16": 6e-2, "fp16": 1e-2}
 TARGET_MEMORY_RATIO = 1.5  # peak memory of a training step, t2t_ref / PyTorch, at most
 MIN_REPEATS, MIN_WARMUP = 5, 2
 MATMUL_SIZE = {"numpy": 2048, "cupy": 8192}  # n of the n x n x n float32 matmul for the peak
@@ -223,16 +229,19 @@ class Ours:
 
     label = "t2t_ref"
 
-    def __init__(self, config, backend, seed=0):
+    def __init__(self, config, backend, seed=0, precision="float32"):
         self.config, self.backend = config, backend
         self.model = DataParallel(create_model(config.model, num_classes=NUM_CLASSES,
                                                img_size=config.img_size, backend=backend,
-                                               dtype="float32", seed=seed))
+                                               dtype="float32", seed=seed,
+                                               precision=precision))
         xp, device = self.model.xp, self.model.device
         images, labels = make_batch(config, seed)
         self.x = xp.astype(to_device(images, xp, device), self.model.dtype)  # (B, 3, S, S)
         self.y = to_device(labels, xp, device)  # (B,)
         self.opt = None
+        # fp16 trains with a loss scale (loss_scale.py), as train.py does
+        self.scaler = DynamicLossScale(xp, device) if precision == "fp16" else None
 
     def prepare(self):
         """Set the mode; a training step gets its optimizer (m and v allocated here)."""
@@ -247,8 +256,14 @@ class Ours:
             return
         logits = model.forward(self.x)  # (B, K)
         _loss, dlogits = cross_entropy(logits, self.y, SMOOTHING)
-        model.backward(dlogits)
-        self.opt.step(model.params, model.grads, LR)
+        if self.scaler is None:
+            model.backward(dlogits)
+            self.opt.step(model.params, model.grads, LR)
+            return
+        model.backward(self.scaler.scale_gradient(dlogits))
+        found_inf = self.scaler.unscale(model.grads)
+        self.opt.step(model.params, model.grads, LR, found_inf=found_inf)
+        self.scaler.update(found_inf)
 
     def sync(self):
         if self.backend == "cupy":
@@ -276,10 +291,14 @@ class Theirs:
 
     label = "PyTorch"
 
-    def __init__(self, config, device, state=None, seed=0):
+    def __init__(self, config, device, state=None, seed=0, precision="float32"):
         torch = _torch()
         oracle = load_oracle()
         self.torch, self.config, self.device = torch, config, device
+        # half precision: torch.autocast around forward and loss; fp16 with a GradScaler
+        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+        self.scaler = torch.amp.GradScaler("cuda" if device != "cpu" else "cpu") \
+            if precision == "fp16" else None
         model = oracle.create_torch_model(config.model, num_classes=NUM_CLASSES,
                                           img_size=config.img_size)
         if state is not None:
@@ -303,17 +322,30 @@ class Theirs:
             self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": WEIGHT_DECAY},
                                           {"params": no_decay, "weight_decay": 0.0}], lr=LR)
 
+    def autocast(self):
+        """torch.autocast in the benchmark's half precision, or nothing under float32."""
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return self.torch.autocast("cuda" if self.device != "cpu" else "cpu",
+                                   dtype=self.autocast_dtype)
+
     def step(self):
         torch = self.torch
         if not self.config.training:
-            with torch.no_grad():
+            with torch.no_grad(), self.autocast():
                 self.model(self.x)
             return
         self.opt.zero_grad(set_to_none=True)
-        logits = self.model(self.x)
-        loss = torch.nn.functional.cross_entropy(logits, self.y, label_smoothing=SMOOTHING)
-        loss.backward()
-        self.opt.step()
+        with self.autocast():
+            logits = self.model(self.x)
+            loss = torch.nn.functional.cross_entropy(logits, self.y, label_smoothing=SMOOTHING)
+        if self.scaler is None:
+            loss.backward()
+            self.opt.step()
+            return
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.opt)
+        self.scaler.update()
 
     def sync(self):
         if self.device != "cpu":
@@ -321,15 +353,16 @@ class Theirs:
 
     def eval_logits(self):
         self.model.eval()
-        with self.torch.no_grad():
-            return self.model(self.x).cpu().numpy()
+        with self.torch.no_grad(), self.autocast():
+            return self.model(self.x).float().cpu().numpy()
 
     def eval_grads(self):
         torch = self.torch
         self.model.eval()
         self.model.zero_grad(set_to_none=True)
-        loss = torch.nn.functional.cross_entropy(self.model(self.x), self.y,
-                                                 label_smoothing=SMOOTHING)
+        with self.autocast():
+            loss = torch.nn.functional.cross_entropy(self.model(self.x), self.y,
+                                                     label_smoothing=SMOOTHING)
         loss.backward()
         grads = {n: p.grad.cpu().numpy() for n, p in self.model.named_parameters()
                  if p.grad is not None}
@@ -492,8 +525,9 @@ def memory_child(spec):
     if side == "torch":
         _torch()  # imported first, so that limit_threads sets its threads too
     limit_threads(spec["threads"])
-    runner = (Ours(config, backend) if side == "ours"
-              else Theirs(config, "cpu" if backend == "numpy" else "cuda"))
+    precision = spec.get("precision", "float32")
+    runner = (Ours(config, backend, precision=precision) if side == "ours"
+              else Theirs(config, "cpu" if backend == "numpy" else "cuda", precision=precision))
     gc.collect()
     out = {"side": side}
     if backend == "numpy":
@@ -559,13 +593,13 @@ def _memory_child_main(spec_json):
     return 0
 
 
-def measure_memory(config, backend, threads, side, timeout=900):
+def measure_memory(config, backend, threads, side, timeout=900, precision="float32"):
     """memory_child in a fresh Python process; its result dict, or {'error': ...}."""
     package_root = str(Path(__file__).resolve().parent.parent)
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
     spec = json.dumps({"config": config.name, "backend": backend, "threads": threads,
-                       "side": side})
+                       "side": side, "precision": precision})
     code = ("import sys; from t2t_ref.bench import _memory_child_main; "
             "sys.exit(_memory_child_main(sys.argv[1]))")
     try:
@@ -772,8 +806,9 @@ def describe_machine(backend, threads, blas):
 def run_config(config, args, peak_gflops):
     """Everything measured for one configuration, as a dict (see the module docstring)."""
     torch_device = "cpu" if args.backend == "numpy" else "cuda"
-    ours = Ours(config, args.backend)
-    theirs = Theirs(config, torch_device, state=ours.model.state_dict())
+    ours = Ours(config, args.backend, precision=args.precision)
+    theirs = Theirs(config, torch_device, state=ours.model.state_dict(),
+                    precision=args.precision)
     a, b = ours.eval_logits(), theirs.eval_logits()  # the same model: the same logits
     logits_rel_diff = _rel_diff(a, b)
     grads_rel_diff, grads_worst = None, None
@@ -793,7 +828,8 @@ def run_config(config, args, peak_gflops):
                              args.pause)
     result = {"config": config.name, **asdict(config), "flops": flops,
               "logits_rel_diff": logits_rel_diff, "grads_rel_diff": grads_rel_diff,
-              "grads_worst": grads_worst, "parity_tolerance": PARITY_TOLERANCE,
+              "grads_worst": grads_worst, "precision": args.precision,
+              "parity_tolerance": HALF_PARITY_TOLERANCE.get(args.precision, PARITY_TOLERANCE),
               "anchor_ms": ANCHOR_MS.get(config.name),
               "ours": summarize(times["t2t_ref"], flops, config.batch, peak_gflops),
               "torch": summarize(times["PyTorch"], flops, config.batch, peak_gflops)}
@@ -806,7 +842,8 @@ def run_config(config, args, peak_gflops):
     del ours, theirs
     gc.collect()
 
-    memory = {side: measure_memory(config, args.backend, args.threads, side)
+    memory = {side: measure_memory(config, args.backend, args.threads, side,
+                                   precision=args.precision)
               for side in ("ours", "torch")}
     result["memory"] = memory
     ok = all("peak_mb" in m for m in memory.values())
@@ -960,6 +997,9 @@ def main(argv=None):
                             + ") and a smaller matmul and loader run: a smoke test")
     parser.add_argument("--backend", default="numpy", choices=["numpy", "cupy"],
                         help="numpy: against PyTorch on the CPU; cupy: against PyTorch CUDA")
+    parser.add_argument("--precision", default="float32", choices=list(PRECISIONS),
+                        help="bf16 or fp16: t2t_ref's precision policy (precision.py) against "
+                        "PyTorch under torch.autocast (fp16: both with a loss scale)")
     parser.add_argument("--threads", type=int, default=os.cpu_count(),
                         help="threads for both sides (NumPy's BLAS and PyTorch)")
     parser.add_argument("--repeats", type=int, default=MIN_REPEATS,
@@ -1034,7 +1074,9 @@ def run(args, configs):
     peak = {"n": n, "library": args.backend, "gflops": matmul_rate(args.backend, n),
             "torch_gflops": torch_matmul_rate(device, n)}
     peak_gflops = peak["gflops"]
-    print(f"t2t_ref vs PyTorch {torch.__version__} eager, backend {args.backend}, float32, "
+    precision = "float32" if args.precision == "float32" else \
+        f"{args.precision} (t2t_ref's policy against torch.autocast)"
+    print(f"t2t_ref vs PyTorch {torch.__version__} eager, backend {args.backend}, {precision}, "
           f"{args.threads} threads; {machine['cpu']}, {machine['cores']} cores"
           + (f"; GPU {machine['gpu']}" if "gpu" in machine else ""))
     print(f"NumPy {machine['numpy']} BLAS: {machine['numpy_blas']}; torch BLAS: "

@@ -38,11 +38,12 @@ from .model import T2TViT, create_model
 from .parallel import DataParallel, mpi
 from .parallel.mpi import WorldError
 from .ops.cross_entropy import cross_entropy
+from .precision import PRECISIONS, PrecisionError
 from .pretrained import PretrainedError, imagenet_classes, model_from_weights, read_weights
 from .recipe import eval_transform_of
 from .variants import list_models
 
-USER_ERRORS = (DataError, CheckpointError, BackendError, PretrainedError)
+USER_ERRORS = (DataError, CheckpointError, BackendError, PretrainedError, PrecisionError)
 
 
 def top_k(num_classes):
@@ -130,7 +131,7 @@ def summary(name, result):
     return line
 
 
-def model_from_checkpoint(path, backend, dtype=None):
+def model_from_checkpoint(path, backend, dtype=None, precision="float32"):
     """Rebuild the model a training checkpoint was made with, and load its weights.
 
     Returns (model, meta). Raises CheckpointError if the weights do not fit the model.
@@ -139,7 +140,7 @@ def model_from_checkpoint(path, backend, dtype=None):
     config = meta["config"]
     model = create_model(meta["model"], num_classes=len(meta["class_names"]),
                          img_size=config["img_size"], backend=backend,
-                         dtype=dtype or config["dtype"])
+                         dtype=dtype or config["dtype"], precision=precision)
     try:
         model.load_state_dict(weights)
     except ValueError as err:
@@ -253,6 +254,8 @@ def build_parser():
                         help="resampling of that resize (default: the checkpoint's; bicubic "
                         "for --weights, the official one)")
     parser.add_argument("--backend", default="numpy", choices=["numpy", "cupy"])
+    parser.add_argument("--precision", default="float32", choices=list(PRECISIONS),
+                        help="bf16 or fp16: inference in half precision (t2t_ref/precision.py)")
     parser.add_argument("--ema", action="store_true",
                         help="evaluate the checkpoint's EMA weights instead of the raw ones")
     parser.add_argument("--model", default=None, choices=list_models(), metavar="NAME",
@@ -292,7 +295,7 @@ def prepare(argv, world):
         if args.backend == "cupy":
             mpi.use_local_gpu(world)
         model, _ = model_from_weights(weight_file, args.model, img_size=args.img_size,
-                                      backend=args.backend)
+                                      backend=args.backend, precision=args.precision)
         transform = eval_transform_of(weight_file.meta["config"] if weight_file.meta and
                                       "config" in weight_file.meta else {},
                                       crop_pct=args.crop_pct, interpolation=args.interpolation)
@@ -302,11 +305,12 @@ def prepare(argv, world):
         name = f"{model.name} ({weight_file.which}) at {model.img_size}x{model.img_size}"
         extra = dict(weights=args.weights, which=weight_file.which, model=model.name,
                      img_size=model.img_size, crop_pct=transform.crop_pct,
-                     interpolation=transform.interpolation)
+                     interpolation=transform.interpolation, precision=args.precision)
         return Job(model, loader, name, extra, world)
     if args.backend == "cupy":
         mpi.use_local_gpu(world)
-    model, meta, ema = model_from_checkpoint(args.checkpoint, args.backend)
+    model, meta, ema = model_from_checkpoint(args.checkpoint, args.backend,
+                                             precision=args.precision)
     if args.ema:
         if ema is None:
             raise CheckpointError(f"{args.checkpoint} holds no EMA weights (trained "
@@ -317,7 +321,7 @@ def prepare(argv, world):
                                interpolation=args.interpolation)
     return Job(model, loader, meta["model"], dict(
         checkpoint=args.checkpoint, model=meta["model"], crop_pct=loader.transform.crop_pct,
-        interpolation=loader.transform.interpolation), world)
+        interpolation=loader.transform.interpolation, precision=args.precision), world)
 
 
 def main(argv=None):

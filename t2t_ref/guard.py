@@ -88,11 +88,14 @@ class StepMonitor:
         self.loss = loss
         return xp.logical_not(finite)
 
-    def read(self):
-        """{field: float} and 'loss' (the latest step's): one host transfer."""
-        values = to_numpy(self.xp.stack([self.state[name] for name in self.FIELDS]
-                                        + [self.loss]))
-        return dict(zip(self.FIELDS + ("loss",), (float(v) for v in values)))
+    def read(self, extra=None):
+        """{field: float} and 'loss' (the latest step's): one host transfer. extra {name: 0-d
+        device array} (the loss scale) comes along in the same transfer."""
+        extra = extra or {}
+        xp = self.xp
+        values = to_numpy(xp.stack([self.state[name] for name in self.FIELDS] + [self.loss]
+                                   + [xp.astype(v, xp.float64) for v in extra.values()]))
+        return dict(zip(self.FIELDS + ("loss",) + tuple(extra), (float(v) for v in values)))
 
     def new_epoch(self):
         """Zero the per-epoch sums (loss_sum, images, skipped); the rest carries on."""

@@ -23,6 +23,7 @@ from .data import CorruptImage, decode, eval_transform
 from .guard import quiet_float_warnings
 from .model import T2TViT
 from .parallel import DataParallel
+from .precision import PRECISIONS
 from .pretrained import PretrainedError, display_names, model_from_weights, read_weights
 from .recipe import eval_transform_of
 from .variants import list_models
@@ -70,6 +71,8 @@ def main(argv=None):
                         help="use the raw weights, not the EMA ones where the file has both")
     parser.add_argument("--batch-size", type=number(int, low=1), default=16)
     parser.add_argument("--backend", default="numpy", choices=["numpy", "cupy"])
+    parser.add_argument("--precision", default="float32", choices=list(PRECISIONS),
+                        help="bf16 or fp16: inference in half precision (t2t_ref/precision.py)")
     args = parser.parse_args(argv)
     try:
         weight_file = read_weights(args.weights, use_ema=not args.no_ema)
@@ -80,7 +83,7 @@ def main(argv=None):
                                   f"tensors, e.g. {broken[0]}), as a diverged run leaves: "
                                   "predict with another checkpoint")
         model, _ = model_from_weights(weight_file, args.model, img_size=args.img_size,
-                                      backend=args.backend)
+                                      backend=args.backend, precision=args.precision)
         names = display_names(weight_file.class_names, model.num_classes)
     except (PretrainedError, BackendError, ValueError) as err:
         return user_error(err)

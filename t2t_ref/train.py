@@ -68,7 +68,9 @@ from .evaluate import evaluate, top_k
 from .gaps import make_rng
 from .guard import StepMonitor, grad_norm, quiet_float_warnings
 from .mixup import mix_batch
+from .loss_scale import DynamicLossScale
 from .model import PATCH, create_model
+from .precision import PRECISIONS, PrecisionError
 from .parallel import DataParallel, mpi
 from .parallel.mpi import WorldError
 from .ops.cross_entropy import cross_entropy
@@ -85,7 +87,8 @@ LOG_EVERY = 10  # steps between reads of the loss and the non-finite counters: o
 RESUME_MAY_CHANGE = ("data", "workers", "backend", "out", "resume", "stop_after",
                      "max_nonfinite_steps")
 # What a checkpoint written before these flags existed ran with
-BEFORE_THESE_FLAGS = {**DATA_DEFAULTS, "cooldown_epochs": 0, "recipe": None}
+BEFORE_THESE_FLAGS = {**DATA_DEFAULTS, "cooldown_epochs": 0, "recipe": None,
+                      "precision": "float32"}
 # Flags that may differ between MPI ranks (paths can differ from node to node; what is read
 # there is compared by content)
 RANK_LOCAL = ("data", "workers", "out", "resume")
@@ -247,7 +250,12 @@ def build_parser(defaults=True):
         "one machine)")
     add("--backend", default="numpy", choices=["numpy", "cupy"],
         help="numpy on the CPU, cupy on an NVIDIA GPU")
-    add("--dtype", default="float32", choices=["float32", "float64"], help="compute precision")
+    add("--dtype", default="float32", choices=["float32", "float64"],
+        help="the weights' dtype (and the computation's, under --precision float32)")
+    add("--precision", default="float32", choices=list(PRECISIONS),
+        help="bf16 or fp16: products and activations in half precision from float32 weights, "
+        "float32 where half precision breaks (the table in t2t_ref/precision.py); fp16 with a "
+        "dynamic loss scale")
     add("--seed", type=number(int, low=0), default=0,
         help="seeds the weights, data order, augmentation, dropout and the built-in set")
     add("--out", default="runs/t2t", help="folder for checkpoints, metrics and plots")
@@ -473,24 +481,33 @@ class Position:
 
 
 def train_step(model, optimizer, ema, monitor, x, targets, step, lr, label_smoothing=0.0,
-               clip_grad=None):
+               clip_grad=None, scaler=None):
     """One optimizer step, as the tutorial writes it: forward, loss, backward, clip, AdamW,
     EMA. model is a DataParallel: under MPI x (b, 3, S, S) is this rank's piece of the batch,
     and the loss and gradients are those of the mean over the whole (global) batch. A step
     whose loss or gradient norm is NaN or inf changes nothing (found_inf stays on the device:
-    see guard.py). Returns the global batch's size."""
+    see guard.py). scaler (fp16): the backward starts from the scaled loss gradient, the
+    gradients are unscaled before anything reads them, and an overflow halves the scale.
+    Returns the global batch's size."""
     logits = model.forward(x)  # (b, K)
     loss, dlogits = cross_entropy(logits, targets, label_smoothing)  # mean over this piece
     loss, dlogits = model.batch_mean(loss, dlogits)  # mean over the global batch
+    if scaler is not None:
+        dlogits = scaler.scale_gradient(dlogits)  # d(scale * loss)
     model.backward(dlogits)  # model.grads: summed over threads and ranks
+    if scaler is not None:
+        scaler.unscale(model.grads)  # in float32; an overflow shows as an inf norm below
     if clip_grad is not None:
         norm = clip_grad_norm(model.grads, clip_grad)
     else:
         norm = grad_norm(model.grads)
-    found_inf = monitor.step(step, loss, norm, model.samples)  # on the device
+    found_inf = monitor.step(step, loss, norm, model.samples,
+                             scaled=scaler is not None)  # on the device
     optimizer.step(model.params, model.grads, lr, found_inf=found_inf)
     if ema is not None:
         ema.update(model.params, found_inf=found_inf)
+    if scaler is not None:
+        scaler.update(found_inf)
     model.grads = {}
     return model.samples
 
@@ -549,10 +566,14 @@ def prepare(config, resume=None, world=None):
     if config["backend"] == "cupy":
         mpi.use_local_gpu(world)  # before anything goes onto a GPU
     # the model, run on every core (threads) and over the MPI ranks
-    model = DataParallel(create_model(
-        config["model"], num_classes=len(class_names), img_size=config["img_size"],
-        backend=config["backend"], dtype=config["dtype"], seed=config["seed"],
-        drop_rate=config["drop"], drop_path_rate=config["drop_path"]), world=world)
+    try:
+        model = DataParallel(create_model(
+            config["model"], num_classes=len(class_names), img_size=config["img_size"],
+            backend=config["backend"], dtype=config["dtype"], seed=config["seed"],
+            drop_rate=config["drop"], drop_path_rate=config["drop_path"],
+            precision=config.get("precision", "float32")), world=world)
+    except PrecisionError as err:
+        raise UsageError(f"--precision {config.get('precision')}: {err}") from None
     if resume is None and config.get("init_from"):  # before the optimizer and EMA copy them
         notes = load_weights_into(model, config["init_from"])
         run.say(f"initialised from {config['init_from']}" + "".join(f"; {n}" for n in notes))
@@ -636,10 +657,15 @@ def prepare(config, resume=None, world=None):
                 f"{schedule(step):.4g}")
     monitor = StepMonitor(xp, device, config["max_nonfinite_steps"],
                           state=position.monitor_state())
+    # fp16: the dynamic loss scale (loss_scale.py), continued from the checkpoint's
+    scaler = DynamicLossScale(xp, device) if config.get("precision") == "fp16" else None
+    if scaler is not None and resume is not None and "loss_scale" in resume[1]:
+        scaler.load_state_dict(resume[1]["loss_scale"])
     run.__dict__.update(
         class_names=class_names, model=model, optimizer=optimizer, ema=ema, loader=loader,
         partners=partners, val_loader=val_loader, steps_per_epoch=steps_per_epoch,
         schedule=schedule, mixing=mixing, position=position, history=history, monitor=monitor,
+        scaler=scaler,
         fingerprint=None if world.size == 1 else {
             "code version": mpi.code_version(),
             **{f"--{k.replace('_', '-')}": v for k, v in config.items()
@@ -712,6 +738,8 @@ def save_run_state(path, run):
         return
     meta = {"model": config["model"], "class_names": run.class_names, "config": config,
             **dataclasses.asdict(run.position)}
+    if getattr(run, "scaler", None) is not None:
+        meta["loss_scale"] = run.scaler.state_dict()
     ema = run.ema
     try:
         save_checkpoint(path, model.state_dict(), meta, optimizer=run.optimizer.state_dict(),
@@ -779,8 +807,14 @@ def fit(run):
         """The one host transfer of the logging interval: the loss and the non-finite
         counters (the same on every rank: each step's were summed over the ranks). Stops the
         run (Diverged) once max_nonfinite_steps in a row were skipped."""
-        r = run.monitor.read()
+        r = run.monitor.read(extra=None if run.scaler is None
+                             else {"loss_scale": run.scaler.scale})
         position.take_monitor(r)
+        if run.scaler is not None and r["loss_scale"] < 1.0:
+            raise Diverged(
+                f"the fp16 loss scale fell to {r['loss_scale']:g} by step {position.step}: "
+                f"the gradients overflow float16 even unscaled; train with --precision bf16 "
+                f"(float32's range) or float32, or lower --lr ({run.kept()})", everywhere=True)
         if r["tripped"] >= 0:
             step = int(r["tripped"])
             last = (f"the last finite loss was {r['last_loss']:.4f} at step "
@@ -824,7 +858,7 @@ def fit(run):
                         x, t = batch_inputs(run, batch, pair)
                         images_done = train_step(model, run.optimizer, run.ema, run.monitor, x,
                                                  t, position.step, lr, config["label_smoothing"],
-                                                 config["clip_grad"])
+                                                 config["clip_grad"], run.scaler)
                         position.step += 1
                         position.batch += 1
                         position.epoch_images += images_done
@@ -832,8 +866,11 @@ def fit(run):
                         if position.batch % LOG_EVERY == 0 or position.batch == steps_per_epoch:
                             r = read_monitor()  # the one host sync per LOG_EVERY steps
                             seconds = time.perf_counter() - started
+                            scale = {} if run.scaler is None else \
+                                {"scale": f"{r['loss_scale']:.0f}"}
                             bar.set_postfix(loss=f"{r['loss']:.3f}", lr=f"{lr:.2e}",
-                                            img_s=f"{position.epoch_images / seconds:.0f}")
+                                            img_s=f"{position.epoch_images / seconds:.0f}",
+                                            **scale)
                         position.epoch_seconds = time.perf_counter() - started
                     read_monitor()
                     bar.close()
@@ -913,6 +950,8 @@ def epoch_record(run, epoch, train_seconds):
               "val_loss": result["loss"], "val_top1": result["top1"],
               "val_nonfinite": result["nonfinite"],
               "images_per_sec": position.epoch_images / max(train_seconds, 1e-9)}
+    if getattr(run, "scaler", None) is not None:
+        record["loss_scale"] = run.scaler.state_dict()["scale"]
     if k:
         record[f"val_top{k}"] = result[f"top{k}"]
     if ema is not None:

@@ -573,7 +573,8 @@ def test_the_non_finite_check_reads_the_device_once_per_log_interval(tmp_path, c
     from t2t_ref.guard import StepMonitor
     reads = []
     read = StepMonitor.read
-    monkeypatch.setattr(StepMonitor, "read", lambda self: reads.append(1) or read(self))
+    monkeypatch.setattr(StepMonitor, "read",
+                        lambda self, **kwargs: reads.append(1) or read(self, **kwargs))
     code, _ = run_train(TINY + ["--synthetic-train", "640", "--epochs", "1", "--out",
                                 str(tmp_path / "run")], capsys)
     assert code == 0
