@@ -63,8 +63,10 @@ stage start 60 $PY -c "import t2t_ref; m = t2t_ref.create_model('t2t_vit_7', num
 #    kernels against their plain twins (tests/test_cupy_kernels.py)
 stage tests 150 $PY -m pytest -q --maxfail=10 -p no:cacheprovider -k cupy --continue-on-collection-errors tests
 
-# 3. float32 CuPy against NumPy: logits, d(input) and every gradient, three variants
+# 3. float32 CuPy against NumPy: logits, d(input) and every gradient, six variants; then the
+#    bf16 and fp16 policies on the GPU against NumPy's float32 (the policy's tolerances)
 stage parity 90 $PY scripts/gpu_parity.py
+stage parity_half 90 sh -c "$PY scripts/gpu_parity.py --precision bf16 --variants t2t_vit_7 t2t_vit_t_14 && $PY scripts/gpu_parity.py --precision fp16 --variants t2t_vit_7 t2t_vit_t_14"
 
 # 4. 300 training steps on the built-in shapes, stopped at 150, resumed, evaluated
 RUN="$WORK/run"
@@ -86,7 +88,11 @@ stage default_run 100 $PY -m t2t_ref.train --backend cupy --out "$WORK/default"
 # 7. the loader at 224 with the recipe's augmentation: images/s for 1, 2 and all cores
 stage loader 60 $PY -m t2t_ref.bench --loader --json "$LOGS/loader.json"
 
-# 8. the plain ops on CuPy (kernels off), for the kernels' share of the speed
+# 8. mixed precision: T2T-ViT-14 at 224, batch 64, bf16 and fp16 against torch.autocast
+#    (issue 13's targets: >= 1.8x faster than t2t_ref's own float32 step, <= 1.2x autocast's)
+stage bench_half 150 sh -c "$PY -m t2t_ref.bench --backend cupy --precision bf16 --repeats 5 --warmup 2 --json $LOGS/bench_bf16.json --config t2t_vit_14-224-b64-train && $PY -m t2t_ref.bench --backend cupy --precision fp16 --repeats 5 --warmup 2 --json $LOGS/bench_fp16.json --config t2t_vit_14-224-b64-train"
+
+# 9. the plain ops on CuPy (kernels off), for the kernels' share of the speed
 stage bench_plain 90 env T2T_REF_PLAIN_OPS=1 $PY -m t2t_ref.bench --backend cupy --repeats 5 \
     --warmup 2 --json "$LOGS/bench_plain.json" \
     --config t2t_vit_7-224-b64-train --config t2t_vit_14-224-b64-train
@@ -96,9 +102,9 @@ echo
 echo "================ summary ($(( $(date +%s) - START )) s) ================"
 head -n 3 "$LOGS/machine.log"
 cat "$SUMMARY"
-grep -h -E "PASS|FAIL" "$LOGS/parity.log" 2>/dev/null
+grep -h -E "PASS|FAIL" "$LOGS/parity.log" "$LOGS/parity_half.log" 2>/dev/null
 { tr "\r" "\n" < "$LOGS/resume.log"; } 2>/dev/null | grep -E "^epoch [0-9]+:|^done" | tail -n 3
-for b in bench bench_plain; do
+for b in bench bench_half bench_plain; do
     echo "-- $b"
     grep -h -E "^== |agree|ms per step|peak memory|FAILED" "$LOGS/$b.log" 2>/dev/null
 done
