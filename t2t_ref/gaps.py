@@ -26,7 +26,6 @@ _ERF32_P = (-2.72614225801306e-10, 2.77068142495902e-08, -2.10102402082508e-06,
             -1.60960333262415e-02)
 _ERF32_Q = (-1.45660718464996e-05, -2.13374055278905e-04, -1.68282697438203e-03,
             -7.37332916720468e-03, -1.42647390514189e-02)
-_CHUNK = 1 << 16  # elements: a chunk's temporaries stay in the CPU's cache
 
 
 def erf(x):
@@ -111,15 +110,26 @@ def matmul(a, b, out_dtype=None):
     return product if product.dtype == out_dtype else xp.astype(product, out_dtype)
 
 
+# ---- cache-sized pieces on NumPy: one rule, for every chain of elementwise passes ---------------
+#
+# A chain of NumPy operations over a long array streams the whole array through memory once per
+# operation; over CHUNK-element pieces the temporaries stay in the CPU's cache. The rule:
+#   - in-place chains (AdamW's dozen passes over the weights and moments: in_pieces) run in
+#     pieces always, in worker threads too (AdamW over 21.5M values on two threads: 45 ms in
+#     pieces, 146 ms whole);
+#   - chains that make a new array (GELU's erf: in_chunks) run in pieces on the main thread and
+#     whole inside whole_arrays(), which the worker threads of t2t_ref.parallel enter: there,
+#     two threads each allocating and filling many short pieces keep waiting for each other's
+#     turn with Python's GIL (GELU on two pieces of a batch at once: 14 ms in chunks, 11 ms
+#     whole, with keep_freed_memory's heap);
+#   - other backends: whole arrays (CuPy runs each operation as one kernel).
+CHUNK = 1 << 16  # elements: the arrays of a chain's piece fit in a 2 MiB cache
 _thread = threading.local()  # .whole: in_chunks evaluates whole arrays in this thread
 
 
 @contextlib.contextmanager
 def whole_arrays():
-    """In this thread, in_chunks calls fn on whole arrays. t2t_ref.parallel's worker threads
-    run in it: with two threads at work, NumPy calls on a chunk are so short that the threads
-    keep waiting for each other's turn with Python's GIL (GELU on two pieces at once took
-    1.5x as long in chunks as whole)."""
+    """In this thread, in_chunks calls fn on whole arrays (see the rule above)."""
     saved, _thread.whole = getattr(_thread, "whole", False), True
     try:
         yield
@@ -128,24 +138,38 @@ def whole_arrays():
 
 
 def in_chunks(fn, *arrays):
-    """fn(*arrays) for an elementwise fn of same-shaped arrays; on NumPy evaluated _CHUNK
-    elements at a time: the same result, but the temporaries of a chain of operations stay in
-    the CPU's cache instead of streaming through memory once per operation. Other backends
-    (CuPy runs each operation as one kernel anyway) get fn(*arrays) whole, and so does a thread
-    inside whole_arrays()."""
+    """fn(*arrays) for an elementwise fn of same-shaped arrays that returns a new array; on
+    NumPy evaluated CHUNK elements at a time (outside whole_arrays(): the rule above): the same
+    result, the temporaries in the cache."""
     xp = array_namespace(*arrays)
     size = math.prod(arrays[0].shape)
-    if backend_name(xp) != "numpy" or size <= _CHUNK or getattr(_thread, "whole", False):
+    if backend_name(xp) != "numpy" or size <= CHUNK or getattr(_thread, "whole", False):
         return fn(*arrays)
     if any(a.shape != arrays[0].shape for a in arrays):
         raise ValueError(f"in_chunks needs arrays of one shape, got {[a.shape for a in arrays]}")
     flats = [np.reshape(a, -1) for a in arrays]
-    first = fn(*(f[:_CHUNK] for f in flats))
+    first = fn(*(f[:CHUNK] for f in flats))
     out = np.empty(size, dtype=first.dtype)
-    out[:_CHUNK] = first
-    for start in range(_CHUNK, size, _CHUNK):
-        out[start:start + _CHUNK] = fn(*(f[start:start + _CHUNK] for f in flats))
+    out[:CHUNK] = first
+    for start in range(CHUNK, size, CHUNK):
+        out[start:start + CHUNK] = fn(*(f[start:start + CHUNK] for f in flats))
     return np.reshape(out, arrays[0].shape)
+
+
+def in_pieces(arrays, read_only=()):
+    """Yield the arrays whole, or, for NumPy arrays of one size, as matching CHUNK-element
+    slices of their flat views, for a chain that updates them in place (writing into a slice
+    writes into the array): the rule above. Every array that is written must be C-contiguous
+    for that (else: whole); those at the positions `read_only` may be copies."""
+    first = arrays[0]
+    written = [a for i, a in enumerate(arrays) if i not in read_only]
+    if not (isinstance(first, np.ndarray) and first.size > CHUNK
+            and all(isinstance(a, np.ndarray) and a.flags.c_contiguous for a in written)):
+        yield arrays
+        return
+    flat = [np.reshape(np.asarray(a), -1) for a in arrays]  # views where contiguous
+    for start in range(0, first.size, CHUNK):
+        yield tuple(a[start:start + CHUNK] for a in flat)
 
 
 def make_rng(xp, seed):
@@ -264,9 +288,9 @@ def keyed_bits(xp, key, first_sample, samples, per_sample, device):
     # NumPy: cache-sized pieces, so the hash's passes stay in the cache
     out = np.empty((samples, per_sample), dtype=np.uint32)
     for b in range(samples):
-        for start in range(0, per_sample, _CHUNK):
-            piece = element_hashes[start:start + _CHUNK] ^ sample_keys[b]
-            out[b, start:start + _CHUNK] = _hash32(piece)
+        for start in range(0, per_sample, CHUNK):
+            piece = element_hashes[start:start + CHUNK] ^ sample_keys[b]
+            out[b, start:start + CHUNK] = _hash32(piece)
     return out
 
 

@@ -43,6 +43,7 @@ import numpy as np
 from . import cupy_kernels
 from .backend import array_namespace, backend_name, device_of, to_device, to_numpy
 from .flat import FlatTensors
+from .gaps import CHUNK, in_pieces
 from .keys import compare_keys
 from .parallel.threads import balanced_groups, check_threads, map_in_threads, thread_count
 
@@ -192,7 +193,7 @@ class AdamW:
             decays = self.decay[name] and self.weight_decay != 0.0
             # NumPy: cache-sized pieces of each tensor, so that the dozen passes below stay in
             # the cache instead of streaming the whole tensor through memory each time
-            for p, g, m, v in _pieces(self.xp, arrays):
+            for p, g, m, v in in_pieces(arrays, read_only=(1,)):  # g is only read
                 if decays:
                     p *= dtype_constants[-1]  # the decay factor
                 self._adam(p, g, m, v, dtype_constants, found_inf)
@@ -224,7 +225,7 @@ class AdamW:
         m, v = self.exp_avg.flat, self.exp_avg_sq.flat
         n = p.shape[0]
         threads = thread_count(backend_name(self.xp), self.threads)
-        bounds = [n * i // threads // _PIECE * _PIECE for i in range(threads)] + [n]
+        bounds = [n * i // threads // CHUNK * CHUNK for i in range(threads)] + [n]
         work = [((p, g, m, v), a, b, constants, found_inf)
                 for a, b in zip(bounds[:-1], bounds[1:]) if a < b]
         if len(work) == 1:
@@ -236,7 +237,7 @@ class AdamW:
         """The update of elements [start, stop) of the flat buffers, in NumPy's cache-sized
         pieces (other backends: in one piece); the decay where a piece meets a decay run."""
         decay_factor = constants[-1]
-        piece = _PIECE if isinstance(buffers[0], np.ndarray) else stop - start
+        piece = CHUNK if isinstance(buffers[0], np.ndarray) else stop - start
         for a in range(start, stop, piece):
             b = min(a + piece, stop)
             p, g, m, v = (x[a:b] for x in buffers)
@@ -324,25 +325,6 @@ class AdamW:
                       for name, shape in self.shapes.items()}
         if isinstance(self.exp_avg, FlatTensors):
             self._set_decay_runs()
-
-
-# elements per piece: p, g, m, v and the temporaries fit in a 2 MiB cache, and each NumPy call
-# is long enough that two threads seldom wait on each other for Python's GIL
-_PIECE = 1 << 16
-
-
-def _pieces(xp, arrays):
-    """Yield (p, g, m, v) whole, or, for C-contiguous NumPy tensors, as matching slices of
-    their flat views, _PIECE elements at a time: writing into a slice writes into the tensor.
-    (Other backends: whole tensors; CuPy runs each pass as one kernel anyway.)"""
-    p, g, m, v = arrays
-    if not (isinstance(p, np.ndarray) and all(a.flags.c_contiguous for a in (p, m, v))
-            and p.size > _PIECE):
-        yield arrays
-        return
-    flat = [np.reshape(a, -1) for a in (p, np.asarray(g), m, v)]  # views (g: maybe a copy)
-    for start in range(0, p.size, _PIECE):
-        yield tuple(a[start:start + _PIECE] for a in flat)
 
 
 def clip_grad_norm(grads, max_norm):

@@ -145,7 +145,7 @@ def test_in_chunks_equals_the_whole_evaluation():
     a = rng.standard_normal((3, 401, 129)).astype(np.float32)  # 155,187 elements: 3 chunks
     b = rng.standard_normal((3, 129, 401)).astype(np.float32).transpose(0, 2, 1)  # a view
     fn = lambda x, y: np.exp(x * y) - x / (1.0 + y * y)  # noqa: E731
-    assert a.size > 2 * gaps._CHUNK and a.size % gaps._CHUNK
+    assert a.size > 2 * gaps.CHUNK and a.size % gaps.CHUNK
     chunked = gaps.in_chunks(fn, a, b)
     assert chunked.shape == a.shape and chunked.dtype == np.float32
     assert np.array_equal(chunked, fn(a, b)), "in_chunks changed the result"

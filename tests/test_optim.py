@@ -30,7 +30,7 @@ SHAPES = {
     "blocks.0.attn.qkv.weight": (12, 4),  # linear weights: decay
     "blocks.0.mlp.fc1.weight": (6, 4),
     "blocks.0.mlp.fc1.bias": (6,),
-    "blocks.0.mlp.fc2.weight": (200, 401),  # > optim._PIECE elements: updated piece by piece
+    "blocks.0.mlp.fc2.weight": (200, 401),  # > gaps.CHUNK elements: updated piece by piece
     "head.weight": (3, 4),
     "head.bias": (3,),
 }
