@@ -100,14 +100,17 @@ def matmul(a, b, out_dtype=None):
     are summed in float32 and rounded once, to out_dtype (default: a's dtype), as a GPU's
     tensor cores sum them. NumPy has no half-precision BLAS (its float16 matmul is a slow
     loop, its bfloat16 one returns float32): it multiplies float32 copies, which rounds
-    the same way."""
+    the same way. On CuPy, one cuBLAS call on the tensor cores (cupy_gemm.py: CuPy's own
+    matmul of half stacks would multiply float32 copies)."""
     xp = array_namespace(a)
     out_dtype = a.dtype if out_dtype is None else out_dtype
     if not is_half(a.dtype):
         product = xp.matmul(a, b)
-    elif backend_name(xp) == "cupy" and is_half(out_dtype):
-        product = xp.matmul(a, b)  # cuBLAS: half operands, float32 sums, a half result
-    else:  # a float32 result, or NumPy: the same sums on float32 copies
+    elif (backend_name(xp) == "cupy" and a.dtype == b.dtype and a.ndim == b.ndim >= 2
+          and a.shape[:-2] == b.shape[:-2]):
+        from . import cupy_gemm
+        product = cupy_gemm.matmul(a, b, out_dtype)
+    else:  # NumPy: the same sums on float32 copies
         product = xp.matmul(xp.astype(a, xp.float32), xp.astype(b, xp.float32))
     return product if product.dtype == out_dtype else xp.astype(product, out_dtype)
 
@@ -231,6 +234,12 @@ class KeyedRandom:
         if backend_name(xp) == "cupy" and cupy_kernels.uniform_supported(dtype):
             return cupy_kernels.keyed_keep_mask(key, self.first_sample, shape, threshold,
                                                 scale, dtype)
+        if backend_name(xp) == "cupy" and is_half(dtype) and cupy_kernels.uniform_supported(
+                xp.float32):  # the float32 kernel, holding scale as the half type rounds it
+            scale = float(np.asarray(scale, dtype=np.float64).astype(dtype))
+            mask = cupy_kernels.keyed_keep_mask(key, self.first_sample, shape, threshold,
+                                                scale, xp.float32)
+            return xp.astype(mask, dtype)  # exact: every value is 0 or a half-type number
         bits = keyed_bits(xp, key, self.first_sample, samples, per_sample, device)
         keep = xp.bitwise_right_shift(bits, 8) >= threshold  # (B, per_sample)
         mask = xp.astype(keep, dtype)

@@ -11,7 +11,7 @@ its output back:
 
 | op | float32 | bf16 | fp16 | why |
 |---|---|---|---|---|
-| matrix products (Linear, attention's q k^T and p v) | float32 | bf16 operands, float32 sums | fp16 operands, float32 sums | tensor cores sum in float32; NumPy multiplies float32 copies the same way (gaps.matmul) |
+| matrix products (Linear, attention's q k^T and p v) | float32 | bf16 operands, float32 sums | fp16 operands, float32 sums | tensor cores sum in float32 (on CuPy one cuBLAS call: cupy_gemm.py); NumPy multiplies float32 copies the same way (gaps.matmul) |
 | stored activations, input gradients | float32 | bf16 | fp16 | half the memory and bandwidth |
 | weight and bias gradients | float32 | float32 | float32 | summed over all tokens, and into the float32 gradient buffer |
 | LayerNorm (mean, variance, normalisation) | float32 | float32 island | float32 island | a variance of hundreds of half values loses its digits |

@@ -114,7 +114,7 @@ def test_softmax_kernels(dtype, shape):
     _compare(*_both(softmax_forward, big), TOL[dtype], "softmax_forward, large values")
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("dtype", ["float32", "float64", "float16"])
 @pytest.mark.parametrize("shape", [(5, 1001), (3, 7, 64), (4, 1, 1)])
 def test_keep_mask_kernel_gives_the_plain_masks(dtype, shape):
     cupy = _cupy()
@@ -125,6 +125,7 @@ def test_keep_mask_kernel_gives_the_plain_masks(dtype, shape):
             plain = KeyedRandom(seed, first).keep_mask(xp, shape, 0.3, getattr(xp, dtype),
                                                        device)
         assert isinstance(fused, cupy.ndarray) and fused.shape == shape
+        assert fused.dtype == plain.dtype == np.dtype(dtype)
         np.testing.assert_array_equal(to_numpy(fused), to_numpy(plain))
 
 
