@@ -915,7 +915,7 @@ def finish_epoch(run, epoch, train_seconds):
     if is_best:
         save_run_state(run.best_path, run)
     if run.speaks:
-        write_atomic(run.metrics_path, "".join(json.dumps(h) + "\n" for h in run.history))
+        write_atomic(run.metrics_path, "".join(json_line(h) for h in run.history))
         plot_curves(run.history, os.path.join(run.out, "curves.png"))
     run.say(epoch_line(record, run.ema is not None))
 
@@ -924,6 +924,15 @@ def train(config, resume=None, world=None):
     """Run (or continue) training as configured: prepare() then fit(). Returns the metrics
     history. resume: load_checkpoint's (weights, meta, optimizer, ema) of the run to continue."""
     return fit(prepare(config, resume, world))
+
+
+def json_line(record):
+    """One line of metrics.jsonl: standard JSON, so a value that is not finite (a loss with no
+    finite step to average) is written null, not Python's NaN, which other JSON readers
+    refuse."""
+    finite = {key: None if isinstance(value, float) and not math.isfinite(value) else value
+              for key, value in record.items()}
+    return json.dumps(finite, allow_nan=False) + "\n"
 
 
 def _or_nan(value):

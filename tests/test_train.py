@@ -566,6 +566,24 @@ def test_an_isolated_non_finite_step_is_skipped_and_counted(tmp_path, capsys, mo
     assert all(np.isfinite(w).all() for w in list(weights.values()) + list(ema.values()))
 
 
+@tried("faults", "an epoch whose every step was non-finite (below --max-nonfinite-steps)",
+       "its train_loss is `null` in metrics.jsonl (standard JSON, not Python's NaN)")
+def test_metrics_stay_standard_json_when_an_epoch_has_no_finite_loss(tmp_path, capsys,
+                                                                    monkeypatch):
+    out = tmp_path / "run"
+    nan_from_step(monkeypatch, 0, last=2)  # all three steps of the one epoch
+    code, captured = run_train(TINY + ["--epochs", "1", "--max-nonfinite-steps", "4",
+                                       "--out", str(out)], capsys)
+    assert code == 0, captured.err
+
+    def refuse(constant):
+        raise AssertionError(f"metrics.jsonl holds {constant}, which is not JSON")
+
+    record = json.loads((out / "metrics.jsonl").read_text(), parse_constant=refuse)
+    assert record["train_loss"] is None and record["nonfinite_steps"] == 3
+    assert math.isfinite(record["val_loss"])
+
+
 def test_the_non_finite_check_reads_the_device_once_per_log_interval(tmp_path, capsys,
                                                                      monkeypatch):
     """20 steps: the counters come to the host at steps 10 and 20 and once at the epoch's end,
