@@ -19,6 +19,7 @@ the numbers are one process's (the loss up to float rounding); rank 0 prints the
 """
 
 import json
+import math
 import os
 import sys
 import time
@@ -229,7 +230,16 @@ def report(result, loader, name, **extra):
         print(f"skipped {plural(len(loader.bad_files), 'unreadable image')}", file=sys.stderr)
     result.update(unreadable=len(loader.bad_files), **extra)
     print(summary(name, result))
-    print(json.dumps(result))
+    print(json_line(result), end="")
+
+
+def json_line(record):
+    """A record as one line of standard JSON: a value that is not finite (a mean loss over
+    non-finite outputs) is written null, not Python's NaN, which other JSON readers refuse.
+    evaluate's result line and each line of train's metrics.jsonl."""
+    finite = {key: None if isinstance(value, float) and not math.isfinite(value) else value
+              for key, value in record.items()}
+    return json.dumps(finite, allow_nan=False) + "\n"
 
 
 def build_parser():

@@ -64,7 +64,7 @@ from .data.erasing import MODES
 from .data.randaugment import rand_augment
 from .data.transforms import RESAMPLE, TRAIN_INTERPOLATIONS
 from .ema import WeightEMA
-from .evaluate import evaluate, top_k
+from .evaluate import evaluate, json_line, top_k
 from .gaps import make_rng
 from .guard import StepMonitor, grad_norm, quiet_float_warnings
 from .mixup import mix_batch
@@ -924,15 +924,6 @@ def train(config, resume=None, world=None):
     """Run (or continue) training as configured: prepare() then fit(). Returns the metrics
     history. resume: load_checkpoint's (weights, meta, optimizer, ema) of the run to continue."""
     return fit(prepare(config, resume, world))
-
-
-def json_line(record):
-    """One line of metrics.jsonl: standard JSON, so a value that is not finite (a loss with no
-    finite step to average) is written null, not Python's NaN, which other JSON readers
-    refuse."""
-    finite = {key: None if isinstance(value, float) and not math.isfinite(value) else value
-              for key, value in record.items()}
-    return json.dumps(finite, allow_nan=False) + "\n"
 
 
 def _or_nan(value):

@@ -1,6 +1,7 @@
 """evaluate's scores are honest about broken models: a tie is not a hit, a NaN or inf output is
 a miss (and counted), and top-k is top-5 only where 5 is less than the number of classes."""
 
+import json
 import math
 
 import numpy as np
@@ -10,7 +11,7 @@ from conftest import on
 from reliability import tried
 from t2t_ref.backend import get_namespace, to_numpy
 from t2t_ref.data import IMAGENET_MEAN, IMAGENET_STD
-from t2t_ref.evaluate import evaluate, summary, top_k
+from t2t_ref.evaluate import evaluate, json_line, summary, top_k
 
 
 class FixedModel:
@@ -80,6 +81,12 @@ def test_non_finite_logits_are_wrong_and_counted(backend):
     assert result["nonfinite"] == 3
     assert math.isnan(result["loss"])
     assert "3 images had NaN or inf outputs: counted wrong" in summary("m", result)
+
+    def refuse(constant):
+        raise AssertionError(f"evaluate's JSON line holds {constant}, which is not JSON")
+
+    line = json.loads(json_line(result), parse_constant=refuse)  # standard JSON: null
+    assert line["loss"] is None and line["top1"] == 25.0 and line["nonfinite"] == 3
 
 
 @tried("evaluation", "top-5 with 5 classes or fewer",
