@@ -7,7 +7,8 @@ Without --data, a checkpoint trained on the built-in shapes is evaluated on the 
 validation set it was trained beside. Images go through the checkpoint's evaluation transform
 (its training run's --crop-pct and --interpolation): resize the shorter side to S / crop-pct,
 centre crop S; --crop-pct and --interpolation here override them (--crop-pct 1: the whole
-image). The JSON line says which were used.
+image). The JSON line says which were used (null for the built-in shapes: drawn at the
+model's size, they are scored as drawn).
 
 --weights evaluates official T2T-ViT weights (or any t2t_ref weight file; EMA weights where the
 file has them) on DIR/val/<class>/ (DIR/train/ is not needed; DIR may also be the val folder
@@ -329,9 +330,12 @@ def prepare(argv, world):
     loader = validation_loader(meta, args.data, args.batch_size, args.workers,
                                source=args.checkpoint, piece=piece, crop_pct=args.crop_pct,
                                interpolation=args.interpolation)
+    transform = loader.transform  # the built-in shapes are scored as drawn: no resize, no crop
     return Job(model, loader, meta["model"], dict(
-        checkpoint=args.checkpoint, model=meta["model"], crop_pct=loader.transform.crop_pct,
-        interpolation=loader.transform.interpolation, precision=args.precision), world)
+        checkpoint=args.checkpoint, model=meta["model"],
+        crop_pct=None if transform.as_drawn else transform.crop_pct,
+        interpolation=None if transform.as_drawn else transform.interpolation,
+        precision=args.precision), world)
 
 
 def main(argv=None):

@@ -107,6 +107,8 @@ def test_builtin_run_writes_metrics_plot_config_and_checkpoints(tmp_path, capsys
     result = json.loads(printed[-1])
     assert result["top1"] == pytest.approx(best["val_top1"])
     assert result["loss"] == pytest.approx(best["val_loss"], rel=1e-5)
+    # the built-in shapes are drawn at the model's size and scored as drawn: no crop to report
+    assert (result["crop_pct"], result["interpolation"]) == (None, None)
 
 
 def final_state(out):
