@@ -19,8 +19,11 @@ each op calls its kernel here when its input is a CuPy array (`applies`), and te
 every kernel with its plain twin on the GPU (tests/test_cupy_kernels.py). `plain_ops()` turns
 the kernels off, for those tests; T2T_REF_PLAIN_OPS=1 in the environment turns them off for a
 whole run (to time one against the other). Every kernel is a
-template over float and double; CI compiles this CUDA source with NVRTC on a machine without
-a GPU, so a typo never waits for one.
+template over its storage type: float and double, and (but AdamW, whose buffers are the float32
+master) float16 and bfloat16, read into float and rounded once on the way out, so that under
+the precision policy (precision.py) an op's float32 island is one kernel, not a cast, a kernel
+and a cast. CI compiles this CUDA source with NVRTC and assembles it with ptxas on a machine
+without a GPU, so a typo never waits for one.
 
 Shapes: M rows (all leading axes together), D the row length (the last axis), n elements.
 """
@@ -53,6 +56,37 @@ template <> __device__ __forceinline__ double minus_infinity<double>() {
     return -__longlong_as_double(0x7ff0000000000000LL);
 }
 
+// ---- storage types: float and double as they are; float16 and bfloat16 (16 bits each) are
+// read into float, computed in float and rounded once when stored (round to nearest even), the
+// precision policy's float32 island in one kernel. The conversions are the GPU's own cvt
+// instructions (no header needed; ptxas checks them in CI).
+struct half_t { unsigned short bits; };  // float16
+struct bf16_t { unsigned short bits; };  // bfloat16
+template <typename S> struct Compute { typedef S type; };  // the type S is computed in
+template <> struct Compute<half_t> { typedef float type; };
+template <> struct Compute<bf16_t> { typedef float type; };
+__device__ __forceinline__ float load(float x) { return x; }
+__device__ __forceinline__ double load(double x) { return x; }
+__device__ __forceinline__ float load(half_t x) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(x.bits));
+    return f;
+}
+__device__ __forceinline__ float load(bf16_t x) { return __uint_as_float((unsigned)x.bits << 16); }
+template <typename S> __device__ __forceinline__ S store(typename Compute<S>::type v);
+template <> __device__ __forceinline__ float store<float>(float v) { return v; }
+template <> __device__ __forceinline__ double store<double>(double v) { return v; }
+template <> __device__ __forceinline__ half_t store<half_t>(float v) {
+    half_t h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h.bits) : "f"(v));
+    return h;
+}
+template <> __device__ __forceinline__ bf16_t store<bf16_t>(float v) {
+    bf16_t h;
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h.bits) : "f"(v));
+    return h;
+}
+
 // The sum of v over the 32 lanes of a warp, given to every lane (butterfly of shuffles).
 template <typename T> __device__ __forceinline__ T warp_sum(T v) {
     for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
@@ -70,79 +104,99 @@ template <typename T> __device__ __forceinline__ T warp_sum(T v) {
     if (row >= (rows)) return;  /* the whole warp leaves: shuffles stay full-warp */
 
 // ---- GELU (ops/gelu.py): y = x Phi(x), Phi(x) = (1 + erf(x / sqrt 2)) / 2 -----------------
-template <typename T>
-__global__ void gelu_forward(const T* x, T* y, T* cdf, long long n) {
+// x, y stored as S; the cache (x_wide, a copy of x in the compute type T, or null when S is T;
+// cdf) in T, as the plain op's float32 island keeps it
+template <typename S>
+__global__ void gelu_forward(const S* x, S* y, typename Compute<S>::type* x_wide,
+                             typename Compute<S>::type* cdf, long long n) {
+    typedef typename Compute<S>::type T;
     GRID_STRIDE_LOOP(i, n) {
-        T xi = x[i];
+        T xi = load(x[i]);
         T c = T(0.5) * (T(1) + erf_(xi * T(0.70710678118654752440)));
         cdf[i] = c;
-        y[i] = xi * c;
+        if (x_wide != nullptr) x_wide[i] = xi;
+        y[i] = store<S>(xi * c);
     }
 }
 
 // dx = dy (Phi(x) + x phi(x)), phi(x) = exp(-x^2 / 2) / sqrt(2 pi)
-template <typename T>
-__global__ void gelu_backward(const T* x, const T* cdf, const T* dy, T* dx, long long n) {
+template <typename S>
+__global__ void gelu_backward(const typename Compute<S>::type* x,
+                              const typename Compute<S>::type* cdf, const S* dy, S* dx,
+                              long long n) {
+    typedef typename Compute<S>::type T;
     GRID_STRIDE_LOOP(i, n) {
         T xi = x[i];
         T slope = cdf[i] + xi * exp_(T(-0.5) * xi * xi) * T(0.39894228040143267794);
-        dx[i] = dy[i] * slope;
+        dx[i] = store<S>(load(dy[i]) * slope);
     }
 }
 
 // ---- LayerNorm (ops/layernorm.py) over rows of length D ------------------------------------
 // xhat = (x - mean) * rstd, rstd = 1 / sqrt(var + eps); y = xhat * w + b
-template <typename T>
-__global__ void layernorm_forward(const T* x, const T* w, const T* b, T* y, T* xhat, T* rstd,
-                                  long long rows, int D, T eps) {
+// x, y stored as S; w, b and the cache (xhat, rstd) in the compute type T
+template <typename S>
+__global__ void layernorm_forward(const S* x, const typename Compute<S>::type* w,
+                                  const typename Compute<S>::type* b, S* y,
+                                  typename Compute<S>::type* xhat,
+                                  typename Compute<S>::type* rstd, long long rows, int D,
+                                  typename Compute<S>::type eps) {
+    typedef typename Compute<S>::type T;
     WARP_ROW(row, lane, rows)
-    const T* xr = x + row * D;
+    const S* xr = x + row * D;
     T sum = 0;
-    for (int i = lane; i < D; i += 32) sum += xr[i];
+    for (int i = lane; i < D; i += 32) sum += load(xr[i]);
     const T mean = warp_sum(sum) / T(D);
     T sq = 0;  // two passes, as the plain op: the centred square, not E[x^2] - mean^2
-    for (int i = lane; i < D; i += 32) { T d = xr[i] - mean; sq += d * d; }
+    for (int i = lane; i < D; i += 32) { T d = load(xr[i]) - mean; sq += d * d; }
     const T r = T(1) / sqrt_(warp_sum(sq) / T(D) + eps);
     for (int i = lane; i < D; i += 32) {
-        T h = (xr[i] - mean) * r;
+        T h = (load(xr[i]) - mean) * r;
         xhat[row * D + i] = h;
-        y[row * D + i] = h * w[i] + b[i];
+        y[row * D + i] = store<S>(h * w[i] + b[i]);
     }
     if (lane == 0) rstd[row] = r;
 }
 
 // g = dy * w; dx = rstd (g - mean(g) - xhat mean(g xhat)); also writes dy * xhat, whose
 // column sums are dweight
-template <typename T>
-__global__ void layernorm_backward(const T* dy, const T* xhat, const T* rstd, const T* w,
-                                   T* dx, T* dy_xhat, long long rows, int D) {
+// dy, dx stored as S; the cache, w and dy_xhat in the compute type T
+template <typename S>
+__global__ void layernorm_backward(const S* dy, const typename Compute<S>::type* xhat,
+                                   const typename Compute<S>::type* rstd,
+                                   const typename Compute<S>::type* w, S* dx,
+                                   typename Compute<S>::type* dy_xhat, long long rows, int D) {
+    typedef typename Compute<S>::type T;
     WARP_ROW(row, lane, rows)
-    const T* dyr = dy + row * D;
+    const S* dyr = dy + row * D;
     const T* hr = xhat + row * D;
     T g_sum = 0, gx_sum = 0;
     for (int i = lane; i < D; i += 32) {
-        T g = dyr[i] * w[i];
+        T g = load(dyr[i]) * w[i];
         g_sum += g;
         gx_sum += g * hr[i];
     }
     const T g_mean = warp_sum(g_sum) / T(D), gx_mean = warp_sum(gx_sum) / T(D);
     const T r = rstd[row];
     for (int i = lane; i < D; i += 32) {
-        dx[row * D + i] = r * (dyr[i] * w[i] - g_mean - hr[i] * gx_mean);
-        dy_xhat[row * D + i] = dyr[i] * hr[i];
+        T d = load(dyr[i]);
+        dx[row * D + i] = store<S>(r * (d * w[i] - g_mean - hr[i] * gx_mean));
+        dy_xhat[row * D + i] = d * hr[i];
     }
 }
 
 // ---- softmax (ops/softmax.py) over rows of length D ----------------------------------------
 // p = exp(x - max) / sum(exp(x - max)); the max and the sum found in one pass: when a larger
 // value turns up, the sum so far is rescaled to the new maximum
-template <typename T>
-__global__ void softmax_forward(const T* x, T* p, long long rows, int D) {
+// x, p stored as S, computed in T
+template <typename S>
+__global__ void softmax_forward(const S* x, S* p, long long rows, int D) {
+    typedef typename Compute<S>::type T;
     WARP_ROW(row, lane, rows)
-    const T* xr = x + row * D;
+    const S* xr = x + row * D;
     T m = minus_infinity<T>(), s = 0;
     for (int i = lane; i < D; i += 32) {
-        T v = xr[i];
+        T v = load(xr[i]);
         if (v > m) { s = s * exp_(m - v) + T(1); m = v; }
         else s += exp_(v - m);
     }
@@ -154,19 +208,23 @@ __global__ void softmax_forward(const T* x, T* p, long long rows, int D) {
         m = mm;
     }
     const T inv = T(1) / s;
-    for (int i = lane; i < D; i += 32) p[row * D + i] = exp_(xr[i] - m) * inv;
+    for (int i = lane; i < D; i += 32) p[row * D + i] = store<S>(exp_(load(xr[i]) - m) * inv);
 }
 
 // dx = p (dp - sum(dp p))
-template <typename T>
-__global__ void softmax_backward(const T* dp, const T* p, T* dx, long long rows, int D) {
+template <typename S>
+__global__ void softmax_backward(const S* dp, const S* p, S* dx, long long rows, int D) {
+    typedef typename Compute<S>::type T;
     WARP_ROW(row, lane, rows)
-    const T* dr = dp + row * D;
-    const T* pr = p + row * D;
+    const S* dr = dp + row * D;
+    const S* pr = p + row * D;
     T dot = 0;
-    for (int i = lane; i < D; i += 32) dot += dr[i] * pr[i];
+    for (int i = lane; i < D; i += 32) dot += load(dr[i]) * load(pr[i]);
     dot = warp_sum(dot);
-    for (int i = lane; i < D; i += 32) dx[row * D + i] = pr[i] * (dr[i] - dot);
+    for (int i = lane; i < D; i += 32) {
+        T pi = load(pr[i]);
+        dx[row * D + i] = store<S>(pi * (load(dr[i]) - dot));
+    }
 }
 
 // ---- dropout's keep mask (gaps.KeyedRandom): element j of global sample b ------------------
@@ -176,14 +234,17 @@ __device__ __forceinline__ unsigned int hash32(unsigned int x) {  // lowbias32
 }
 
 // mask = scale where the top 24 bits of hash32(hash32(j) ^ hash32(hash32(b) ^ key)) reach
-// threshold (= ceil(p 2^24)), else 0
-template <typename T>
-__global__ void keyed_keep_mask(T* mask, long long per_sample, long long n, unsigned int key,
-                                long long first_sample, unsigned int threshold, T scale) {
+// threshold (= ceil(p 2^24)), else 0; mask stored as S (scale given in S's compute type)
+template <typename S>
+__global__ void keyed_keep_mask(S* mask, long long per_sample, long long n, unsigned int key,
+                                long long first_sample, unsigned int threshold,
+                                typename Compute<S>::type scale) {
+    typedef typename Compute<S>::type T;
+    const S kept = store<S>(scale), dropped = store<S>(T(0));
     GRID_STRIDE_LOOP(i, n) {
         unsigned int sample_key = hash32(hash32((unsigned int)(first_sample + i / per_sample)) ^ key);
         unsigned int bits = hash32(hash32((unsigned int)(i % per_sample)) ^ sample_key);
-        mask[i] = (bits >> 8) >= threshold ? scale : T(0);
+        mask[i] = (bits >> 8) >= threshold ? kept : dropped;
     }
 }
 
@@ -217,10 +278,16 @@ __global__ void adamw_update(T* p, const T* g, T* m, T* v, const unsigned char* 
 }
 """
 
-KERNELS = ("gelu_forward", "gelu_backward", "layernorm_forward", "layernorm_backward",
-           "softmax_forward", "softmax_backward", "keyed_keep_mask", "adamw_update")
 C_TYPES = {"float32": "float", "float64": "double"}
-NAME_EXPRESSIONS = tuple(f"{k}<{t}>" for k in KERNELS for t in C_TYPES.values())
+HALF_TYPES = {"float16": "half_t", "bfloat16": "bf16_t"}  # stored 16-bit, computed in float
+STORAGE_TYPES = {**C_TYPES, **HALF_TYPES}
+KERNELS = {  # kernel -> the dtypes it is compiled for (AdamW: the float32/64 master buffer)
+    **{name: tuple(STORAGE_TYPES) for name in (
+        "gelu_forward", "gelu_backward", "layernorm_forward", "layernorm_backward",
+        "softmax_forward", "softmax_backward", "keyed_keep_mask")},
+    "adamw_update": tuple(C_TYPES)}
+NAME_EXPRESSIONS = tuple(f"{kernel}<{STORAGE_TYPES[dtype]}>"
+                         for kernel, dtypes in KERNELS.items() for dtype in dtypes)
 NVRTC_OPTIONS = ("-std=c++17",)
 
 # T2T_REF_PLAIN_OPS=1 in the environment: the plain ops everywhere (to time one against the other)
@@ -231,6 +298,22 @@ def applies(x):
     """Is x a CuPy array that a kernel here should handle (float32 or float64, kernels on)?"""
     return (_enabled and type(x).__module__.startswith("cupy")
             and x.dtype.name in C_TYPES)
+
+
+def applies_half(x):
+    """Is x a CuPy float16 or bfloat16 array, for the kernels that read half precision and
+    compute in float32 (GELU, LayerNorm, softmax, the keep mask), kernels on?"""
+    return (_enabled and type(x).__module__.startswith("cupy")
+            and x.dtype.name in HALF_TYPES)
+
+
+def _compute_dtype(dtype):
+    """The dtype a kernel computes (and keeps its caches) in for data stored as dtype."""
+    return np.dtype(np.float32) if dtype.name in HALF_TYPES else dtype
+
+
+def _in_compute_dtype(x, dtype):
+    return x if x.dtype == dtype else x.astype(dtype)
 
 
 @contextlib.contextmanager
@@ -259,7 +342,7 @@ def _kernel(name, dtype):
     function = _functions.get(key)
     if function is None:
         function = _functions[key] = _module(key[0]).get_function(
-            f"{name}<{C_TYPES[dtype.name]}>")
+            f"{name}<{STORAGE_TYPES[dtype.name]}>")
     return function
 
 
@@ -279,12 +362,17 @@ def _row_grid(rows):
 # ---- GELU ------------------------------------------------------------------------------------
 
 def gelu_forward(x):
-    """As ops.gelu.gelu_forward: -> (y, (x, cdf))."""
+    """As ops.gelu.gelu_forward: -> (y, (x, cdf)); for a half x, y is half and the cache
+    float32 (x widened, cdf), as the plain op's float32 island leaves it."""
     import cupy
     x = _contiguous(x)
-    y, cdf = cupy.empty_like(x), cupy.empty_like(x)
-    _kernel("gelu_forward", x.dtype)(*_elementwise_grid(x.size), (x, y, cdf, np.int64(x.size)))
-    return y, (x, cdf)
+    compute = _compute_dtype(x.dtype)
+    y, cdf = cupy.empty_like(x), cupy.empty(x.shape, dtype=compute)
+    x_wide = cupy.empty(x.shape, dtype=compute) if compute != x.dtype else None
+    _kernel("gelu_forward", x.dtype)(
+        *_elementwise_grid(x.size),
+        (x, y, np.uint64(0) if x_wide is None else x_wide, cdf, np.int64(x.size)))
+    return y, (x if x_wide is None else x_wide, cdf)
 
 
 def gelu_backward(dy, cache):
@@ -292,26 +380,30 @@ def gelu_backward(dy, cache):
     import cupy
     x, cdf = cache
     dy = _contiguous(dy)
-    dx = cupy.empty_like(x)
-    _kernel("gelu_backward", x.dtype)(*_elementwise_grid(x.size),
-                                      (x, _contiguous(cdf), dy, dx, np.int64(x.size)))
+    dx = cupy.empty_like(dy)
+    _kernel("gelu_backward", dy.dtype)(*_elementwise_grid(x.size),
+                                       (_contiguous(x), _contiguous(cdf), dy, dx,
+                                        np.int64(x.size)))
     return dx
 
 
 # ---- LayerNorm -------------------------------------------------------------------------------
 
 def layernorm_forward(x, weight, bias, eps):
-    """As ops.layernorm.layernorm_forward: -> (y, (xhat, rstd, weight))."""
+    """As ops.layernorm.layernorm_forward: -> (y, (xhat, rstd, weight)); for a half x, y is
+    half and the cache float32 (weight too), as the plain op's float32 island leaves it."""
     import cupy
     x = _contiguous(x)
+    compute = _compute_dtype(x.dtype)
+    weight = _contiguous(_in_compute_dtype(weight, compute))
+    bias = _contiguous(_in_compute_dtype(bias, compute))
     D = x.shape[-1]
     rows = x.size // D
-    y, xhat = cupy.empty_like(x), cupy.empty_like(x)
-    rstd = cupy.empty((*x.shape[:-1], 1), dtype=x.dtype)
-    scalar = x.dtype.type
+    y, xhat = cupy.empty_like(x), cupy.empty(x.shape, dtype=compute)
+    rstd = cupy.empty((*x.shape[:-1], 1), dtype=compute)
     _kernel("layernorm_forward", x.dtype)(
-        *_row_grid(rows), (x, _contiguous(weight), _contiguous(bias), y, xhat, rstd,
-                           np.int64(rows), np.int32(D), scalar(eps)))
+        *_row_grid(rows), (x, weight, bias, y, xhat, rstd, np.int64(rows), np.int32(D),
+                           compute.type(eps)))
     return y, (xhat, rstd, weight)
 
 
@@ -321,13 +413,15 @@ def layernorm_backward(dy, cache):
     from .ops.rows import column_sum
     xhat, rstd, weight = cache
     dy = _contiguous(dy)
+    compute = _compute_dtype(dy.dtype)
     D = dy.shape[-1]
     rows = dy.size // D
-    dx, dy_xhat = cupy.empty_like(dy), cupy.empty_like(dy)
+    dx, dy_xhat = cupy.empty_like(dy), cupy.empty(dy.shape, dtype=compute)
     _kernel("layernorm_backward", dy.dtype)(
-        *_row_grid(rows), (dy, xhat, rstd, _contiguous(weight), dx, dy_xhat, np.int64(rows),
-                           np.int32(D)))
-    return dx, column_sum(dy_xhat), column_sum(dy)
+        *_row_grid(rows), (dy, _contiguous(xhat), _contiguous(rstd),
+                           _contiguous(_in_compute_dtype(weight, compute)), dx, dy_xhat,
+                           np.int64(rows), np.int32(D)))
+    return dx, column_sum(dy_xhat), column_sum(dy)  # weight gradients in the compute dtype
 
 
 # ---- softmax ---------------------------------------------------------------------------------
@@ -358,7 +452,7 @@ def softmax_backward(dp, p):
 # ---- random numbers --------------------------------------------------------------------------
 
 def uniform_supported(dtype):
-    return _enabled and np.dtype(dtype).name in C_TYPES
+    return _enabled and np.dtype(dtype).name in STORAGE_TYPES
 
 
 def keyed_keep_mask(key, first_sample, shape, threshold, scale, dtype):
@@ -366,10 +460,14 @@ def keyed_keep_mask(key, first_sample, shape, threshold, scale, dtype):
     import cupy
     mask = cupy.empty(shape, dtype=dtype)
     per_sample = max(1, mask.size // shape[0]) if shape[0] else 1
+    compute = _compute_dtype(mask.dtype)
+    # scale as the mask's dtype rounds it (exact in the compute type): as the plain op's
+    # mask, made in the half type and multiplied by scale there
+    scale = compute.type(np.asarray(scale, dtype=np.float64).astype(mask.dtype))
     _kernel("keyed_keep_mask", mask.dtype)(
         *_elementwise_grid(mask.size),
         (mask, np.int64(per_sample), np.int64(mask.size), np.uint32(key),
-         np.int64(first_sample), np.uint32(threshold), mask.dtype.type(scale)))
+         np.int64(first_sample), np.uint32(threshold), scale))
     return mask
 
 

@@ -234,12 +234,6 @@ class KeyedRandom:
         if backend_name(xp) == "cupy" and cupy_kernels.uniform_supported(dtype):
             return cupy_kernels.keyed_keep_mask(key, self.first_sample, shape, threshold,
                                                 scale, dtype)
-        if backend_name(xp) == "cupy" and is_half(dtype) and cupy_kernels.uniform_supported(
-                xp.float32):  # the float32 kernel, holding scale as the half type rounds it
-            scale = float(np.asarray(scale, dtype=np.float64).astype(dtype))
-            mask = cupy_kernels.keyed_keep_mask(key, self.first_sample, shape, threshold,
-                                                scale, xp.float32)
-            return xp.astype(mask, dtype)  # exact: every value is 0 or a half-type number
         bits = keyed_bits(xp, key, self.first_sample, samples, per_sample, device)
         keep = xp.bitwise_right_shift(bits, 8) >= threshold  # (B, per_sample)
         mask = xp.astype(keep, dtype)

@@ -24,7 +24,8 @@ def find_nvrtc():
 
 
 def compile_to_ptx(source, name_expressions=(), options=(), arch="compute_80"):
-    """-> (ok, log, lowered names): compile `source`, instantiating the template names given."""
+    """-> (ok, log, lowered names): compile `source`, instantiating the template names given.
+    The PTX of the last successful compilation is left in compile_to_ptx.last_ptx."""
     lib = ctypes.CDLL(find_nvrtc())
     prog = ctypes.c_void_p()
 
@@ -52,6 +53,35 @@ def compile_to_ptx(source, name_expressions=(), options=(), arch="compute_80"):
                 check(lib.nvrtcGetLoweredName(prog, name.encode(), ctypes.byref(out)),
                       f"lowered name of {name}")
                 lowered[name] = out.value.decode()
+            lib.nvrtcGetPTXSize(prog, ctypes.byref(size))
+            ptx = ctypes.create_string_buffer(size.value)
+            check(lib.nvrtcGetPTX(prog, ptx), "nvrtcGetPTX")
+            compile_to_ptx.last_ptx = ptx.value.decode()
         return status == 0, log.value.decode(errors="replace"), lowered
     finally:
         lib.nvrtcDestroyProgram(ctypes.byref(prog))
+
+
+def find_ptxas():
+    """Path of ptxas from the nvidia-cuda-nvcc wheel, or None."""
+    for base in sys.path:
+        path = os.path.join(base, "nvidia", "cuda_nvcc", "bin", "ptxas")
+        if os.access(path, os.X_OK):
+            return path
+    return None
+
+
+def assemble(ptx, arch):
+    """-> (ok, log): ptxas assembles PTX into machine code for arch (sm_80, sm_90), as the
+    driver does when CuPy loads a module. NVRTC passes inline PTX (asm statements) through
+    unread; this is where a wrong instruction or operand is found."""
+    import subprocess
+    import tempfile
+    with tempfile.TemporaryDirectory() as folder:
+        source = os.path.join(folder, "kernels.ptx")
+        with open(source, "w") as f:
+            f.write(ptx)
+        done = subprocess.run([find_ptxas(), f"-arch={arch}", source, "-o",
+                               os.path.join(folder, "kernels.cubin")],
+                              capture_output=True, text=True)
+    return done.returncode == 0, done.stdout + done.stderr

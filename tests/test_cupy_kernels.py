@@ -1,11 +1,12 @@
 """The CuPy kernels (cupy_kernels.py) against their plain array-API twins, and their source.
 
-On a machine without a GPU only the first test runs: NVRTC (from CUDA's PyPI wheel) compiles
-the CUDA source for every kernel and dtype, so CI catches a typo without a device. The rest
-need CuPy and a GPU, and are skipped with the reason otherwise: each kernel's output against
-the plain op's on the same CuPy input (cupy_kernels.plain_ops() turns the kernels off), in
-float32 and float64, on shapes with rows longer and shorter than a warp and inputs that are
-not contiguous.
+On a machine without a GPU only the first tests run: NVRTC (from CUDA's PyPI wheel) compiles
+the CUDA source for every kernel and dtype, and ptxas (from the nvcc wheel) assembles it for
+sm_80 and sm_90, so CI catches a typo without a device. The rest need CuPy and a GPU, and are
+skipped with the reason otherwise: each kernel's output against the plain op's on the same
+CuPy input (cupy_kernels.plain_ops() turns the kernels off), in float32, float64, float16 and
+bfloat16 (the plain op's float32 island), on shapes with rows longer and shorter than a warp
+and inputs that are not contiguous.
 """
 
 import numpy as np
@@ -20,9 +21,13 @@ from t2t_ref.ops.softmax import softmax_backward, softmax_forward
 from t2t_ref.optim import AdamW
 
 from conftest import assert_close, on
-from nvrtc import compile_to_ptx, find_nvrtc
+from nvrtc import assemble, compile_to_ptx, find_nvrtc, find_ptxas
 
-TOL = {"float32": 2e-6, "float64": 1e-13}
+TOL = {"float32": 2e-6, "float64": 1e-13,
+       # half: both sides compute in float32 and round once; they may differ by one unit in
+       # the last place (2^-11 and 2^-8 relative) where their float32 values straddle a step
+       "float16": 2e-3, "bfloat16": 1.6e-2}
+HALF = ["float16", "bfloat16"]
 
 
 def test_cuda_source_compiles_without_a_gpu():
@@ -32,6 +37,23 @@ def test_cuda_source_compiles_without_a_gpu():
                                       cupy_kernels.NVRTC_OPTIONS)
     assert ok, f"NVRTC could not compile cupy_kernels.SOURCE:\n{log}"
     assert sorted(lowered) == sorted(cupy_kernels.NAME_EXPRESSIONS)
+    assert all(f"<{cupy_kernels.STORAGE_TYPES[dtype]}>" in " ".join(lowered)
+               for dtype in ("float16", "bfloat16")), "the half-precision kernels are missing"
+
+
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_cuda_source_assembles_for_the_gpus_without_one(arch):
+    """NVRTC passes the half conversions' inline PTX (cvt.f32.f16, cvt.rn.bf16.f32) through
+    unread: ptxas (CUDA's nvcc wheel) assembles the PTX as the driver would on an A100 (sm_80)
+    and an H100/H200 (sm_90)."""
+    if find_nvrtc() is None or find_ptxas() is None:
+        pytest.skip("NVRTC or ptxas not found: pip install nvidia-cuda-nvrtc-cu12 "
+                    "nvidia-cuda-nvcc-cu12 (the test extra)")
+    ok, log, _ = compile_to_ptx(cupy_kernels.SOURCE, cupy_kernels.NAME_EXPRESSIONS,
+                                cupy_kernels.NVRTC_OPTIONS)
+    assert ok, log
+    ok, log = assemble(compile_to_ptx.last_ptx, arch)
+    assert ok, f"ptxas could not assemble the kernels for {arch}:\n{log}"
 
 
 # ---- the kernels on a GPU -------------------------------------------------------------------
@@ -46,7 +68,15 @@ def _cupy():
 
 
 def _random(shape, seed, dtype, scale=1.0):
-    return on("cupy", np.random.default_rng(seed).normal(size=shape) * scale, dtype)
+    values = np.random.default_rng(seed).normal(size=shape) * scale
+    if dtype != "bfloat16":
+        return on("cupy", values, dtype)
+    import cupy
+    bfloat16 = pytest.importorskip("ml_dtypes").bfloat16
+    try:
+        return cupy.asarray(values.astype(bfloat16))
+    except (TypeError, ValueError) as err:
+        pytest.skip(f"this CuPy takes no bfloat16 arrays: {err}")
 
 
 def _both(function, *args):
@@ -68,7 +98,7 @@ def _compare(fused, plain, tol, name):
 SHAPES = [(3, 5, 64), (2, 7, 147), (4, 384), (2, 3, 1000), (1, 33)]
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"] + HALF)
 @pytest.mark.parametrize("shape", SHAPES)
 def test_gelu_kernels(dtype, shape):
     _cupy()
@@ -80,7 +110,7 @@ def test_gelu_kernels(dtype, shape):
              "gelu_backward")
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"] + HALF)
 @pytest.mark.parametrize("shape", SHAPES)
 def test_layernorm_kernels(dtype, shape):
     cupy = _cupy()
@@ -101,7 +131,7 @@ def test_layernorm_kernels(dtype, shape):
         _compare(layernorm_forward(xt, w, b)[0], fused[0], 0.0, "non-contiguous input")
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"] + HALF)
 @pytest.mark.parametrize("shape", SHAPES + [(2, 3136)])
 def test_softmax_kernels(dtype, shape):
     _cupy()
@@ -114,18 +144,18 @@ def test_softmax_kernels(dtype, shape):
     _compare(*_both(softmax_forward, big), TOL[dtype], "softmax_forward, large values")
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float64", "float16"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"] + HALF)
 @pytest.mark.parametrize("shape", [(5, 1001), (3, 7, 64), (4, 1, 1)])
 def test_keep_mask_kernel_gives_the_plain_masks(dtype, shape):
     cupy = _cupy()
     xp, device = get_namespace("cupy")
+    dtype = _random((1,), 0, dtype).dtype  # (a skip where this CuPy has no bfloat16)
     for seed, first in ((0, 0), (12345, 17), (2**40 + 3, 2**20)):
-        fused = KeyedRandom(seed, first).keep_mask(xp, shape, 0.3, getattr(xp, dtype), device)
+        fused = KeyedRandom(seed, first).keep_mask(xp, shape, 0.3, dtype, device)
         with cupy_kernels.plain_ops():
-            plain = KeyedRandom(seed, first).keep_mask(xp, shape, 0.3, getattr(xp, dtype),
-                                                       device)
+            plain = KeyedRandom(seed, first).keep_mask(xp, shape, 0.3, dtype, device)
         assert isinstance(fused, cupy.ndarray) and fused.shape == shape
-        assert fused.dtype == plain.dtype == np.dtype(dtype)
+        assert fused.dtype == plain.dtype == dtype
         np.testing.assert_array_equal(to_numpy(fused), to_numpy(plain))
 
 

@@ -18,6 +18,8 @@ def gelu_forward(x):
     """x (any shape) -> y (same shape). cache = (x, cdf) with cdf = Phi(x).
     In half precision on float32 copies (erf stays float32), y back in the half type."""
     if is_half(x.dtype):
+        if cupy_kernels.applies_half(x):  # CuPy: one kernel reading half, computing float32
+            return cupy_kernels.gelu_forward(x)
         y, cache = gelu_forward(wide(x))
         return array_namespace(x).astype(y, x.dtype), cache
     if cupy_kernels.applies(x):  # CuPy: the same in one kernel (cupy_kernels.py)
@@ -37,6 +39,8 @@ def _normal_cdf(x):
 def gelu_backward(dy, cache):
     """forward was y = x Phi(x), so dy/dx = Phi(x) + x phi(x), phi the normal density."""
     if is_half(dy.dtype):
+        if cupy_kernels.applies_half(dy):
+            return cupy_kernels.gelu_backward(dy, cache)
         return array_namespace(dy).astype(gelu_backward(wide(dy), cache), dy.dtype)
     if cupy_kernels.applies(dy):
         return cupy_kernels.gelu_backward(dy, cache)

@@ -21,6 +21,8 @@ def layernorm_forward(x, weight, bias, eps=EPS):
     cache = (xhat, rstd, weight): the normalised input and 1/std, all the backward needs.
     """
     if is_half(x.dtype):  # a float32 island; y back in the half type
+        if cupy_kernels.applies_half(x):  # CuPy: the island inside one kernel
+            return cupy_kernels.layernorm_forward(x, weight, bias, eps)
         y, cache = layernorm_forward(wide(x), wide(weight), wide(bias), eps)
         return array_namespace(x).astype(y, x.dtype), cache
     if cupy_kernels.applies(x):  # CuPy: one kernel, one warp per row (cupy_kernels.py)
@@ -45,6 +47,8 @@ def layernorm_backward(dy, cache):
     . (w / D), so g * xhat is never formed, and dy * xhat is shared with dweight.
     """
     if is_half(dy.dtype):  # the float32 island's backward; dx back in the half type
+        if cupy_kernels.applies_half(dy):
+            return cupy_kernels.layernorm_backward(dy, cache)
         dx, dweight, dbias = layernorm_backward(wide(dy), cache)
         return array_namespace(dy).astype(dx, dy.dtype), dweight, dbias
     if cupy_kernels.applies(dy):

@@ -16,6 +16,8 @@ def softmax_forward(x):
     Subtracting the row maximum changes nothing mathematically and keeps exp() from overflowing.
     """
     if is_half(x.dtype):  # a float32 island
+        if cupy_kernels.applies_half(x):  # CuPy: the island inside one kernel
+            return cupy_kernels.softmax_forward(x)
         p = array_namespace(x).astype(softmax_forward(wide(x))[0], x.dtype)
         return p, p
     if cupy_kernels.applies(x):  # CuPy: one kernel, one warp per row (cupy_kernels.py)
@@ -30,6 +32,8 @@ def softmax_backward(dp, cache):
     """forward was p_i = exp(x_i) / sum_j exp(x_j), so dx_i = p_i (dp_i - sum_j dp_j p_j)."""
     p = cache
     if is_half(dp.dtype):  # the float32 island's backward
+        if cupy_kernels.applies_half(dp):
+            return cupy_kernels.softmax_backward(dp, p)
         return array_namespace(dp).astype(softmax_backward(wide(dp), wide(p)), dp.dtype)
     if cupy_kernels.applies(dp):
         return cupy_kernels.softmax_backward(dp, p)
