@@ -22,6 +22,16 @@ def backend(request):
     return request.param
 
 
+def cupy_or_skip():
+    """The cupy module where CuPy and a GPU work; else the test is skipped, saying why."""
+    try:
+        get_namespace("cupy")
+    except BackendError as err:
+        pytest.skip(str(err))
+    import cupy
+    return cupy
+
+
 def on(backend, array, dtype=None):
     """A host array moved to the backend's device (and dtype, if given)."""
     xp, device = get_namespace(backend)

@@ -14,7 +14,9 @@ import numpy as np
 import pytest
 
 from t2t_ref import cupy_gemm
-from t2t_ref.backend import BackendError, get_namespace, to_numpy
+from t2t_ref.backend import to_numpy
+
+from conftest import cupy_or_skip
 
 
 def _elements(x):
@@ -125,15 +127,6 @@ def test_operand_refuses_layouts_cublas_cannot_read():
 
 # ---- on a GPU --------------------------------------------------------------------------------
 
-def _cupy():
-    try:
-        get_namespace("cupy")
-    except BackendError as err:
-        pytest.skip(str(err))
-    import cupy
-    return cupy
-
-
 def _on_gpu(cupy, x, memory, dtype):
     """x (a view of memory) rebuilt on the GPU in dtype: the same offset, shape and strides."""
     memory_gpu = cupy.asarray(memory.astype(dtype))
@@ -145,7 +138,7 @@ def _on_gpu(cupy, x, memory, dtype):
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("case", CASES)
 def test_half_product_on_the_gpu_equals_float32_sums(case, dtype):
-    cupy = _cupy()
+    cupy = cupy_or_skip()
     if dtype == "bfloat16":
         dtype = np.dtype(pytest.importorskip("ml_dtypes").bfloat16)
     a, b, a_memory, b_memory = _stacks(case, np.random.default_rng(7))

@@ -13,14 +13,14 @@ import numpy as np
 import pytest
 
 from t2t_ref import cupy_kernels
-from t2t_ref.backend import BackendError, get_namespace, to_numpy
+from t2t_ref.backend import get_namespace, to_numpy
 from t2t_ref.gaps import KeyedRandom
 from t2t_ref.ops.gelu import gelu_backward, gelu_forward
 from t2t_ref.ops.layernorm import layernorm_backward, layernorm_forward
 from t2t_ref.ops.softmax import softmax_backward, softmax_forward
 from t2t_ref.optim import AdamW
 
-from conftest import assert_close, on
+from conftest import assert_close, cupy_or_skip, on
 from nvrtc import assemble, compile_to_ptx, find_nvrtc, find_ptxas
 
 TOL = {"float32": 2e-6, "float64": 1e-13,
@@ -58,15 +58,6 @@ def test_cuda_source_assembles_for_the_gpus_without_one(arch):
 
 # ---- the kernels on a GPU -------------------------------------------------------------------
 
-def _cupy():
-    try:
-        get_namespace("cupy")
-    except BackendError as err:
-        pytest.skip(str(err))
-    import cupy
-    return cupy
-
-
 def _random(shape, seed, dtype, scale=1.0):
     values = np.random.default_rng(seed).normal(size=shape) * scale
     if dtype != "bfloat16":
@@ -101,7 +92,7 @@ SHAPES = [(3, 5, 64), (2, 7, 147), (4, 384), (2, 3, 1000), (1, 33)]
 @pytest.mark.parametrize("dtype", ["float32", "float64"] + HALF)
 @pytest.mark.parametrize("shape", SHAPES)
 def test_gelu_kernels(dtype, shape):
-    _cupy()
+    cupy_or_skip()
     x = _random(shape, 0, dtype, scale=3.0)
     dy = _random(shape, 1, dtype)
     fused, plain = _both(gelu_forward, x)
@@ -113,7 +104,7 @@ def test_gelu_kernels(dtype, shape):
 @pytest.mark.parametrize("dtype", ["float32", "float64"] + HALF)
 @pytest.mark.parametrize("shape", SHAPES)
 def test_layernorm_kernels(dtype, shape):
-    cupy = _cupy()
+    cupy = cupy_or_skip()
     D = shape[-1]
     x = _random(shape, 0, dtype, scale=2.0) + 0.5
     w, b = _random((D,), 2, dtype), _random((D,), 3, dtype)
@@ -134,7 +125,7 @@ def test_layernorm_kernels(dtype, shape):
 @pytest.mark.parametrize("dtype", ["float32", "float64"] + HALF)
 @pytest.mark.parametrize("shape", SHAPES + [(2, 3136)])
 def test_softmax_kernels(dtype, shape):
-    _cupy()
+    cupy_or_skip()
     x = _random(shape, 0, dtype, scale=4.0)
     dp = _random(shape, 1, dtype)
     fused, plain = _both(softmax_forward, x)
@@ -147,7 +138,7 @@ def test_softmax_kernels(dtype, shape):
 @pytest.mark.parametrize("dtype", ["float32", "float64"] + HALF)
 @pytest.mark.parametrize("shape", [(5, 1001), (3, 7, 64), (4, 1, 1)])
 def test_keep_mask_kernel_gives_the_plain_masks(dtype, shape):
-    cupy = _cupy()
+    cupy = cupy_or_skip()
     xp, device = get_namespace("cupy")
     dtype = _random((1,), 0, dtype).dtype  # (a skip where this CuPy has no bfloat16)
     for seed, first in ((0, 0), (12345, 17), (2**40 + 3, 2**20)):
@@ -161,7 +152,7 @@ def test_keep_mask_kernel_gives_the_plain_masks(dtype, shape):
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_adamw_kernel_matches_the_plain_flat_update(dtype):
-    _cupy()
+    cupy_or_skip()
     import t2t_ref
     results = []
     for fused in (True, False):
@@ -185,7 +176,7 @@ def test_adamw_kernel_matches_the_plain_flat_update(dtype):
 def test_adamw_kernel_skips_a_flagged_step_on_the_device():
     """found_inf True: parameters and moments unchanged, and the next step's bias correction
     counts only the steps taken, as the plain path does."""
-    _cupy()
+    cupy_or_skip()
     import t2t_ref
     results = []
     for fused in (True, False):
@@ -209,9 +200,9 @@ def test_adamw_kernel_skips_a_flagged_step_on_the_device():
     assert_close(results[0], results[1], 10 * TOL["float32"], "params after a skipped step")
 
 
-def test_kernels_are_used_on_cupy():
+def test_kernels_are_used_oncupy_or_skip():
     """applies() is what routes the ops: on for CuPy float arrays, off inside plain_ops()."""
-    _cupy()
+    cupy_or_skip()
     x = _random((2, 3), 0, "float32")
     assert cupy_kernels.applies(x)
     with cupy_kernels.plain_ops():
