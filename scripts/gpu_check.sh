@@ -67,6 +67,7 @@ stage tests 150 $PY -m pytest -q --maxfail=10 -p no:cacheprovider -k cupy --cont
 #    bf16 and fp16 policies on the GPU against NumPy's float32 (the policy's tolerances)
 stage parity 90 $PY scripts/gpu_parity.py
 stage parity_half 90 sh -c "$PY scripts/gpu_parity.py --precision bf16 --variants t2t_vit_7 t2t_vit_t_14 && $PY scripts/gpu_parity.py --precision fp16 --variants t2t_vit_7 t2t_vit_t_14"
+stage gemm 40 $PY scripts/gpu_gemm.py  # attention's q k^T: CuPy's matmul vs one cuBLAS call
 
 # 4. 300 training steps on the built-in shapes, stopped at 150, resumed, evaluated
 RUN="$WORK/run"
@@ -102,7 +103,7 @@ echo
 echo "================ summary ($(( $(date +%s) - START )) s) ================"
 head -n 3 "$LOGS/machine.log"
 cat "$SUMMARY"
-grep -h -E "PASS|FAIL" "$LOGS/parity.log" "$LOGS/parity_half.log" 2>/dev/null
+grep -h -E "PASS|FAIL" "$LOGS/parity.log" "$LOGS/parity_half.log" "$LOGS/gemm.log" 2>/dev/null
 { tr "\r" "\n" < "$LOGS/resume.log"; } 2>/dev/null | grep -E "^epoch [0-9]+:|^done" | tail -n 3
 for b in bench bench_half bench_plain; do
     echo "-- $b"
