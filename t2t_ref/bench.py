@@ -1066,6 +1066,14 @@ def run(args, configs):
                              "has no CUDA device: install a CUDA build of torch")
         torch.backends.cuda.matmul.allow_tf32 = False  # full float32 on both sides
         torch.backends.cudnn.allow_tf32 = False
+    if args.precision != "float32":  # one line for a precision this backend or GPU cannot run
+        from .backend import get_namespace
+        from .precision import PrecisionError, compute_dtype
+        xp, _ = get_namespace(args.backend)
+        try:
+            compute_dtype(xp, args.precision, xp.float32)
+        except PrecisionError as err:
+            raise BenchError(err) from None
     blas = limit_threads(args.threads)  # torch is imported: its threads too
     machine = describe_machine(args.backend, args.threads, blas)
     device = "cpu" if args.backend == "numpy" else "cuda"

@@ -83,7 +83,14 @@ template <> __device__ __forceinline__ half_t store<half_t>(float v) {
 }
 template <> __device__ __forceinline__ bf16_t store<bf16_t>(float v) {
     bf16_t h;
+#if __CUDA_ARCH__ >= 800
     asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h.bits) : "f"(v));
+#else  // no bf16 instruction before sm_80 (T4, V100): the same rounding by hand, so that
+       // this module still loads there (bf16 itself is refused there: precision.py)
+    unsigned u = __float_as_uint(v);
+    if ((u & 0x7fffffffu) > 0x7f800000u) h.bits = (unsigned short)((u >> 16) | 0x40u);  // NaN
+    else h.bits = (unsigned short)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);  // ties to even
+#endif
     return h;
 }
 

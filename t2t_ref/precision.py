@@ -56,4 +56,25 @@ def compute_dtype(xp, precision, master_dtype):
     except ImportError:
         raise PrecisionError("precision bf16 needs the ml_dtypes package for its bfloat16 "
                              "type: pip install ml_dtypes") from None
+    if "cupy" in xp.__name__:
+        _check_gpu_bfloat16(ml_dtypes.bfloat16)
     return ml_dtypes.bfloat16
+
+
+def _check_gpu_bfloat16(bfloat16):
+    """bf16 on CuPy needs a GPU with bfloat16 arithmetic (compute capability 8.0 and up: cuBLAS
+    has no bfloat16 products before, nor the GPU a bfloat16 conversion) and a CuPy that makes
+    bfloat16 arrays (CuPy 14 and up)."""
+    import cupy
+    capability = int(cupy.cuda.Device().compute_capability)  # "75" for 7.5
+    if capability < 80:
+        raise PrecisionError(
+            f"precision bf16 needs a GPU of compute capability 8.0 or newer (A100, RTX 30xx, "
+            f"H100 and later), and this one is {capability // 10}.{capability % 10}: use "
+            "--precision fp16")
+    try:
+        cupy.zeros((1,), dtype=bfloat16)
+    except (TypeError, ValueError):
+        raise PrecisionError(
+            f"precision bf16 needs a CuPy with bfloat16 arrays (CuPy 14 or newer), and this is "
+            f"CuPy {cupy.__version__}: upgrade CuPy or use --precision fp16") from None

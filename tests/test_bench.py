@@ -221,6 +221,19 @@ def test_cupy_without_a_gpu_is_one_line(capsys):
     assert err.startswith("error: ") and err.count("\n") == 1
 
 
+def test_a_precision_the_machine_cannot_run_is_one_line(monkeypatch, capsys):
+    """As on a T4 asked for bf16 (precision.py refuses it): the bench says so before timing."""
+    from t2t_ref import precision
+
+    def refuse(xp, name, master_dtype):
+        raise precision.PrecisionError(f"precision {name} needs a GPU of compute capability "
+                                       "8.0 or newer, and this one is 7.5: use --precision fp16")
+    monkeypatch.setattr(precision, "compute_dtype", refuse)
+    assert bench.main(["--quick", "--precision", "bf16"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: precision bf16 needs") and err.count("\n") == 1
+
+
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
 def test_keep_freed_memory_is_accepted_by_glibc():
     """The mallopt settings must be within glibc's limits (mallopt returns 0 otherwise, and

@@ -41,19 +41,47 @@ def test_cuda_source_compiles_without_a_gpu():
                for dtype in ("float16", "bfloat16")), "the half-precision kernels are missing"
 
 
-@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+@pytest.mark.parametrize("arch", ["75", "80", "90"])
 def test_cuda_source_assembles_for_the_gpus_without_one(arch):
     """NVRTC passes the half conversions' inline PTX (cvt.f32.f16, cvt.rn.bf16.f32) through
-    unread: ptxas (CUDA's nvcc wheel) assembles the PTX as the driver would on an A100 (sm_80)
-    and an H100/H200 (sm_90)."""
+    unread: ptxas (CUDA's nvcc wheel) assembles the PTX as the driver would on a T4 (sm_75:
+    no bf16 instruction, so the whole module must load without it), an A100 (sm_80) and an
+    H100/H200 (sm_90)."""
     if find_nvrtc() is None or find_ptxas() is None:
         pytest.skip("NVRTC or ptxas not found: pip install nvidia-cuda-nvrtc-cu12 "
                     "nvidia-cuda-nvcc-cu12 (the test extra)")
     ok, log, _ = compile_to_ptx(cupy_kernels.SOURCE, cupy_kernels.NAME_EXPRESSIONS,
-                                cupy_kernels.NVRTC_OPTIONS)
+                                cupy_kernels.NVRTC_OPTIONS, arch=f"compute_{arch}")
     assert ok, log
+    arch = f"sm_{arch}"
     ok, log = assemble(compile_to_ptx.last_ptx, arch)
     assert ok, f"ptxas could not assemble the kernels for {arch}:\n{log}"
+
+
+def test_the_bf16_rounding_by_hand_equals_round_to_nearest_even():
+    """Before sm_80 the kernels round float32 to bfloat16 with integer arithmetic (store<bf16_t>
+    in cupy_kernels.SOURCE, restated here on uint32 arrays): it must be ml_dtypes' rounding,
+    ties to even, overflow to inf, NaN kept NaN."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    source = cupy_kernels.SOURCE
+    assert "(u & 0x7fffffffu) > 0x7f800000u) h.bits = (unsigned short)((u >> 16) | 0x40u)" \
+        in source and "(u + 0x7fffu + ((u >> 16) & 1u)) >> 16" in source, \
+        "the CUDA rounding changed: change its restatement here too"
+    rng = np.random.default_rng(0)
+    specials = np.array([0.0, -0.0, 1.0, -1.0, np.inf, -np.inf, np.nan, -np.nan,
+                         3.4028235e38, 1e-45, 1.00390625, 1.01171875, 1.0 + 2**-8 * 1.5,
+                         65504.0, 3.3961776e38], dtype=np.float32)  # incl. ties and overflow
+    x = np.concatenate([specials, rng.normal(size=100_000).astype(np.float32) * 1e3,
+                        rng.integers(0, 2**32, 100_000, dtype=np.uint32).view(np.float32)])
+    u = x.view(np.uint32).astype(np.uint64)
+    nan = (u & 0x7FFFFFFF) > 0x7F800000
+    bits = np.where(nan, (u >> 16) | 0x40, (u + 0x7FFF + ((u >> 16) & 1)) >> 16)
+    by_hand = (bits & 0xFFFF).astype(np.uint16).view(ml_dtypes.bfloat16)
+    with np.errstate(invalid="ignore"):  # NaN in, NaN out: nothing to warn about
+        expected = x.astype(ml_dtypes.bfloat16)
+    assert np.array_equal(np.isnan(by_hand.astype(np.float32)), np.isnan(x))
+    same = np.isnan(x) | (by_hand.view(np.uint16) == expected.view(np.uint16))
+    assert same.all(), f"differs at {x[~same][:5]}: {by_hand[~same][:5]} vs {expected[~same][:5]}"
 
 
 # ---- the kernels on a GPU -------------------------------------------------------------------

@@ -2,6 +2,8 @@
 failure and its fix, and the policy's errors. NumPy computes float16 and ml_dtypes' bfloat16,
 so all of this runs without a GPU."""
 
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -133,6 +135,46 @@ def test_precision_mistakes_say_what_to_do(kwargs, says):
     with pytest.raises(PrecisionError, match=says) as err:
         t2t_ref.create_model("t2t_vit_7", num_classes=3, img_size=32, **kwargs)
     assert "\n" not in str(err.value)
+
+
+def _fake_cupy_namespace(monkeypatch, capability, has_bfloat16):
+    """A stand-in CuPy (no GPU needed): its device's compute capability, and whether it can
+    make bfloat16 arrays; and an array namespace that backend_name takes for CuPy's."""
+    import types
+
+    def zeros(shape, dtype):
+        if not has_bfloat16:
+            raise TypeError(f"Unsupported dtype {dtype}")
+        return np.zeros(shape, dtype)
+    fake = types.ModuleType("cupy")
+    fake.__version__ = "13.6.0"
+    fake.zeros = zeros
+    fake.cuda = types.SimpleNamespace(
+        Device=lambda *a: types.SimpleNamespace(compute_capability=capability))
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    return types.SimpleNamespace(__name__="array_api_compat.cupy", float32=np.float32,
+                                 float16=np.float16)
+
+
+@tried("command line", "`--precision bf16 --backend cupy` on a GPU before Ampere (a T4: 7.5)",
+       "one line: bf16 needs compute capability 8.0 or newer, this one is 7.5: use "
+       "--precision fp16")
+@pytest.mark.parametrize("capability, has_bfloat16, says", [
+    ("75", True, "compute capability 8.0 or newer (A100, RTX 30xx, H100 and later), and this "
+                 "one is 7.5: use --precision fp16"),
+    ("90", False, "a CuPy with bfloat16 arrays (CuPy 14 or newer), and this is CuPy 13.6.0"),
+    ("90", True, None)])
+def test_bf16_on_a_gpu_that_cannot_do_it_is_refused_in_one_line(monkeypatch, capability,
+                                                                 has_bfloat16, says):
+    from t2t_ref.precision import compute_dtype
+    xp = _fake_cupy_namespace(monkeypatch, capability, has_bfloat16)
+    if says is None:
+        assert compute_dtype(xp, "bf16", xp.float32).__name__ == "bfloat16"
+        assert compute_dtype(xp, "fp16", xp.float32) is np.float16  # fp16 runs everywhere
+        return
+    with pytest.raises(PrecisionError) as err:
+        compute_dtype(xp, "bf16", xp.float32)
+    assert says in str(err.value) and "\n" not in str(err.value)
 
 
 # ---- training under each policy ---------------------------------------------------------------
