@@ -101,10 +101,6 @@ def matmul(a, b, out_dtype):
     if a.ndim != b.ndim or a.ndim < 2 or a.shape[:-2] != b.shape[:-2] or a.dtype != b.dtype:
         raise ValueError(f"cupy_gemm.matmul: {a.shape} {a.dtype} @ {b.shape} {b.dtype}: "
                          "needs two stacks of one half dtype with the same batch shape")
-    the_plan = plan(a.shape, _strides_in_elements(a), b.shape, _strides_in_elements(b))
-    if the_plan is None:  # a layout cuBLAS cannot read in place: make both contiguous
-        a, b = cupy.ascontiguousarray(a), cupy.ascontiguousarray(b)
-        the_plan = plan(a.shape, _strides_in_elements(a), b.shape, _strides_in_elements(b))
     M, N = a.shape[-2], b.shape[-1]
     c = cupy.empty((*a.shape[:-2], M, N), dtype=out_dtype)
     if c.size == 0:
@@ -112,6 +108,12 @@ def matmul(a, b, out_dtype):
     if a.shape[-1] == 0:  # an empty sum
         c.fill(0)
         return c
+    # an operand laid out so that cuBLAS cannot read it in place is copied (that one only)
+    if operand(a.shape, _strides_in_elements(a)) is None:
+        a = cupy.ascontiguousarray(a)
+    if operand(b.shape, _strides_in_elements(b)) is None:
+        b = cupy.ascontiguousarray(b)
+    the_plan = plan(a.shape, _strides_in_elements(a), b.shape, _strides_in_elements(b))
     one, zero = np.ones((), np.float32), np.zeros((), np.float32)  # host scalars, compute type
     p, half = the_plan, CUDA_TYPES[a.dtype.name]
     cublas.gemmStridedBatchedEx(

@@ -106,7 +106,8 @@ def test_plan_computes_a_at_b_in_the_cublas_model(case):
     plan = cupy_gemm.plan(a.shape, _elements(a), b.shape, _elements(b))
     if case == "permuted batch":
         assert plan is None, "a stack without one batch stride must be copied, not read in place"
-        a = np.ascontiguousarray(a)
+        assert cupy_gemm.operand(b.shape, _elements(b)) is not None  # b is read in place
+        a = np.ascontiguousarray(a)  # as cupy_gemm.matmul copies it
         a_memory = a.reshape(-1)
         plan = cupy_gemm.plan(a.shape, _elements(a), b.shape, _elements(b))
     assert plan is not None, f"{case}: cuBLAS should read {a.strides} and {b.strides} in place"
