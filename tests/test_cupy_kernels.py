@@ -2,12 +2,16 @@
 
 On a machine without a GPU only the first tests run: NVRTC (from CUDA's PyPI wheel) compiles
 the CUDA source for every kernel and dtype, and ptxas (from the nvcc wheel) assembles it for
-sm_80 and sm_90, so CI catches a typo without a device. The rest need CuPy and a GPU, and are
+sm_75, sm_80 and sm_90, and every wrapper's launch is checked against its kernel's
+parameters in that PTX (count, order, widths), so CI catches a typo or a float passed as a
+double without a device. The rest need CuPy and a GPU, and are
 skipped with the reason otherwise: each kernel's output against the plain op's on the same
 CuPy input (cupy_kernels.plain_ops() turns the kernels off), in float32, float64, float16 and
 bfloat16 (the plain op's float32 island), on shapes with rows longer and shorter than a warp
 and inputs that are not contiguous.
 """
+
+import sys
 
 import numpy as np
 import pytest
@@ -56,6 +60,92 @@ def test_cuda_source_assembles_for_the_gpus_without_one(arch):
     arch = f"sm_{arch}"
     ok, log = assemble(compile_to_ptx.last_ptx, arch)
     assert ok, f"ptxas could not assemble the kernels for {arch}:\n{log}"
+
+
+# ---- every launch's arguments against its kernel's parameters, from the PTX (no GPU) ----------
+
+PTX_KINDS = {np.float32: ".f32", np.float64: ".f64", np.int32: ".u32", np.uint32: ".u32",
+             np.int64: ".u64", np.uint64: ".u64"}  # a scalar argument's PTX parameter type
+
+
+def _entry_parameters(ptx):
+    """{mangled kernel name: [PTX parameter types]} of every .entry in the PTX."""
+    import re
+    entries = {}
+    for match in re.finditer(r"\.entry\s+(\S+)\(([^)]*)\)", ptx):
+        entries[match.group(1)] = re.findall(r"\.param\s+(\.\w+)", match.group(2))
+    return entries
+
+
+class _RecordingCupy:
+    """A stand-in for the parts of CuPy that cupy_kernels' wrappers call: NumPy arrays, and
+    kernels that record their launches instead of running."""
+
+    def __init__(self):
+        import types
+        self.launches = []
+        self.cuda = types.SimpleNamespace(runtime=types.SimpleNamespace(getDevice=lambda: 0))
+        self.empty, self.empty_like = np.empty, np.empty_like
+        self.ascontiguousarray = np.ascontiguousarray
+        recorder = self
+
+        class RawModule:
+            def __init__(self, code, options, name_expressions):
+                pass
+
+            def get_function(self, name):
+                return lambda grid, block, args: recorder.launches.append((name, args))
+        self.RawModule = RawModule
+
+
+def test_every_launch_matches_its_kernels_parameters(monkeypatch):
+    """Each wrapper's arguments, in number, order and width, as the compiled kernel declares
+    them (its PTX entry's parameters): a double where a float is expected, or one argument
+    too few, is garbage on a GPU and nothing on a CPU, so this is where it is caught. Every
+    kernel, every dtype it is compiled for."""
+    if find_nvrtc() is None:
+        pytest.skip("libnvrtc not found: pip install nvidia-cuda-nvrtc-cu12 (the test extra)")
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    ok, log, lowered = compile_to_ptx(cupy_kernels.SOURCE, cupy_kernels.NAME_EXPRESSIONS,
+                                      cupy_kernels.NVRTC_OPTIONS)
+    assert ok, log
+    parameters = {name: _entry_parameters(compile_to_ptx.last_ptx)[mangled]
+                  for name, mangled in lowered.items()}
+    fake = _RecordingCupy()
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    cupy_kernels._module.cache_clear()
+    cupy_kernels._functions.clear()
+    try:
+        rng = np.random.default_rng(0)
+        for name in cupy_kernels.STORAGE_TYPES:
+            dtype = np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
+            x = rng.normal(size=(3, 5, 40)).astype(dtype)
+            w, b = np.ones(40, dtype), np.zeros(40, dtype)
+            _, cache = cupy_kernels.gelu_forward(x)
+            cupy_kernels.gelu_backward(x, cache)
+            _, cache = cupy_kernels.layernorm_forward(x, w, b, 1e-5)
+            cupy_kernels.layernorm_backward(x, cache)
+            p, _ = cupy_kernels.softmax_forward(x)
+            cupy_kernels.softmax_backward(x, p)
+            cupy_kernels.keyed_keep_mask(7, 0, (3, 5, 40), 2**20, 1 / 0.9, dtype)
+            if name in cupy_kernels.C_TYPES:  # AdamW: the float32/64 master buffers only
+                flat = rng.normal(size=100).astype(dtype)
+                for skip in (None, (np.zeros((), bool), np.zeros((), np.float64))):
+                    found_inf, skipped = skip or (None, None)
+                    cupy_kernels.adamw_update(
+                        flat, flat, flat.copy(), flat.copy(), np.ones(100, np.uint8),
+                        beta1=0.9, beta2=0.999, eps=1e-8, lr=1e-3, weight_decay=0.05,
+                        step_count=1, found_inf=found_inf, skipped=skipped)
+    finally:
+        cupy_kernels._module.cache_clear()
+        cupy_kernels._functions.clear()
+    launched = {name for name, _ in fake.launches}
+    assert launched == set(cupy_kernels.NAME_EXPRESSIONS), \
+        f"not launched by the wrappers: {sorted(set(cupy_kernels.NAME_EXPRESSIONS) - launched)}"
+    for name, args in fake.launches:
+        expected = parameters[name]
+        got = [".u64" if isinstance(a, np.ndarray) else PTX_KINDS[type(a)] for a in args]
+        assert got == expected, f"{name}: launched with {got}, the kernel takes {expected}"
 
 
 def test_the_bf16_rounding_by_hand_equals_round_to_nearest_even():
