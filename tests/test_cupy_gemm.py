@@ -6,9 +6,15 @@ strides: which operand is "transposed", which leading dimension and batch stride
 tests run the plan through a NumPy model of cublasGemmStridedBatchedEx (column-major
 matrices read from raw memory at pointer + batch * stride, with cuBLAS's own argument
 checks) and compare with a @ b, for the layouts the model produces: contiguous stacks,
-transposed views (k^T), offsets into a larger array, padded rows, axes of length 1. On a GPU
-the real call is compared with NumPy's float32 product (skipped with the reason otherwise).
+transposed views (k^T), offsets into a larger array, padded rows, axes of length 1. Then the
+whole of cupy_gemm.matmul runs against stand-ins for CuPy (NumPy arrays with a .data.ptr) and
+for cuBLAS (gemmStridedBatchedEx with CuPy's signature, computing through that model on the
+memory behind the pointers), so the call itself (operand order, pointers, type codes) is
+proven too. On a GPU the real call is compared with the exact product of the rounded operands
+(skipped with the reason otherwise).
 """
+
+import sys
 
 import numpy as np
 import pytest
@@ -91,24 +97,31 @@ def _stacks(case, rng):
         x, am = contiguous((B, M, h, K))
         a = np.transpose(x, (0, 2, 1, 3))
         b, bm = contiguous((B, h, K, N))
+    elif case == "permuted batch, b":  # the same on the other side: b must be copied
+        a, am = contiguous((B, h, M, K))
+        x, bm = contiguous((B, K, h, N))
+        b = np.transpose(x, (0, 2, 1, 3))
     else:
         raise ValueError(case)
     return a, b, am, bm
 
 
 CASES = ("2-D", "q @ k^T", "q^T @ dscores", "both transposed", "batch slice", "padded rows",
-         "length-1 axes", "permuted batch")
+         "length-1 axes", "permuted batch", "permuted batch, b")
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_plan_computes_a_at_b_in_the_cublas_model(case):
     a, b, a_memory, b_memory = _stacks(case, np.random.default_rng(CASES.index(case)))
     plan = cupy_gemm.plan(a.shape, _elements(a), b.shape, _elements(b))
-    if case == "permuted batch":
+    if case.startswith("permuted batch"):
         assert plan is None, "a stack without one batch stride must be copied, not read in place"
-        assert cupy_gemm.operand(b.shape, _elements(b)) is not None  # b is read in place
-        a = np.ascontiguousarray(a)  # as cupy_gemm.matmul copies it
-        a_memory = a.reshape(-1)
+        if cupy_gemm.operand(a.shape, _elements(a)) is None:  # as cupy_gemm.matmul copies it
+            a = np.ascontiguousarray(a)
+            a_memory = a.reshape(-1)
+        if cupy_gemm.operand(b.shape, _elements(b)) is None:
+            b = np.ascontiguousarray(b)
+            b_memory = b.reshape(-1)
         plan = cupy_gemm.plan(a.shape, _elements(a), b.shape, _elements(b))
     assert plan is not None, f"{case}: cuBLAS should read {a.strides} and {b.strides} in place"
     memory = cublas_model(plan, b_memory, _offset(b, b_memory), a_memory, _offset(a, a_memory))
@@ -124,6 +137,111 @@ def test_operand_refuses_layouts_cublas_cannot_read():
     # two batch axes that do not step like one: (2, 3) matrices at 100 i + 12 j
     assert cupy_gemm.operand((2, 3, 3, 4), (100, 12, 4, 1)) is None
     assert cupy_gemm.operand((2, 3, 3, 4), (36, 12, 4, 1)).batch_stride == 12
+
+
+# ---- the whole of cupy_gemm.matmul, with a stand-in CuPy and cuBLAS (no GPU) -----------------
+
+DTYPE_OF_CUDA_TYPE = {0: "float32", 2: "float16", 14: "bfloat16"}
+
+
+class _DeviceArray(np.ndarray):
+    """A NumPy array dressed as a CuPy one for cupy_gemm.matmul: .data.ptr is its address."""
+
+    @property
+    def data(self):
+        import types
+        return types.SimpleNamespace(ptr=self.__array_interface__["data"][0])
+
+
+def _numpy_dtype(name):
+    return np.dtype(pytest.importorskip("ml_dtypes").bfloat16) if name == "bfloat16" \
+        else np.dtype(name)
+
+
+def _at(pointer, count, dtype):
+    """count elements of dtype at a raw address (the stand-in GPU's memory is the host's)."""
+    import ctypes
+    raw = (ctypes.c_uint8 * (count * dtype.itemsize)).from_address(pointer)
+    return np.frombuffer(raw, dtype=np.uint8).view(dtype)
+
+
+def _extent(op, rows, cols, ld, stride, batch):
+    """Elements from an operand's pointer to the last one cuBLAS reads, plus one."""
+    if rows == 0 or cols == 0:
+        return 0
+    last = (rows - 1) + (cols - 1) * ld if op == cupy_gemm.OP_N else (cols - 1) + (rows - 1) * ld
+    return (batch - 1) * stride + last + 1
+
+
+def _stand_in_cublas(calls):
+    """cupy_backends.cuda.libs.cublas with gemmStridedBatchedEx's signature (CuPy's cpdef,
+    argument for argument) computing through cublas_model on the memory behind the pointers."""
+    import ctypes
+    import types
+
+    def gemmStridedBatchedEx(handle, transa, transb, m, n, k, alpha, A, Atype, lda, strideA,
+                             B, Btype, ldb, strideB, beta, C, Ctype, ldc, strideC, batchCount,
+                             computeType, algo):
+        assert (computeType, algo) == (cupy_gemm.COMPUTE_32F, cupy_gemm.GEMM_DEFAULT_TENSOR_OP)
+        assert ctypes.c_float.from_address(alpha).value == 1.0
+        assert ctypes.c_float.from_address(beta).value == 0.0
+        plan = cupy_gemm.Plan(m=m, n=n, k=k, first=cupy_gemm.Operand(transa, lda, strideA),
+                              second=cupy_gemm.Operand(transb, ldb, strideB), ldc=ldc,
+                              stride_c=strideC, batch=batchCount)
+        first_dtype = _numpy_dtype(DTYPE_OF_CUDA_TYPE[Atype])
+        second_dtype = _numpy_dtype(DTYPE_OF_CUDA_TYPE[Btype])
+        first = _at(A, _extent(transa, m, k, lda, strideA, batchCount), first_dtype)
+        second = _at(B, _extent(transb, k, n, ldb, strideB, batchCount), second_dtype)
+        product = cublas_model(plan, first.astype(np.float64), 0, second.astype(np.float64), 0)
+        out = _at(C, batchCount * strideC, _numpy_dtype(DTYPE_OF_CUDA_TYPE[Ctype]))
+        out[:] = product.astype(out.dtype)
+        calls.append(plan)
+
+    return types.SimpleNamespace(gemmStridedBatchedEx=gemmStridedBatchedEx)
+
+
+@pytest.fixture
+def stand_in_gpu(monkeypatch):
+    """CuPy and cuBLAS replaced by stand-ins on host memory; yields the list of cuBLAS calls."""
+    import types
+    calls = []
+    cupy = types.ModuleType("cupy")
+    cupy.empty = lambda shape, dtype: np.empty(shape, dtype).view(_DeviceArray)
+    cupy.ascontiguousarray = lambda x: np.ascontiguousarray(x).view(_DeviceArray)
+    cupy.cuda = types.SimpleNamespace(device=types.SimpleNamespace(get_cublas_handle=lambda: 1))
+    libs = types.ModuleType("cupy_backends.cuda.libs")
+    libs.cublas = _stand_in_cublas(calls)
+    for name, module in (("cupy", cupy), ("cupy_backends", types.ModuleType("cupy_backends")),
+                         ("cupy_backends.cuda", types.ModuleType("cupy_backends.cuda")),
+                         ("cupy_backends.cuda.libs", libs)):
+        monkeypatch.setitem(sys.modules, name, module)
+    yield calls
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("case", CASES)
+def test_matmul_calls_cublas_so_that_it_computes_a_at_b(stand_in_gpu, case, dtype):
+    """cupy_gemm.matmul end to end on the CPU: its one cuBLAS call (operand order, pointers,
+    types, leading dimensions, strides; the copy of an operand cuBLAS cannot read) computes
+    a @ b, in the half type and in float32."""
+    dtype = _numpy_dtype(dtype)
+    a, b, a_memory, b_memory = _stacks(case, np.random.default_rng(CASES.index(case)))
+
+    def on_device(x, memory):  # the same view of the memory, in dtype
+        half = memory.astype(dtype)
+        strides = tuple(e * half.itemsize for e in _elements(x))
+        view = np.lib.stride_tricks.as_strided(half[_offset(x, memory):], x.shape, strides)
+        return view.view(_DeviceArray)
+
+    a_dev, b_dev = on_device(a, a_memory), on_device(b, b_memory)
+    exact = a_dev.astype(np.float64) @ b_dev.astype(np.float64)
+    for out_dtype in (dtype, np.dtype(np.float32)):
+        got = cupy_gemm.matmul(a_dev, b_dev, out_dtype)
+        assert got.dtype == out_dtype and got.shape == exact.shape
+        np.testing.assert_array_equal(np.asarray(got).view(np.uint8),
+                                      exact.astype(out_dtype).view(np.uint8),
+                                      err_msg=f"{case} {dtype} -> {out_dtype}")
+    assert len(stand_in_gpu) == 2, "one cuBLAS call per product"
 
 
 # ---- on a GPU --------------------------------------------------------------------------------
