@@ -10,8 +10,8 @@ or float32 result. gaps.matmul calls it for half operands on CuPy; the math is s
 cuBLAS is column-major, and a row-major (M, K) matrix is a column-major (K, M) one. So the
 row-major C = A B (M x N) is computed as the column-major C^T = B^T A^T (N x M): cuBLAS's
 first operand is our b, its second our a. `plan` works out the arguments from shapes and
-strides alone (pure Python, tested on the CPU against a NumPy model of the cuBLAS call in
-tests/test_cupy_gemm.py); `matmul` makes the call.
+strides alone (pure Python); `matmul` makes the call. tests/test_cupy_gemm.py checks both on
+the CPU against a NumPy model of the cuBLAS call.
 """
 
 import dataclasses
@@ -95,12 +95,13 @@ def _strides_in_elements(x):
 
 def matmul(a, b, out_dtype):
     """a @ b for CuPy float16 or bfloat16 stacks (..., M, K) @ (..., K, N) with the same batch
-    shape (2-D included): float32 sums, the result in out_dtype (a half type or float32)."""
+    shape (2-D included): float32 sums, the result in out_dtype (a half type or float32).
+    float32 operands work too (scripts/gpu_gemm.py times them against CuPy's matmul)."""
     import cupy
     from cupy_backends.cuda.libs import cublas
     if a.ndim != b.ndim or a.ndim < 2 or a.shape[:-2] != b.shape[:-2] or a.dtype != b.dtype:
         raise ValueError(f"cupy_gemm.matmul: {a.shape} {a.dtype} @ {b.shape} {b.dtype}: "
-                         "needs two stacks of one half dtype with the same batch shape")
+                         "needs two stacks of one dtype with the same batch shape")
     M, N = a.shape[-2], b.shape[-1]
     c = cupy.empty((*a.shape[:-2], M, N), dtype=out_dtype)
     if c.size == 0:

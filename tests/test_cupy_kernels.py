@@ -85,7 +85,7 @@ class _RecordingCupy:
         import types
         self.launches = []
         self.cuda = types.SimpleNamespace(runtime=types.SimpleNamespace(getDevice=lambda: 0))
-        self.empty, self.empty_like = np.empty, np.empty_like
+        self.empty, self.empty_like = np.zeros, np.zeros_like  # (no kernel fills them)
         self.ascontiguousarray = np.ascontiguousarray
         recorder = self
 
