@@ -72,9 +72,12 @@ def _check_gpu_bfloat16(bfloat16):
             f"precision bf16 needs a GPU of compute capability 8.0 or newer (A100, RTX 30xx, "
             f"H100 and later), and this one is {capability // 10}.{capability % 10}: use "
             "--precision fp16")
-    try:
-        cupy.zeros((1,), dtype=bfloat16)
-    except (TypeError, ValueError):
+    try:  # an array, and an elementwise kernel on it (CuPy 14 compiles bfloat16 loops only
+        # with NumPy 2.1.2 or newer and ml_dtypes)
+        probe = cupy.zeros((2,), dtype=bfloat16)
+        (probe + probe).astype(cupy.float32)
+    except Exception:  # CuPy's refusals vary: TypeError, ValueError, a failed compilation
         raise PrecisionError(
-            f"precision bf16 needs a CuPy with bfloat16 arrays (CuPy 14 or newer), and this is "
-            f"CuPy {cupy.__version__}: upgrade CuPy or use --precision fp16") from None
+            f"precision bf16 needs a CuPy with bfloat16 arrays (CuPy 14 or newer, with NumPy "
+            f"2.1.2 or newer), and this is CuPy {cupy.__version__}: upgrade CuPy (or NumPy) or "
+            "use --precision fp16") from None

@@ -148,7 +148,7 @@ def _fake_cupy_namespace(monkeypatch, capability, has_bfloat16):
         return np.zeros(shape, dtype)
     fake = types.ModuleType("cupy")
     fake.__version__ = "13.6.0"
-    fake.zeros = zeros
+    fake.zeros, fake.float32 = zeros, np.float32
     fake.cuda = types.SimpleNamespace(
         Device=lambda *a: types.SimpleNamespace(compute_capability=capability))
     monkeypatch.setitem(sys.modules, "cupy", fake)
@@ -162,7 +162,8 @@ def _fake_cupy_namespace(monkeypatch, capability, has_bfloat16):
 @pytest.mark.parametrize("capability, has_bfloat16, says", [
     ("75", True, "compute capability 8.0 or newer (A100, RTX 30xx, H100 and later), and this "
                  "one is 7.5: use --precision fp16"),
-    ("90", False, "a CuPy with bfloat16 arrays (CuPy 14 or newer), and this is CuPy 13.6.0"),
+    ("90", False, "a CuPy with bfloat16 arrays (CuPy 14 or newer, with NumPy 2.1.2 or newer), "
+                  "and this is CuPy 13.6.0"),
     ("90", True, None)])
 def test_bf16_on_a_gpu_that_cannot_do_it_is_refused_in_one_line(monkeypatch, capability,
                                                                  has_bfloat16, says):
