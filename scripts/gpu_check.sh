@@ -107,7 +107,7 @@ grep -h -E "PASS|FAIL" "$LOGS/parity.log" "$LOGS/parity_half.log" "$LOGS/gemm.lo
 { tr "\r" "\n" < "$LOGS/resume.log"; } 2>/dev/null | grep -E "^epoch [0-9]+:|^done" | tail -n 3
 for b in bench bench_half bench_plain; do
     echo "-- $b"
-    grep -h -E "^== |agree|ms per step|peak memory|FAILED" "$LOGS/$b.log" 2>/dev/null
+    grep -h -E "^== |agree|against float32|ms per step|peak memory|FAILED" "$LOGS/$b.log" 2>/dev/null
 done
 echo "-- loader"
 grep -h -E "worker|share" "$LOGS/loader.log" 2>/dev/null

@@ -91,10 +91,15 @@ NUM_CLASSES = 1000
 TARGET_RATIO = {"numpy": {"train": 1.25, "infer": 1.15},
                 "cupy": {"train": 1.2, "infer": 1.2}}
 # logits and gradients of the same model on both sides, max|a-b| / max(|a|+|b|), float32
-# ... and under half precision, where both sides round (each its own way: t2t_ref's islands
-# against torch.autocast's op lists), twice what each is allowed against float32
 PARITY_TOLERANCE = 1e-4
-HALF_PARITY_TOLERANCE = {"bf16": 6e-2, "fp16": 1e-2}
+# under half precision: t2t_ref's (logits, gradients) against its own float32, at most (the
+# bounds tests/test_precision.py holds the policy to). torch.autocast's distance from its
+# float32 is printed beside, not asserted: it rounds other ops, and is often the further
+# (T2T-ViT-7 at 64, bf16: its worst gradient 0.14 from float32, t2t_ref's 0.009)
+HALF_TOLERANCE = {"bf16": (1e-2, 3e-2), "fp16": (2e-3, 5e-3)}
+# fp16 gradients are compared as fp16 training computes them: with a loss scale (GradScaler's
+# first), without which the small ones flush to zero on both sides
+HALF_GRAD_SCALE = {"bf16": 1.0, "fp16": 2.0 ** 16}
 TARGET_MEMORY_RATIO = 1.5  # peak memory of a training step, t2t_ref / PyTorch, at most
 MIN_REPEATS, MIN_WARMUP = 5, 2
 MATMUL_SIZE = {"numpy": 2048, "cupy": 8192}  # n of the n x n x n float32 matmul for the peak
@@ -275,14 +280,15 @@ class Ours:
         logits = to_numpy(self.model.forward(self.x, keep_cache=False))
         return logits
 
-    def eval_grads(self):
+    def eval_grads(self, scale=1.0):
         """{name: host array}: every parameter's gradient of the smoothed cross-entropy, eval
-        mode (no dropout: both sides compute the same function)."""
+        mode (no dropout: both sides compute the same function); the backward of the loss
+        times `scale`, divided by it after (fp16's loss scale)."""
         model = self.model.eval()
         _loss, dlogits = cross_entropy(model.forward(self.x), self.y,
                                                             SMOOTHING)
-        model.backward(dlogits)
-        return {name: to_numpy(g).copy() for name, g in model.grads.items()}
+        model.backward(dlogits * scale)
+        return {name: to_numpy(g) / scale for name, g in model.grads.items()}
 
 
 class Theirs:
@@ -322,9 +328,10 @@ class Theirs:
             self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": WEIGHT_DECAY},
                                           {"params": no_decay, "weight_decay": 0.0}], lr=LR)
 
-    def autocast(self):
-        """torch.autocast in the benchmark's half precision, or nothing under float32."""
-        if self.autocast_dtype is None:
+    def autocast(self, half=True):
+        """torch.autocast in the benchmark's half precision, or nothing under float32 (or
+        half=False: the float32 reference)."""
+        if self.autocast_dtype is None or not half:
             return contextlib.nullcontext()
         return self.torch.autocast("cuda" if self.device != "cpu" else "cpu",
                                    dtype=self.autocast_dtype)
@@ -351,21 +358,21 @@ class Theirs:
         if self.device != "cpu":
             self.torch.cuda.synchronize()
 
-    def eval_logits(self):
+    def eval_logits(self, half=True):
         self.model.eval()
-        with self.torch.no_grad(), self.autocast():
+        with self.torch.no_grad(), self.autocast(half):
             return self.model(self.x).float().cpu().numpy()
 
-    def eval_grads(self):
+    def eval_grads(self, scale=1.0, half=True):
         torch = self.torch
         self.model.eval()
         self.model.zero_grad(set_to_none=True)
-        with self.autocast():
+        with self.autocast(half):
             loss = torch.nn.functional.cross_entropy(self.model(self.x), self.y,
                                                      label_smoothing=SMOOTHING)
-        loss.backward()
-        grads = {n: p.grad.cpu().numpy() for n, p in self.model.named_parameters()
-                 if p.grad is not None}
+        (loss * scale).backward()
+        grads = {n: p.grad.float().cpu().numpy() / scale
+                 for n, p in self.model.named_parameters() if p.grad is not None}
         self.model.zero_grad(set_to_none=True)
         return grads
 
@@ -809,27 +816,15 @@ def run_config(config, args, peak_gflops):
     ours = Ours(config, args.backend, precision=args.precision)
     theirs = Theirs(config, torch_device, state=ours.model.state_dict(),
                     precision=args.precision)
-    a, b = ours.eval_logits(), theirs.eval_logits()  # the same model: the same logits
-    logits_rel_diff = _rel_diff(a, b)
-    grads_rel_diff, grads_worst = None, None
-    if config.training:  # and the same gradients
-        ours_grads, their_grads = ours.eval_grads(), theirs.eval_grads()
-        missing = sorted(set(ours_grads) ^ set(their_grads))
-        if missing:
-            raise BenchError(f"gradients of {missing[:5]} on one side only")
-        diffs = {k: _rel_diff(ours_grads[k], their_grads[k]) for k in ours_grads}
-        grads_worst = max(diffs, key=lambda k: np.nan_to_num(diffs[k], nan=np.inf))
-        grads_rel_diff = diffs[grads_worst]
+    parity = check_parity(config, args.backend, args.precision, ours, theirs)
     ours.prepare()
     theirs.prepare()
 
     flops = count_flops(config.model, config.img_size, config.batch, config.training)
     times = time_interleaved([ours, theirs], make_timer(args.backend), args.warmup, args.repeats,
                              args.pause)
-    result = {"config": config.name, **asdict(config), "flops": flops,
-              "logits_rel_diff": logits_rel_diff, "grads_rel_diff": grads_rel_diff,
-              "grads_worst": grads_worst, "precision": args.precision,
-              "parity_tolerance": HALF_PARITY_TOLERANCE.get(args.precision, PARITY_TOLERANCE),
+    result = {"config": config.name, **asdict(config), "flops": flops, **parity,
+              "precision": args.precision, "parity_tolerance": PARITY_TOLERANCE,
               "anchor_ms": ANCHOR_MS.get(config.name),
               "ours": summarize(times["t2t_ref"], flops, config.batch, peak_gflops),
               "torch": summarize(times["PyTorch"], flops, config.batch, peak_gflops)}
@@ -855,6 +850,48 @@ def run_config(config, args, peak_gflops):
     return result
 
 
+def check_parity(config, backend, precision, ours, theirs):
+    """The same model on both sides: logits and (training) every gradient, in float32. Under
+    half precision also each side against its own float32: t2t_ref's policy is held to
+    HALF_TOLERANCE, torch.autocast's figures are reported beside. -> the result's fields."""
+    half = precision != "float32"
+    # float32 on our side: the half model itself, or a float32 twin with its weights
+    ours32 = ours
+    if half:
+        ours32 = Ours(config, backend, precision="float32")
+        ours32.model.load_state_dict(ours.model.state_dict())
+    training = config.training
+    ours_float32 = ours32.eval_logits(), ours32.eval_grads() if training else None
+    theirs_float32 = (theirs.eval_logits(half=False),
+                      theirs.eval_grads(half=False) if training else None)
+    parity = dict(zip(("logits_rel_diff", "grads_rel_diff", "grads_worst"),
+                      _differences(ours_float32[0], theirs_float32[0],
+                                   ours_float32[1], theirs_float32[1])))
+    if half:
+        scale = HALF_GRAD_SCALE[precision]
+        ours_half = ours.eval_logits(), ours.eval_grads(scale) if training else None
+        theirs_half = theirs.eval_logits(), theirs.eval_grads(scale) if training else None
+        parity["half"] = {
+            side: dict(zip(("logits", "grads", "worst"),
+                           _differences(got[0], float32[0], got[1], float32[1])))
+            for side, got, float32 in (("t2t_ref", ours_half, ours_float32),
+                                       ("torch", theirs_half, theirs_float32))}
+        parity["half_tolerance"] = HALF_TOLERANCE[precision]
+    return parity
+
+
+def _differences(logits_a, logits_b, grads_a=None, grads_b=None):
+    """(logits' relative difference, the largest gradient's, the name of that gradient)."""
+    if grads_a is None:
+        return _rel_diff(logits_a, logits_b), None, None
+    missing = sorted(set(grads_a) ^ set(grads_b))
+    if missing:
+        raise BenchError(f"gradients of {missing[:5]} on one side only")
+    diffs = {k: _rel_diff(grads_a[k], grads_b[k]) for k in grads_a}
+    worst = max(diffs, key=lambda k: np.nan_to_num(diffs[k], nan=np.inf))
+    return _rel_diff(logits_a, logits_b), diffs[worst], worst
+
+
 # ---- printing -------------------------------------------------------------------------------
 
 def _rel_diff(a, b):
@@ -872,6 +909,14 @@ def failures(result, backend):
     if result["grads_rel_diff"] is not None and not result["grads_rel_diff"] <= tol:
         failed.append(f"gradient {result['grads_worst']} differs from PyTorch's by "
                       f"{result['grads_rel_diff']:.1e} > {tol}")
+    if "half" in result:  # t2t_ref's policy against its own float32
+        ours, (logits_tol, grads_tol) = result["half"]["t2t_ref"], result["half_tolerance"]
+        if not ours["logits"] <= logits_tol:
+            failed.append(f"{result['precision']} logits differ from float32's by "
+                          f"{ours['logits']:.1e} > {logits_tol}")
+        if ours["grads"] is not None and not ours["grads"] <= grads_tol:
+            failed.append(f"{result['precision']} gradient {ours['worst']} differs from "
+                          f"float32's by {ours['grads']:.1e} > {grads_tol}")
     if backend == "cupy":
         if not result["ratio"] <= result["target_ratio"]:
             failed.append(f"{result['ratio']:.2f}x PyTorch's time > {result['target_ratio']}x")
@@ -899,6 +944,15 @@ def print_result(r):
              if r.get("grads_rel_diff") is not None else "")
     print(f"   same model: eval logits agree to {r['logits_rel_diff']:.1e} (relative){grads}; "
           f"{r['flops'] / 1e9:.2f} GFLOP per step (matmuls, from the shapes)")
+    if "half" in r:
+        def against_float32(h):
+            grads = (f", gradients {h['grads']:.1e} (worst {h['worst']})"
+                     if h["grads"] is not None else "")
+            return f"logits {h['logits']:.1e}{grads}"
+        print(f"   {r['precision']} against float32 (each side's own): t2t_ref "
+              f"{against_float32(r['half']['t2t_ref'])} (at most "
+              f"{r['half_tolerance'][0]:g} / {r['half_tolerance'][1]:g}); torch.autocast "
+              f"{against_float32(r['half']['torch'])}")
     print(row("", "t2t_ref", "PyTorch", ""))
     print(row("ms per step (median)", f"{ours['ms']:.1f}", f"{torch_['ms']:.1f}",
               f"ratio {r['ratio']:.2f}x {_verdict(r['ratio'], r['target_ratio'])}"))

@@ -254,11 +254,37 @@ def test_failures_name_parity_and_gpu_targets():
     wrong = dict(good, grads_rel_diff=float("nan"), logits_rel_diff=3e-3)
     failed = bench.failures(wrong, "numpy")
     assert len(failed) == 2 and "gradient head.weight" in failed[1], failed
+    # under half precision: t2t_ref against its own float32 (torch.autocast's only reported)
+    half = dict(good, precision="bf16", half_tolerance=(1e-2, 3e-2), half={
+        "t2t_ref": {"logits": 5e-3, "grads": 8e-3, "worst": "blocks.3.norm2.weight"},
+        "torch": {"logits": 2e-3, "grads": float("nan"), "worst": "head.weight"}})
+    assert bench.failures(half, "numpy") == []
+    half["half"]["t2t_ref"] = {"logits": 2e-2, "grads": 4e-2, "worst": "head.weight"}
+    failed = bench.failures(half, "numpy")
+    assert len(failed) == 2 and "bf16 logits differ from float32's" in failed[0] \
+        and "bf16 gradient head.weight" in failed[1], failed
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_half_precision_mode_holds_the_policy_to_its_float32(tmp_path, precision):
+    """bench --precision: the float32 twins of both sides are still the same model, and
+    t2t_ref's half-precision logits and gradients are within HALF_TOLERANCE of its float32
+    (fp16's gradients with the loss scale); torch.autocast's distance is recorded too."""
+    path = tmp_path / "half.json"
+    assert bench.main(["--config", "t2t_vit_7-32-b4-train", "--precision", precision,
+                       "--repeats", "5", "--threads", "1", "--json", str(path)]) == 0
+    (r,) = json.loads(path.read_text())["results"]
+    assert r["logits_rel_diff"] < 1e-4 and r["grads_rel_diff"] < 1e-4  # same model
+    logits_tol, grads_tol = bench.HALF_TOLERANCE[precision]
+    ours, theirs = r["half"]["t2t_ref"], r["half"]["torch"]
+    assert 0 < ours["logits"] <= logits_tol and 0 < ours["grads"] <= grads_tol, ours
+    assert theirs["logits"] > 0 and theirs["worst"] is not None  # measured, not asserted
 
 
 def test_a_parity_failure_exits_1(monkeypatch, capsys):
     """If PyTorch's side computed something else, the bench says so and exits 1."""
     original = bench.Theirs.eval_logits
-    monkeypatch.setattr(bench.Theirs, "eval_logits", lambda self: original(self) + 1.0)
+    monkeypatch.setattr(bench.Theirs, "eval_logits",
+                        lambda self, half=True: original(self, half) + 1.0)
     assert bench.main(["--config", "t2t_vit_7-32-b2-infer", "--threads", "1"]) == 1
     assert "FAILED: t2t_vit_7-32-b2-infer: logits differ" in capsys.readouterr().err
