@@ -1,9 +1,24 @@
 """Shared test helpers: backends to run on, and comparisons that say what differed."""
 
+import os
+
 import numpy as np
 import pytest
 
 from t2t_ref.backend import BackendError, get_namespace, to_device, to_numpy
+
+
+def pytest_configure(config):
+    """Under pytest-xdist (README's `-n auto`) each worker keeps to one BLAS thread, and so do
+    the programs it starts (CLIs, notebook kernels, mpirun ranks): the tests' matrices are
+    small, and two workers each spinning two OpenBLAS threads on two cores ran the suite no
+    faster than one worker (7:50 either way here; 4:55 with one thread each). Tests that are
+    about thread counts set theirs explicitly."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ[name] = "1"
+        from threadpoolctl import threadpool_limits
+        threadpool_limits(1)  # NumPy is already loaded: limit its BLAS now
 
 
 def available_backends():
