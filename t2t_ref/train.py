@@ -437,11 +437,13 @@ class Position:
     step: int = 0  # optimizer steps done, skipped non-finite ones included
     best_top1: float = -1.0  # the best finite validation top-1 so far (-1: none yet)
     # the current epoch so far: the loss summed over the images of its finite steps, and
-    # their number; all its images; its training seconds
+    # their number; all its images; its training seconds, and how many of them the loop
+    # waited for its next batch
     epoch_loss_sum: float = 0.0
     epoch_loss_images: int = 0
     epoch_images: int = 0
     epoch_seconds: float = 0.0
+    epoch_data_seconds: float = 0.0
     # non-finite steps (guard.StepMonitor): this epoch's, in a row, the last finite loss
     nonfinite_steps: int = 0
     nonfinite_run: int = 0
@@ -477,7 +479,44 @@ class Position:
         """The epoch is done: count it, zero its sums."""
         self.epoch, self.batch = self.epoch + 1, 0
         self.epoch_loss_sum, self.epoch_loss_images, self.epoch_images = 0.0, 0, 0
-        self.epoch_seconds, self.nonfinite_steps = 0.0, 0
+        self.epoch_seconds, self.epoch_data_seconds, self.nonfinite_steps = 0.0, 0.0, 0
+
+
+@dataclass
+class Timings:
+    """Where this process's wall-clock seconds went, for the run's last line. On a GPU the
+    training loop also waits for the device (at each log interval's one read); `data` is the
+    host's wait for the loader (and, on CuPy, the upload's queueing) alone."""
+
+    started: float = dataclasses.field(default_factory=time.perf_counter)
+    training: float = 0.0    # the epochs' step loops, the data wait included
+    data: float = 0.0        # of which: waiting for the next batch
+    validation: float = 0.0  # scoring the validation split (and the EMA's)
+    saving: float = 0.0      # checkpoints, metrics.jsonl and the plot
+
+    def line(self):
+        """'time: 85 s in all: 6 s starting, ...', the whole process since `started`."""
+        total = time.perf_counter() - self.started
+        starting = total - self.training - self.validation - self.saving
+        return (f"time: {total:.1f} s in all: {starting:.1f} s starting, {self.training:.1f} s "
+                f"training ({self.data:.1f} s of it waiting for data), {self.validation:.1f} s "
+                f"validating, {self.saving:.1f} s writing checkpoints and plots")
+
+
+def waited(batches, position, timings):
+    """The loader's batches, the time spent waiting for each added to the epoch's (position)
+    and the run's (timings) data seconds."""
+    batches = iter(batches)
+    while True:
+        asked = time.perf_counter()
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        waited_for = time.perf_counter() - asked
+        position.epoch_data_seconds += waited_for
+        timings.data += waited_for
+        yield batch
 
 
 def train_step(model, optimizer, ema, monitor, x, targets, step, lr, label_smoothing=0.0,
@@ -547,7 +586,8 @@ def prepare(config, resume=None, world=None):
     out = config["out"]
     paths = {name: os.path.join(out, f"{name}.safetensors") for name in ("last", "best")}
     run = Run(config=config, world=world, out=out, last_path=paths["last"],
-              best_path=paths["best"], metrics_path=os.path.join(out, "metrics.jsonl"))
+              best_path=paths["best"], metrics_path=os.path.join(out, "metrics.jsonl"),
+              timings=Timings())
     if world.size > config["batch_size"]:
         raise UsageError(f"--batch-size {config['batch_size']} is smaller than the "
                          f"{world.size} MPI ranks (each takes a piece of every batch): give at "
@@ -827,7 +867,7 @@ def fit(run):
                 f"--clip-grad and start a new run ({run.kept()})", everywhere=True)
         return r
 
-    bar = None
+    bar = loop_began = None
     # Ctrl-C under mpirun reaches the ranks as SIGTERM (mpi.py): it ends them at once
     ctrl_c = CtrlC() if world.size == 1 else contextlib.nullcontext(CtrlC())
     with quiet_float_warnings():  # the monitor counts what NumPy would warn about
@@ -840,9 +880,10 @@ def fit(run):
                     bar = tqdm(total=steps_per_epoch, initial=position.batch,
                                desc=f"epoch {epoch + 1}/{config['epochs']}",
                                dynamic_ncols=True, disable=not run.speaks)
-                    started = time.perf_counter() - position.epoch_seconds
-                    batches = on_device(run.loader.epoch_batches(epoch, position.batch),
-                                        config["backend"])
+                    loop_began = time.perf_counter()  # this process's share of the epoch
+                    started = loop_began - position.epoch_seconds  # a resumed epoch's too
+                    batches = waited(on_device(run.loader.epoch_batches(epoch, position.batch),
+                                               config["backend"]), position, run.timings)
                     partners = on_device(run.partners.epoch_batches(epoch, position.batch),
                                          config["backend"]) \
                         if run.partners is not None else itertools.repeat(None)
@@ -874,12 +915,18 @@ def fit(run):
                         position.epoch_seconds = time.perf_counter() - started
                     read_monitor()
                     bar.close()
+                    run.timings.training += time.perf_counter() - loop_began
+                    loop_began = None
                     finish_epoch(run, epoch, time.perf_counter() - started)
         except Interrupted:
             if bar is not None:
                 bar.close()
             read_monitor()
+            if loop_began is not None:
+                run.timings.training += time.perf_counter() - loop_began
+            saving = time.perf_counter()
             save_run_state(run.last_path, run)
+            run.timings.saving += time.perf_counter() - saving
             if run.speaks:
                 print(f"\ninterrupted at step {position.step}: saved {run.last_path}; continue "
                       f"with --resume {run.last_path}", file=sys.stderr)
@@ -896,6 +943,7 @@ def fit(run):
                           f"{plural(len(source.bad_files), f'unreadable {what} image')}",
                           file=sys.stderr)
     run.say(f"done: best validation top-1 {position.best_top1:.2f}%; checkpoints in {run.out}")
+    run.say(run.timings.line())
     return run.history
 
 
@@ -903,7 +951,10 @@ def finish_epoch(run, epoch, train_seconds):
     """After an epoch's last step: validate, then record the epoch, checkpoint `last` (and
     `best`), write the metrics and the plot, and print the epoch's line."""
     position = run.position
+    validating = time.perf_counter()
     record = epoch_record(run, epoch, train_seconds)
+    saving = time.perf_counter()
+    run.timings.validation += saving - validating
     run.history.append(record)
     # only a finite model with a strictly better score replaces `best`
     is_best = record["val_nonfinite"] == 0 and record["val_top1"] > position.best_top1
@@ -917,6 +968,7 @@ def finish_epoch(run, epoch, train_seconds):
     if run.speaks:
         write_atomic(run.metrics_path, "".join(json_line(h) for h in run.history))
         plot_curves(run.history, os.path.join(run.out, "curves.png"))
+    run.timings.saving += time.perf_counter() - saving
     run.say(epoch_line(record, run.ema is not None))
 
 
@@ -949,7 +1001,10 @@ def epoch_record(run, epoch, train_seconds):
               "nonfinite_steps": position.nonfinite_steps,
               "val_loss": result["loss"], "val_top1": result["top1"],
               "val_nonfinite": result["nonfinite"],
-              "images_per_sec": position.epoch_images / max(train_seconds, 1e-9)}
+              "images_per_sec": position.epoch_images / max(train_seconds, 1e-9),
+              "train_seconds": train_seconds,
+              # of which the loop waited for its next batch
+              "data_seconds": position.epoch_data_seconds}
     if getattr(run, "scaler", None) is not None:
         record["loss_scale"] = run.scaler.state_dict()["scale"]
     if k:
@@ -978,7 +1033,9 @@ def epoch_line(record, with_ema):
                if record["nonfinite_steps"] else "")
             + (f", {record['val_nonfinite']} validation images with non-finite outputs "
                "(counted wrong)" if record["val_nonfinite"] else "")
-            + f" ({record['images_per_sec']:.0f} img/s)")
+            + f" ({record['images_per_sec']:.0f} img/s, waiting for data "
+               f"{100 * record['data_seconds'] / max(record['train_seconds'], 1e-9):.0f}% of "
+               "the time)")
 
 
 def start(argv, world):
@@ -1009,6 +1066,7 @@ def start(argv, world):
 
 
 def main(argv=None):
+    began = time.perf_counter()  # the run's last line says where the time since went
     keep_freed_memory()  # reuse freed arrays' memory: see backend.keep_freed_memory
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
@@ -1023,6 +1081,7 @@ def main(argv=None):
         return err.exit_code
     except (UsageError, *USER_ERRORS) as err:
         return user_error(err)
+    run.timings.started = began
     try:
         fit(run)
     except Interrupted:

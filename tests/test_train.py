@@ -111,6 +111,43 @@ def test_builtin_run_writes_metrics_plot_config_and_checkpoints(tmp_path, capsys
     assert (result["crop_pct"], result["interpolation"]) == (None, None)
 
 
+def test_the_run_says_where_its_time_went(tmp_path, capsys, monkeypatch):
+    """Each epoch records how long the loop waited for batches, and the run's last line splits
+    its time: a loader made slow on purpose (0.2 s before each training batch, 0.3 s before
+    each validation batch) must show in the data wait and in the validation time, and
+    nowhere else."""
+    from t2t_ref.data import Loader
+    make = Loader.epoch_batches
+    slept = {True: 0.0, False: 0.0}  # loader.train -> seconds slept
+
+    def slow(self, epoch, start_batch=0):
+        for batch in make(self, epoch, start_batch):
+            pause = 0.2 if self.train else 0.3
+            time.sleep(pause)
+            slept[self.train] += pause
+            yield batch
+    monkeypatch.setattr(Loader, "epoch_batches", slow)
+    out = tmp_path / "run"
+    code, printed = run_train(TINY + ["--epochs", "2", "--out", str(out)], capsys)
+    assert code == 0, printed.err
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    for r in records:  # 3 training batches an epoch: 0.6 s of waiting, and little besides
+        assert 0.6 <= r["data_seconds"] < 0.6 + 0.15, r
+        assert r["data_seconds"] < r["train_seconds"] < r["seconds"], r
+    assert "waiting for data" in printed.out.splitlines()[-3]  # epoch 2's line
+    last = printed.out.strip().splitlines()[-1]
+    numbers = re.fullmatch(r"time: ([\d.]+) s in all: ([\d.]+) s starting, ([\d.]+) s training "
+                           r"\(([\d.]+) s of it waiting for data\), ([\d.]+) s validating, "
+                           r"([\d.]+) s writing checkpoints and plots", last)
+    assert numbers, last
+    total, starting, training, data, validating, writing = map(float, numbers.groups())
+    assert slept[True] == pytest.approx(1.2) and slept[False] >= 0.6, slept
+    assert 1.2 <= data < 1.2 + 0.3 and data < training, last
+    assert validating >= slept[False] - 0.1, last
+    assert training + validating >= slept[True] + slept[False] - 0.1, last
+    assert abs(starting + training + validating + writing - total) <= 0.25, last
+
+
 def final_state(out):
     weights, meta, optimizer, ema = load_checkpoint(out / "last.safetensors")
     return weights, meta, optimizer, ema
