@@ -112,4 +112,4 @@ done
 echo "-- loader"
 grep -h -E "worker|share" "$LOGS/loader.log" 2>/dev/null
 echo "-- default run"
-{ tr "\r" "\n" < "$LOGS/default_run.log"; } 2>/dev/null | grep -E "^epoch [0-9]+:|^done" | tail -n 4
+{ tr "\r" "\n" < "$LOGS/default_run.log"; } 2>/dev/null | grep -E "^epoch [0-9]+:|^done|^time:" | tail -n 5
