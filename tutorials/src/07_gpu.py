@@ -58,8 +58,9 @@ model_device = t2t_ref.create_model("t2t_vit_7", num_classes=10, img_size=64, ba
 model_host = t2t_ref.create_model("t2t_vit_7", num_classes=10, img_size=64, seed=0)
 logits_device = model_device.forward(x_device)                       # stays on the device
 logits_back = to_numpy(logits_device)                               # an explicit device -> host copy
-print("logits on", logits_device.device, "| same as on NumPy:",
-      np.allclose(logits_back, model_host.forward(host), rtol=1e-4, atol=1e-6))
+difference = np.max(np.abs(logits_back - model_host.forward(host)))
+print("logits on", logits_device.device, f"| largest difference from NumPy's: {difference:.1e}")
+assert difference < 1e-5, "the device model must compute what the host model computes"
 
 # %% [markdown]
 # The same seed gives the same weights on every backend: they are drawn on the host with NumPy
@@ -75,6 +76,8 @@ for what, attempt in (("host array into a device model", lambda: model_device.fo
         attempt()
     except ValueError as err:
         print(f"{what}: ValueError: {err}")
+    else:
+        raise AssertionError(f"{what} was allowed: array_api_strict should have refused it")
 
 # %% [markdown]
 # ## The same model on the GPU *(needs a GPU)*
@@ -88,8 +91,9 @@ else:
     model_gpu = t2t_ref.create_model("t2t_vit_7", num_classes=10, img_size=64, backend="cupy", seed=0)
     x_gpu = to_device(host, xp_gpu, gpu)                              # host -> GPU
     logits_gpu = model_gpu.forward(x_gpu)                             # runs on the GPU
-    print(type(logits_gpu).__module__, logits_gpu.shape, "| same as on NumPy:",
-          np.allclose(to_numpy(logits_gpu), model_host.forward(host), rtol=1e-4, atol=1e-5))
+    difference = np.max(np.abs(to_numpy(logits_gpu) - model_host.forward(host)))
+    print(type(logits_gpu).__module__, logits_gpu.shape, f"| largest difference from NumPy's: {difference:.1e}")
+    assert difference < 1e-4, "CuPy must compute what NumPy computes, to float32 round-off"
 
 # %% [markdown]
 # ## Timing asynchronous work *(needs a GPU)*
@@ -285,8 +289,10 @@ else:
     with cupy_kernels.plain_ops():
         plain_ms = ms_per_call(lambda: layernorm_forward(rows, w, b))
         plain = layernorm_forward(rows, w, b)[0]
+    difference = float(xp_gpu.max(xp_gpu.abs(fused - plain)))
     print(f"LayerNorm of (64, 197, 384): plain {plain_ms:.3f} ms, fused {fused_ms:.3f} ms; "
-          f"largest difference {float(xp_gpu.max(xp_gpu.abs(fused - plain))):.1e}")
+          f"largest difference {difference:.1e}")
+    assert difference < 1e-5, "the fused kernel must compute what the plain op computes"
 
 # %% [markdown]
 # ## What we saw
