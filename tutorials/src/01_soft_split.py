@@ -69,6 +69,7 @@ side = output_size(224, k, s, p)
 print(f"grid {side} x {side} = {side * side} windows; unfold gives {cols.shape}")
 print("column", r * side + c, "of unfold equals the window cut by hand:",
       np.array_equal(cols[0, :, r * side + c], token_by_hand))
+assert np.array_equal(cols[0, :, r * side + c], token_by_hand), "unfold's column differs from the window cut by hand"
 
 # %%
 fig, axes = plt.subplots(1, 3, figsize=(15, 4.6), gridspec_kw={"width_ratios": [1, 1, 1.6]})
@@ -116,6 +117,7 @@ cols_fast = unfold(x, k, s, p)
 t_fast = time.perf_counter() - started
 print(f"loop twin {t_loops * 1e3:.1f} ms, strided unfold {t_fast * 1e3:.1f} ms; "
       f"identical: {np.array_equal(cols_loops, cols_fast)}")
+assert np.array_equal(cols_loops, cols_fast), "strided unfold differs from its loop twin"
 
 # %% [markdown]
 # ## The token grid of each split
@@ -244,6 +246,8 @@ U = unfold(basis, kt, st, pt).reshape(H * W, -1).T         # (k*k*L, H*W) = (81,
 y_small = np.random.default_rng(0).normal(size=(1, kt * kt, U.shape[0] // (kt * kt)))
 print("U", U.shape, "entries in {0, 1}:", set(np.unique(U)) <= {0.0, 1.0},
       "| fold(y) == U^T y:", np.allclose(fold(y_small, (H, W), kt, st, pt).reshape(-1), U.T @ y_small.reshape(-1)))
+assert set(np.unique(U)) <= {0.0, 1.0}, "U has entries other than 0 and 1"
+assert np.allclose(fold(y_small, (H, W), kt, st, pt).reshape(-1), U.T @ y_small.reshape(-1)), "fold(y) != U^T y"
 
 fig, (ax_u, ax_n) = plt.subplots(1, 2, figsize=(13, 4.3), gridspec_kw={"width_ratios": [2.2, 1]})
 ax_u.imshow(U.T, cmap="Greys", aspect="auto")
@@ -282,6 +286,8 @@ for name, (C, size, k_, s_, p_) in geometries.items():
                                 fold_loops(yr, (size, size), k_, s_, p_))
     print(f"{name:34s} <Ux,y> = {lhs:+.10e}  <x,U^T y> = {rhs:+.10e}  "
           f"rel. diff {abs(lhs - rhs) / abs(lhs):.1e}  fold == loop twin: {same_as_loops}")
+    assert abs(lhs - rhs) < 1e-12 * abs(lhs), f"{name}: dot-product test failed, <Ux,y> != <x,U^T y>"
+    assert same_as_loops, f"{name}: fold differs from its loop twin"
 
 # %% [markdown]
 # ## Overlapping windows sum their gradients
@@ -298,9 +304,11 @@ count_vit = fold(unfold(ones, 16, 16, 0), (224, 224), 16, 16, 0)[0, 0]
 values, pixels = np.unique(count, return_counts=True)
 print("split 0: " + ", ".join(f"{p} pixels read by {int(v)} window{'s' * int(v > 1)}"
                                for v, p in zip(values, pixels)),
-      f"| mean {count.mean():.3f} = 147*3136 / (3*224*224)")
+      f"| mean {count.mean():.3f}, under 147*3136 / (3*224*224) = {147 * 3136 / (3 * 224 * 224):.4f}: "
+      "the windows' reads of the zero padding are not pixels")
 print("ViT: windows per pixel", np.unique(count_vit), "-> fold(unfold(x)) == x:",
       np.array_equal(fold(unfold(x, 16, 16, 0), (224, 224), 16, 16, 0), x))
+assert np.array_equal(fold(unfold(x, 16, 16, 0), (224, 224), 16, 16, 0), x), "ViT: fold(unfold(x)) != x"
 
 fig, axes = plt.subplots(1, 2, figsize=(11, 4.3))
 im = axes[0].imshow(count[:24, :24], cmap="viridis", extent=(-.5, 23.5, 23.5, -.5))
@@ -337,6 +345,7 @@ for index in np.ndindex(xs.shape):                          # central difference
     numeric[index] = (plus - minus) / (2 * h)
 rel = np.max(np.abs(analytic - numeric)) / np.max(np.abs(analytic) + np.abs(numeric))
 print(f"soft split backward vs central differences: relative error {rel:.1e}")
+assert rel < 1e-6, f"soft split backward: relative error {rel:.1e}"
 
 # %% [markdown]
 # ## Hard patches (ViT) and soft windows (T2T), side by side

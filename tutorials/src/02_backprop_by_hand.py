@@ -82,6 +82,8 @@ def report(op, names, ours, numeric, theirs):
         checks.append((f"{op}: {name}", fd, ag))
         ag_text = "autograd skipped (no PyTorch)" if ag is None else f"vs autograd {ag:.1e}"
         print(f"{op:>13} {name:>4}: vs finite differences {fd:.1e}, {ag_text}")
+        assert fd < 1e-6, f"{op} {name}: relative error {fd:.1e} vs finite differences"
+        assert ag is None or ag < 1e-12, f"{op} {name}: relative error {ag:.1e} vs autograd"
 
 # %% [markdown]
 # ## Linear: $y = x W^\top + b$
@@ -156,6 +158,12 @@ for name, backward in [("correct", softmax_backward), ("drops the row sum", brok
         numeric = numeric_grad(lambda: softmax_forward(x)[0], x, upstream)
         errors.append(np.max(np.abs(backward(upstream, p) - numeric)))
     print(f"{name:>18}: max abs error with g = ones {errors[0]:.1e}, with random g {errors[1]:.1e}")
+    if name == "correct":
+        assert max(errors) < 1e-6, "the correct softmax backward fails the check"
+    elif name == "drops the row sum":
+        assert min(errors) > 1e-2, "a check missed the backward that drops the row sum"
+    else:                              # the lesson: only the random g catches the zero backward
+        assert errors[0] < 1e-6 and errors[1] > 1e-2, "g = ones should miss the zero backward, and a random g catch it"
 
 # %% [markdown]
 # With $g = \mathbf 1$ the "returns zeros" backward looks perfect (error 1e-10) while it is
@@ -206,6 +214,8 @@ predicted = (r[..., 0] * (g * w * xhat).mean(-1) * (8 - (xhat * xhat).sum(-1)))
 print(f"max |sum_j dx_j| = {np.max(np.abs(dx.sum(-1))):.1e} (predicted 0)")
 print(f"sum_j dx_j xhat_j: largest {np.max(np.abs(along_xhat)):.2e}, relative error of the "
       f"prediction r*mean(g xhat)*(D - sum xhat^2): {rel_error(along_xhat, predicted):.1e}")
+assert np.max(np.abs(dx.sum(-1))) < 1e-10, "LayerNorm: sum_j dx_j is not 0"
+assert rel_error(along_xhat, predicted) < 1e-6, "LayerNorm: sum_j dx_j xhat_j differs from the prediction"
 
 # %% [markdown]
 # ## GELU, the exact (erf) form
@@ -232,10 +242,11 @@ y_grid, cache = gelu_forward(grid)
 slope = gelu_backward(np.ones_like(grid), cache)            # dy/dx: upstream 1 per entry
 pdf = lambda t: np.exp(-t * t / 2) / np.sqrt(2 * np.pi)
 cdf = lambda t: 0.5 * (1 + erf(t / np.sqrt(2)))
-print(f"slope min {slope.min():.4f} at x = {grid[slope.argmin()]:.2f} (theory "
-      f"{cdf(-np.sqrt(2)) - np.sqrt(2) * pdf(np.sqrt(2)):.4f} at -{np.sqrt(2):.2f}); "
-      f"max {slope.max():.4f} at x = {grid[slope.argmax()]:.2f} (theory "
-      f"{cdf(np.sqrt(2)) + np.sqrt(2) * pdf(np.sqrt(2)):.4f})")
+lowest = cdf(-np.sqrt(2)) - np.sqrt(2) * pdf(np.sqrt(2))    # theory: the slope's minimum, at -sqrt 2
+highest = cdf(np.sqrt(2)) + np.sqrt(2) * pdf(np.sqrt(2))    # and its maximum, at +sqrt 2
+print(f"slope min {slope.min():.4f} at x = {grid[slope.argmin()]:.2f} (theory {lowest:.4f} at "
+      f"-{np.sqrt(2):.2f}); max {slope.max():.4f} at x = {grid[slope.argmax()]:.2f} (theory {highest:.4f})")
+assert abs(slope.min() - lowest) < 1e-4 and abs(slope.max() - highest) < 1e-4, "GELU slope's extremes differ from theory"
 
 dots = np.linspace(-4, 4, 17)
 finite = (gelu_forward(dots + 1e-5)[0] - gelu_forward(dots - 1e-5)[0]) / 2e-5
@@ -289,6 +300,7 @@ report("cross-entropy", ["dz"], [dz], numeric, theirs)
 if torch is not None:
     torch_loss = F.cross_entropy(torch.tensor(z), torch.tensor(labels), label_smoothing=eps)
     print(f"loss {float(loss):.12f}, PyTorch {float(torch_loss):.12f}")
+    assert abs(float(loss) - float(torch_loss)) < 1e-12, "cross-entropy: loss differs from PyTorch's"
 
 # %% [markdown]
 # ### What label smoothing does to the optimum
@@ -318,6 +330,8 @@ for eps in (0.0, 0.1, 0.3):
         ax.axvline(m_star, ls=":", color=line.get_color())
         print(f"eps = {eps}: numerical minimum at m = {margins[np.argmin(per_example)]:.2f}, "
               f"formula m* = {m_star:.4f}, max |gradient| there = {np.abs(grad_at_star).max():.1e}")
+        assert np.abs(grad_at_star).max() < 1e-12, f"eps = {eps}: the gradient at m* is not 0"
+        assert abs(margins[np.argmin(per_example)] - m_star) < 0.02, f"eps = {eps}: minimum not at m*"   # grid step 0.02
 ax.set(title=f"cross-entropy of one example vs its logit margin (K = {K})",
        xlabel="margin m: true-class logit minus the others", ylabel="loss", ylim=(0, 4))
 ax.grid(alpha=0.3)
@@ -370,6 +384,7 @@ for name in names + ["input image"]:
     error = rel_error([analytic[i] for i in picks], numeric)
     checks.append((f"model: {name}", error, None))
     print(f"{name:>40}: 4 entries vs central differences, relative error {error:.1e}")
+    assert error < 1e-6, f"model {name}: relative error {error:.1e} vs central differences"
 
 # %% [markdown]
 # (The test suite compares every gradient of the whole model with the PyTorch port of the

@@ -93,6 +93,7 @@ scale = d ** -0.5
 out, cache = scaled_dot_product_attention_forward(q, k, v, scale)
 print("forward vs the loop twin (one query at a time):",
       f"{rel_error(out, attention_loops(q, k, v, scale)):.1e}")
+assert rel_error(out, attention_loops(q, k, v, scale)) < 1e-12, "attention forward differs from its loop twin"
 g = rng.normal(size=out.shape)                                  # random upstream gradient
 ours = scaled_dot_product_attention_backward(g, cache)          # dq, dk, dv
 f = lambda: scaled_dot_product_attention_forward(q, k, v, scale)[0]
@@ -106,6 +107,8 @@ for i, (name, x) in enumerate(zip(("dq", "dk", "dv"), (q, k, v))):
     _, numeric = numeric_grad(f, x, g)
     ag = "autograd skipped" if theirs is None else f"vs autograd {rel_error(ours[i], theirs[i]):.1e}"
     print(f"{name}: vs central differences {rel_error(ours[i].reshape(-1), numeric):.1e}, {ag}")
+    assert rel_error(ours[i].reshape(-1), numeric) < 1e-6, f"attention {name} vs central differences"
+    assert theirs is None or rel_error(ours[i], theirs[i]) < 1e-12, f"attention {name} vs autograd"
 
 # %% [markdown]
 # ## Heads
@@ -123,11 +126,13 @@ print("qkv", qkv.shape, "-> q, k, v", q.shape, "each")
 o, _ = scaled_dot_product_attention_forward(q, k, v, (D // heads) ** -0.5)   # (B, h, N, d)
 print("attention out", o.shape, "-> merge_heads", merge_heads(o).shape,
       "| unmerge_heads(merge_heads(o)) == o:", np.array_equal(unmerge_heads(merge_heads(o), heads), o))
+assert np.array_equal(unmerge_heads(merge_heads(o), heads), o), "unmerge_heads does not undo merge_heads"
 # head 2 alone, from its own slice of the qkv columns: the same numbers
 d = D // heads
 q2, k2, v2 = (qkv[..., part * D + 2 * d: part * D + 3 * d] for part in range(3))   # (B, N, d)
 o2, _ = scaled_dot_product_attention_forward(q2[:, None], k2[:, None], v2[:, None], d ** -0.5)
 print("head 2 computed on its own equals head 2 of the batched call:", np.allclose(o2[:, 0], o[:, 2]))
+assert np.allclose(o2[:, 0], o[:, 2]), "head 2 on its own differs from head 2 of the batched call"
 
 # %% [markdown]
 # ### Attention on real tokens
@@ -148,6 +153,7 @@ u, _ = layernorm_forward(tokens, np.ones(147, np.float32), np.zeros(147, np.floa
 _, cache = scaled_dot_product_attention_forward(u[:, None], u[:, None], u[:, None], 4 / 147)
 P = cache[3][0, 0]                                                # (784, 784): the attention map
 print("attention map", P.shape, "rows sum to 1:", np.allclose(P.sum(-1), 1, atol=1e-5))
+assert np.allclose(P.sum(-1), 1, atol=1e-5), "the attention map's rows do not sum to 1"
 
 queries = {"suit (flat orange)": (17, 5), "flag (vertical stripes)": (5, 1),
            "shuttle edge (diagonal)": (10, 23)}
@@ -219,7 +225,9 @@ dx, grads = token_transformer_backward(g, cache)
 f = lambda: token_transformer_forward(x, params)[0]
 for name, array, analytic in [("x", x, dx)] + [(n, params[n], grads[n]) for n in shapes]:
     indices, numeric = numeric_grad(f, array, g, entries=12)
-    print(f"d{name:18s} 12 entries vs central differences: {rel_error([analytic[i] for i in indices], numeric):.1e}")
+    error = rel_error([analytic[i] for i in indices], numeric)
+    print(f"d{name:18s} 12 entries vs central differences: {error:.1e}")
+    assert error < 1e-6, f"T2T transformer layer d{name}: relative error {error:.1e} vs central differences"
 
 # %% [markdown]
 # What if the skip's share of $dv$ were forgotten? Re-run the backward with a cache that says
@@ -235,6 +243,7 @@ dx_wrong, grads_wrong = token_transformer_backward(g, no_skip_cache)
 for name in ("mlp.fc2.weight", "attn.proj.weight", "attn.qkv.weight", "norm1.weight"):
     print(f"d{name:18s} without the skip's gradient: relative error {rel_error(grads_wrong[name], grads[name]):.2f}")
 print(f"dx                  without the skip's gradient: relative error {rel_error(dx_wrong, dx):.2f}")
+assert rel_error(dx_wrong, dx) > 0.05, "dropping the skip's gradient should make dx wrong"
 
 # %% [markdown]
 # ## The N x N memory wall

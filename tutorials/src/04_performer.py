@@ -102,6 +102,7 @@ for m in (16, 256, 4096, 65536):
     estimate = float(random_features_forward(q, W)[0][0, 0] @ random_features_forward(k, W)[0][0, 0])
     print(f"m = {m:6d}: phi(q).phi(k) = {estimate:.5f}   exp(q.k) = {exact:.5f}   "
           f"error {abs(estimate - exact) / exact:.4f}")
+assert abs(estimate - exact) / exact < 0.05, f"m = {m}: the random-feature estimate is off exp(q.k)"
 
 # %% [markdown]
 # ## Approximation error against the number of features
@@ -207,6 +208,8 @@ r = 32 / 64
 tempered = np.exp(r * qa[0] @ ka[0].T - (1 - r) * ((qa[0] ** 2).sum(-1)[:, None] + (ka[0] ** 2).sum(-1)[None]) / 2)
 print(f"mean over {draws} draws of T2T-ViT's W vs the tempered formula: largest relative deviation "
       f"{np.abs(mean_estimate / tempered - 1).max():.3f}; vs exp(q.k): {np.abs(mean_estimate / np.exp(qa[0] @ ka[0].T) - 1).max():.3f}")
+assert np.abs(mean_estimate / tempered - 1).max() < 0.1, "T2T-ViT's W does not estimate the tempered kernel"
+assert np.abs(mean_estimate / np.exp(qa[0] @ ka[0].T) - 1).max() > 0.3, "the tempered kernel should differ from exp(q.k)"
 
 # %% [markdown]
 # ### What the approximation looks like
@@ -280,11 +283,14 @@ if torch is not None:
     (ty * torch.tensor(g)).sum().backward()
     theirs = [tq.grad.numpy(), tk.grad.numpy(), tv.grad.numpy()]
     print(f"forward vs PyTorch: {rel_error(y, ty.detach().numpy()):.1e}")
+    assert rel_error(y, ty.detach().numpy()) < 1e-12, "performer forward differs from PyTorch's"
 f = lambda: performer_attention_forward(q, k, v, W)[0]
 for i, (name, x) in enumerate(zip(("dq", "dk", "dv"), (q, k, v))):
     _, numeric = numeric_grad(f, x, g)
     ag = "autograd skipped" if theirs is None else f"vs autograd {rel_error(ours[i], theirs[i]):.1e}"
     print(f"{name}: vs central differences {rel_error(ours[i].reshape(-1), numeric):.1e}, {ag}")
+    assert rel_error(ours[i].reshape(-1), numeric) < 1e-6, f"performer {name} vs central differences"
+    assert theirs is None or rel_error(ours[i], theirs[i]) < 1e-12, f"performer {name} vs autograd"
 
 # %% [markdown]
 # ## The T2T performer layer
@@ -310,7 +316,9 @@ print("x", x.shape, "-> out", out.shape, "| gradients for", sorted(grads), "(non
 f = lambda: token_performer_forward(x, params)[0]
 for name, array, analytic in [("x", x, dx)] + [(n, params[n], grads[n]) for n in shapes if n != "w"]:
     indices, numeric = numeric_grad(f, array, g, entries=10)
-    print(f"d{name:14s} 10 entries vs central differences: {rel_error([analytic[i] for i in indices], numeric):.1e}")
+    error = rel_error([analytic[i] for i in indices], numeric)
+    print(f"d{name:14s} 10 entries vs central differences: {error:.1e}")
+    assert error < 1e-6, f"T2T performer layer d{name}: relative error {error:.1e} vs central differences"
 
 # %% [markdown]
 # ## Time and memory as N grows
@@ -471,6 +479,7 @@ print(f"float16 in, float32 island: {island.dtype}, all finite: {bool(np.isfinit
       f"largest difference to float32: {float(np.max(np.abs(island - reference))):.1e} "
       f"(values up to {float(np.max(np.abs(reference))):.1f})")
 assert np.isfinite(island).all()
+assert np.max(np.abs(island - reference)) < 1e-2, "the float32 island's output is far from float32's"
 
 # %% [markdown]
 # ## What we saw

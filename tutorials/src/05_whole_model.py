@@ -92,6 +92,7 @@ show("head Linear(D -> K)", logits)
 
 reference = model.forward(x)
 print("\nthe walk's logits are bit-for-bit model.forward's:", np.array_equal(logits, reference))
+assert np.array_equal(logits, reference), "the walk's logits differ from model.forward's"
 
 # %% [markdown]
 # The re-structurized token images are worth a look even untrained: each T2T layer maps every
@@ -163,6 +164,7 @@ total = trained + sum(f for _, f in parts.values())
 print(f"  {'total':24s} {trained:>10,} trained, {total:,} in all")
 print(f"model.num_parameters(): {model.num_parameters(trainable_only=True):,} trained, "
       f"{model.num_parameters():,} in all\n")
+assert (trained, total) == (model.num_parameters(trainable_only=True), model.num_parameters()), "parameter formula != model.num_parameters()"
 
 print(f"{'variant':20s} {'formula (all)':>14} {'official (all)':>15} {'formula (trained)':>18} {'official':>11}")
 for name, official in OFFICIAL.items():
@@ -171,6 +173,7 @@ for name, official in OFFICIAL.items():
     total = trained + sum(f for _, f in parts.values())
     match = "ok" if (total, trained) == official else "MISMATCH"
     print(f"{name:20s} {total:>14,} {official[0]:>15,} {trained:>18,} {official[1]:>11,}  {match}")
+    assert match == "ok", f"{name}: the formula's parameter count differs from the official one"
 
 # %% [markdown]
 # ## Counting multiply-accumulates

@@ -119,6 +119,7 @@ for name in ("patch_embed.proj.weight", "pos_embed", "cls_token", "blocks.0.attn
         numeric, analytic = (plus - minus) / 2e-5, check.grads[name][index]
         worst = max(worst, abs(numeric - analytic) / max(abs(numeric) + abs(analytic), 1e-12))
     print(f"{name:26s} 3 entries vs central differences: relative error {worst:.1e}")
+    assert worst < 1e-5, f"plain ViT {name}: relative error {worst:.1e} vs central differences"
 del check
 
 # %% [markdown]
