@@ -131,8 +131,9 @@ def test_the_run_says_where_its_time_went(tmp_path, capsys, monkeypatch):
     code, printed = run_train(TINY + ["--epochs", "2", "--out", str(out)], capsys)
     assert code == 0, printed.err
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    for r in records:  # 3 training batches an epoch: 0.6 s of waiting, and little besides
-        assert 0.6 <= r["data_seconds"] < 0.6 + 0.15, r
+    for r in records:  # 3 training batches an epoch: 0.6 s of waiting and the making of the
+        # batches (2 validation batches, 0.6 s more, would show if counted)
+        assert 0.6 <= r["data_seconds"] < 1.0, r
         assert r["data_seconds"] < r["train_seconds"] < r["seconds"], r
     assert "waiting for data" in printed.out.splitlines()[-3]  # epoch 2's line
     last = printed.out.strip().splitlines()[-1]
@@ -142,7 +143,7 @@ def test_the_run_says_where_its_time_went(tmp_path, capsys, monkeypatch):
     assert numbers, last
     total, starting, training, data, validating, writing = map(float, numbers.groups())
     assert slept[True] == pytest.approx(1.2) and slept[False] >= 0.6, slept
-    assert 1.2 <= data < 1.2 + 0.3 and data < training, last
+    assert 1.2 <= data < 2.0 and data < training, last
     assert validating >= slept[False] - 0.1, last
     assert training + validating >= slept[True] + slept[False] - 0.1, last
     assert abs(starting + training + validating + writing - total) <= 0.25, last
