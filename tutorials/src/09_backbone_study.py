@@ -258,9 +258,9 @@ plt.show()
 # attention have little to work with, where the paper's conclusion rests on 196 tokens and 310
 # epochs of ImageNet. The dense model, 0.9 points below the baseline in the paper, is far behind
 # here: narrow (its blocks start 32 wide, heads 8 wide) and slow to start, it has not left chance
-# by much after 200 steps. Three times the budget (`STEPS` 600 instead of 200 at the top; not run
-# here, it takes three times as long) does not close the gap: on this machine the dense miniature then
-# reached 49.9% and the baseline 67.5%. It learns, slowly, and stays behind.
+# by much after 200 steps. Three times the budget (`STEPS` 600 instead of 200 at the top; not
+# run here, it takes three times as long) does not close the gap: on this machine the dense
+# miniature then reached 49.9% and the baseline 67.5%. It learns, slowly, and stays behind.
 #
 # **What the scale itself changes.** The tokens-to-token module keeps its full size, so it is a
 # quarter of every T2T miniature's parameters and most of its MACs, where at 224 it is about 1%:
