@@ -12,8 +12,8 @@ def pytest_configure(config):
     """Under pytest-xdist (README's `-n auto`) each worker keeps to one BLAS thread, and so do
     the programs it starts (CLIs, notebook kernels, mpirun ranks): the tests' matrices are
     small, and two workers each spinning two OpenBLAS threads on two cores ran the suite no
-    faster than one worker (7:50 either way here; 4:55 with one thread each). Tests that are
-    about thread counts set theirs explicitly."""
+    faster than one worker (7:50 either way on this 2-core machine; 4:30 with one thread
+    each). Tests that are about thread counts set theirs explicitly."""
     if os.environ.get("PYTEST_XDIST_WORKER"):
         for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
             os.environ[name] = "1"

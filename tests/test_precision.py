@@ -192,9 +192,10 @@ def _train_and_score(precision, steps=200, batch=32, lr=5e-4):
 
     Even at the plateau, rounding alone moves a run by a point or two: the same float32 run
     cut into 1 piece instead of 2 (another summation order, nothing else) scored 98.3% instead
-    of 97.3%, and fp16's 95.8% instead of 97.0%. So the batch is always cut into 2 pieces,
-    whatever the machine's BLAS thread count (which would otherwise choose the pieces), and
-    the comparison is of one fixed computation."""
+    of 97.3%, and fp16's 95.8% instead of 97.0% (2.5 points from float32's: with 1 piece this
+    test would fail on this machine, on rounding alone). So the batch is always cut into 2
+    pieces, whatever the machine's BLAS thread count (which would otherwise choose the
+    pieces), and the comparison is of one fixed computation."""
     from t2t_ref.data import make_shapes_splits
     from t2t_ref.data.transforms import normalize
     from t2t_ref.guard import StepMonitor
