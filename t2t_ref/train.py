@@ -495,7 +495,8 @@ class Timings:
     saving: float = 0.0      # checkpoints, metrics.jsonl and the plot
 
     def line(self):
-        """'time: 85 s in all: 6 s starting, ...', the whole process since `started`."""
+        """'time: 85.0 s in all: 6.1 s starting, ...': the whole process since `started`;
+        "starting" is what the other parts leave (start-up, and the moments after the end)."""
         total = time.perf_counter() - self.started
         starting = total - self.training - self.validation - self.saving
         return (f"time: {total:.1f} s in all: {starting:.1f} s starting, {self.training:.1f} s "
