@@ -9,8 +9,9 @@ the official repository's README and main.py) that the command line does not giv
     lr             1e-3 (T2T-ViT-7/10/12, width 256) or 5e-4 (the others) at a total batch of
                    512, scaled linearly to the run's --batch-size (timm's rule): lr * B / 512
     weight decay   0.03 (-7/10/12), 0.05 (-14), 0.065 (-19/24)
-    schedule       310 epochs: a cosine over 300, warmup 10 from 1e-6, floor 1e-5, then 10
-                   cooldown epochs at the floor
+    schedule       310 epochs: a cosine over 300, warmup 10 from 1e-6 in place of its first
+                   10 (timm's warmup_prefix=False), floor 1e-5, then 10 cooldown epochs at
+                   the floor
     regularising   label smoothing 0.1, drop path 0.1, mixup 0.8, cutmix 1.0, EMA 0.99996
     augmentation   RandomResizedCrop 0.08-1, 3/4-4/3, random interpolation; flip 0.5;
                    RandAugment rand-m9-mstd0.5-inc1 (colour jitter 0.4 is set but unused, as
@@ -18,9 +19,9 @@ the official repository's README and main.py) that the command line does not giv
     evaluation     resize to S / 0.9 bicubic, centre crop S; image size 224 (not on the
                    built-in shapes, which stay at 32 unless --img-size says otherwise)
 
-The run prints the command it resolved to; flags given explicitly win. Differences that
-remain: the official warmup overwrites the start of the cosine (timm's warmup_prefix=False),
-here the cosine starts when the warmup ends; timm steps the schedule per epoch, here per step.
+The run prints the command it resolved to; flags given explicitly win. The difference that
+remains: timm steps the schedule per epoch, here it is evaluated per step (the same curve,
+without the stairs).
 """
 
 from .data import EvalTransform, RandomErasing, TrainTransform
@@ -38,7 +39,8 @@ def official(model, batch_size):
     weight_decay = {256: 0.03, 448: 0.065, 512: 0.065}.get(width, 0.05)
     return dict(
         img_size=224, lr=base_lr * batch_size / OFFICIAL_BATCH, weight_decay=weight_decay,
-        epochs=310, cooldown_epochs=10, warmup_epochs=10, warmup_lr=1e-6, min_lr=1e-5,
+        epochs=310, cooldown_epochs=10, warmup_epochs=10, warmup_prefix=False,
+        warmup_lr=1e-6, min_lr=1e-5,
         label_smoothing=0.1, drop=0.0, drop_path=0.1, mixup=0.8, cutmix=1.0,
         ema_decay=0.99996, crop_scale=[0.08, 1.0], crop_ratio=[3 / 4, 4 / 3],
         train_interpolation="random", hflip=0.5, vflip=0.0, color_jitter=0.4,

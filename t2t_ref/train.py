@@ -88,7 +88,7 @@ RESUME_MAY_CHANGE = ("data", "workers", "backend", "out", "resume", "stop_after"
                      "max_nonfinite_steps")
 # What a checkpoint written before these flags existed ran with
 BEFORE_THESE_FLAGS = {**DATA_DEFAULTS, "cooldown_epochs": 0, "recipe": None,
-                      "precision": "float32"}
+                      "precision": "float32", "warmup_prefix": True}
 # Flags that may differ between MPI ranks (paths can differ from node to node; what is read
 # there is compared by content)
 RANK_LOCAL = ("data", "workers", "out", "resume")
@@ -180,6 +180,10 @@ def build_parser(defaults=True):
     add("--cooldown-epochs", type=number(int, low=0), default=0,
         help="the last epochs of --epochs train at --min-lr; the cosine spans the others "
         "(official: 10 of 310)")
+    add("--warmup-prefix", action=argparse.BooleanOptionalAction, default=True,
+        help="the cosine starts where the warmup ends; --no-warmup-prefix: one cosine over "
+        "all the scheduled steps, whose first ones the warmup replaces, as timm's default "
+        "(official: --no-warmup-prefix)")
     add("--warmup-lr", type=number(float, low=0), default=1e-6,
         help="learning rate at the first step")
     add("--min-lr", type=number(float, low=0), default=1e-5, help="the cosine schedule's floor")
@@ -371,7 +375,9 @@ def command_line(config, always=()):
     """The flags of a configuration that differ from their defaults (and those named in
     always), as a command line that gives the same configuration without --recipe (where the
     run is: --resume, --stop-after left out)."""
-    defaults = vars(build_parser().parse_args([]))
+    parser = build_parser()
+    defaults = vars(parser.parse_args([]))
+    negatable = {a.dest for a in parser._actions if isinstance(a, argparse.BooleanOptionalAction)}
     words = []
     for key, value in config.items():
         if key in ("recipe", "resume", "stop_after") or key not in defaults:
@@ -381,6 +387,8 @@ def command_line(config, always=()):
         flag = "--" + key.replace("_", "-")
         if value is True:
             words.append(flag)
+        elif value is False and key in negatable:
+            words.append("--no-" + flag[2:])
         elif value is None:
             words += [flag, "none"]  # (only --aa has none for a value)
         else:
@@ -677,7 +685,8 @@ def prepare(config, resume=None, world=None):
         return CosineSchedule(config["lr"],
                               (epochs - config["cooldown_epochs"]) * steps_per_epoch,
                               warmup_steps=round(config["warmup_epochs"] * steps_per_epoch),
-                              warmup_lr=config["warmup_lr"], min_lr=config["min_lr"])
+                              warmup_lr=config["warmup_lr"], min_lr=config["min_lr"],
+                              warmup_prefix=config["warmup_prefix"])
 
     schedule = cosine(config["epochs"])
     K = len(class_names)

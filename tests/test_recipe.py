@@ -17,6 +17,7 @@ from t2t_ref.data import default_workers
 from t2t_ref.data.digits import main as digits_main
 from t2t_ref.data.transforms import RESAMPLE
 from t2t_ref.recipe import erasing_of, eval_transform_of, train_transform_of
+from t2t_ref.schedule import lr_at
 
 TINY = ["--synthetic-train", "64", "--synthetic-val", "32", "--batch-size", "32",
         "--img-size", "32", "--workers", "0", "--warmup-epochs", "0.5"]
@@ -53,6 +54,7 @@ def test_the_official_recipe_for_every_model(model, batch):
     for key, value in OFFICIAL_EVERYWHERE.items():
         assert config[key] == pytest.approx(value), key
     assert config["batch_size"] == batch and config["recipe"] == "official"
+    assert config["warmup_prefix"] is False  # timm's default: the warmup replaces the cosine's start
 
 
 def test_explicit_flags_win_over_the_recipe():
@@ -87,7 +89,7 @@ def test_a_run_prints_the_resolved_recipe_and_records_its_flags(tmp_path, capsys
     assert line.startswith("--recipe official resolves to: python -m t2t_ref.train ")
     command = line.split("python -m t2t_ref.train ", 1)[1].split()
     for flag in ("--aa", "--reprob", "--mixup", "--cutmix", "--ema-decay", "--drop-path",
-                 "--weight-decay", "--lr", "--train-interpolation"):
+                 "--weight-decay", "--lr", "--train-interpolation", "--no-warmup-prefix"):
         assert flag in command, flag
     _, meta, _, _ = load_checkpoint(out / "last.safetensors")
     saved = meta["config"]
@@ -100,6 +102,26 @@ def test_a_run_prints_the_resolved_recipe_and_records_its_flags(tmp_path, capsys
     assert (saved["aa"], saved["reprob"], saved["lr"]) == ("rand-m9-mstd0.5-inc1", 0.25, 6.25e-5)
     # without --data (the built-in shapes) the recipe leaves the image size at 32
     assert resolve(["--recipe", "official"])["img_size"] == 32
+
+
+def test_warmup_prefix_reaches_the_runs_schedule(tmp_path):
+    """--no-warmup-prefix (the official recipe's, timm's default) and --warmup-prefix (the
+    default here) give the runs their own schedules: each epoch's logged learning rate is the
+    formula's (tested against timm's curve in test_optim) under that setting, and the two
+    differ."""
+    logged = {}
+    for flag, prefix in (("--warmup-prefix", True), ("--no-warmup-prefix", False)):
+        out = tmp_path / flag
+        assert train.main(TINY + ["--epochs", "3", "--warmup-epochs", "1", "--out", str(out),
+                                  flag]) == 0
+        assert json.loads((out / "config.json").read_text())["warmup_prefix"] is prefix
+        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        # 2 steps an epoch, 6 in all, the first 2 warmup; an epoch logs its last step's rate
+        logged[prefix] = [r["lr"] for r in records]
+        assert logged[prefix] == pytest.approx(
+            [lr_at(r["step"] - 1, base_lr=5e-4, total_steps=6, warmup_steps=2,
+                   warmup_prefix=prefix) for r in records], rel=1e-12)
+    assert logged[True][1] != pytest.approx(logged[False][1], rel=1e-3), logged
 
 
 def test_workers_default_to_the_cores_less_one(tmp_path, capsys):
@@ -188,7 +210,7 @@ def test_a_checkpoint_from_before_these_flags_resumes_with_the_old_pipeline(tmp_
     weights, meta, optimizer, ema = load_checkpoint(path)
     for key in ("hflip", "vflip", "crop_pct", "interpolation", "train_interpolation",
                 "color_jitter", "aa", "reprob", "remode", "recount", "no_aug",
-                "cooldown_epochs", "recipe"):
+                "cooldown_epochs", "recipe", "warmup_prefix"):
         del meta["config"][key]
     meta.pop("format_version", None)
     save_checkpoint(path, weights, meta, optimizer=optimizer, ema=ema)
