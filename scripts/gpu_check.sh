@@ -86,6 +86,11 @@ stage bench 200 $PY -m t2t_ref.bench --backend cupy --repeats 7 --warmup 2 --jso
 # 6. the default built-in training run (3 epochs of 40,000 images), end to end
 stage default_run 100 $PY -m t2t_ref.train --backend cupy --out "$WORK/default"
 
+#    and its step alone against PyTorch's, with the per-op profile: what bounds the 32x32
+#    step (no target of its own, so a miss is not a failure here; parity still prints)
+stage bench_small 60 ok=1 $PY -m t2t_ref.bench --backend cupy --repeats 7 --warmup 2 \
+    --json "$LOGS/bench_small.json" --config t2t_vit_7-32-b64-train
+
 # 7. the loader at 224 with the recipe's augmentation: images/s for 1, 2 and all cores
 stage loader 60 $PY -m t2t_ref.bench --loader --json "$LOGS/loader.json"
 
@@ -109,7 +114,7 @@ head -n 3 "$LOGS/machine.log"
 cat "$SUMMARY"
 grep -h -E "PASS|FAIL" "$LOGS/parity.log" "$LOGS/parity_half.log" "$LOGS/gemm.log" 2>/dev/null
 { tr "\r" "\n" < "$LOGS/resume.log"; } 2>/dev/null | grep -E "^epoch [0-9]+:|^done" | tail -n 3
-for b in bench bench_half bench_plain; do
+for b in bench bench_small bench_half bench_plain; do
     echo "-- $b"
     grep -h -E "^== |agree|against float32|ms per step|peak memory|FAILED" "$LOGS/$b.log" 2>/dev/null
 done
