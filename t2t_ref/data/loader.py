@@ -181,8 +181,10 @@ class Loader:
         finally:  # also when the caller stops early or an exception passes through
             for _, future in pending:
                 future.cancel()
-            # a batch being made still writes into the ring: wait for it before freeing
-            concurrent.futures.wait([future for _, future in pending])
+            # a batch being made still writes into the ring: wait for it before freeing. Not
+            # for a cancelled one: it never runs, and once close() has shut the pool down
+            # (the generator may be closed after the loader) nothing would ever mark it done
+            concurrent.futures.wait([future for _, future in pending if not future.cancelled()])
             ring.close()
 
     def close(self):
