@@ -17,15 +17,17 @@ from worker processes as uint8 (data/loader.py) and are normalised, erased and m
 training device (data/feed.py, mixup.py).
 
 Each epoch writes to --out: metrics.jsonl (one line per epoch), curves.png, and the
-checkpoints last.safetensors and best.safetensors (see checkpoint.py). Ctrl-C saves `last`
-(mid-epoch, exactly where it stopped) and --resume continues as if never interrupted:
-every random number is a function of (seed, epoch, step), never of the clock. --resume with a
-larger --epochs extends a run (the schedule becomes the new total's, from the current step).
+checkpoints last.safetensors and best.safetensors (see checkpoint.py). Ctrl-C (or SIGTERM,
+SIGUSR1: stop.py) saves `last` (mid-epoch, exactly where it stopped) and --resume continues as
+if never interrupted: every random number is a function of (seed, epoch, step), never of the
+clock. --resume with a larger --epochs extends a run (the schedule becomes the new total's,
+from the current step).
 
 A step whose loss or gradient norm is NaN or inf is skipped and counted on the device
 (guard.py), read with the logged loss every LOG_EVERY steps; --max-nonfinite-steps of them in
 a row stop the run. Exit codes: 0 done, 2 a user mistake (one line saying what to change),
-3 diverged (checkpoints as the last finished epoch left them), 130 Ctrl-C (`last` saved).
+3 diverged (checkpoints as the last finished epoch left them), 130 Ctrl-C, 143 SIGTERM and
+138 SIGUSR1 (`last` saved).
 
 The loop is train_step (forward, loss, backward, clip, AdamW, EMA: what the tutorial writes)
 inside bookkeeping: prepare() builds or resumes a Run, fit() feeds it batches, logs, and
@@ -43,7 +45,6 @@ import itertools
 import json
 import math
 import os
-import signal
 import sys
 import tempfile
 import time
@@ -79,6 +80,9 @@ from .pretrained import PretrainedError, load_weights_into
 from .recipe import (DATA_DEFAULTS, RECIPES, erasing_of, eval_transform_of, official,
                      train_transform_of)
 from .schedule import CosineSchedule
+from .stop import NAMES as STOP_NAMES
+from .stop import StopSignals
+from .stop import exit_code as stop_exit_code
 from .variants import list_models
 
 USER_ERRORS = (DataError, CheckpointError, BackendError, PretrainedError)
@@ -109,30 +113,12 @@ class Diverged(Exception):
 
 
 class Interrupted(Exception):
-    """Raised between two training steps when Ctrl-C was pressed."""
+    """Raised between two training steps at --stop-after or on a stop signal (stop.py);
+    signum: the signal's number, None for --stop-after."""
 
-
-class CtrlC:
-    """While active, the first Ctrl-C only sets `pressed`: the loop stops between two steps,
-    so the saved state is exactly that of a finished step. A second Ctrl-C stops at once
-    (without saving: the last checkpoint stays as it was)."""
-
-    def __init__(self):
-        self.pressed = False
-
-    def _handle(self, signum, frame):
-        if self.pressed:
-            raise KeyboardInterrupt
-        self.pressed = True
-        print("\nCtrl-C: stopping after this step to save a checkpoint "
-              "(press again to quit without saving)", file=sys.stderr)
-
-    def __enter__(self):
-        self._previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def __exit__(self, *exc):
-        signal.signal(signal.SIGINT, self._previous)
+    def __init__(self, signum=None):
+        super().__init__(signum)
+        self.signum = signum
 
 
 def aa_spec(text):
@@ -848,7 +834,7 @@ def warn_bad_file(path, reason):
 def fit(run):
     """Train the prepared run to its last epoch. Returns the metrics history.
 
-    Raises Interrupted (after saving `last`) at --stop-after or Ctrl-C, Diverged when the
+    Raises Interrupted (after saving `last`) at --stop-after or a stop signal, Diverged when the
     steps keep coming out non-finite."""
     config, model, position, world = run.config, run.model, run.position, run.world
     schedule, steps_per_epoch = run.schedule, run.steps_per_epoch
@@ -878,13 +864,13 @@ def fit(run):
         return r
 
     bar = loop_began = None
-    # Ctrl-C under mpirun reaches the ranks as SIGTERM (mpi.py): it ends them at once
-    ctrl_c = CtrlC() if world.size == 1 else contextlib.nullcontext(CtrlC())
+    # Ctrl-C and SIGTERM (one process) or SIGUSR1 (any): stop between two steps with a save
+    stop = StopSignals(mpi=world.size > 1, speaks=run.speaks)
     with quiet_float_warnings():  # the monitor counts what NumPy would warn about
         try:
             partners_loader = run.partners if run.partners is not None \
                 else contextlib.nullcontext()
-            with run.loader, run.val_loader, partners_loader, ctrl_c as ctrl_c:
+            with run.loader, run.val_loader, partners_loader, stop:
                 for epoch in range(position.epoch, config["epochs"]):
                     model.train()
                     bar = tqdm(total=steps_per_epoch, initial=position.batch,
@@ -898,13 +884,15 @@ def fit(run):
                                          config["backend"]) \
                         if run.partners is not None else itertools.repeat(None)
                     for batch, pair in zip(batches, partners):
-                        if world.total(len(batch.labels)) == 0:  # all its files unreadable
+                        # every rank learns the global batch's size and any rank's stop request
+                        total, signum = world.start_step(len(batch.labels), stop.requested)
+                        if signum is not None or (config["stop_after"] is not None
+                                                  and position.step >= config["stop_after"]):
+                            raise Interrupted(signum)  # between two steps: a consistent state
+                        if total == 0:  # all its files unreadable
                             position.batch += 1
                             bar.update(1)
                             continue
-                        if ctrl_c.pressed or (config["stop_after"] is not None
-                                              and position.step >= config["stop_after"]):
-                            raise Interrupted  # between two steps: the state is consistent
                         lr = schedule(position.step)
                         x, t = batch_inputs(run, batch, pair)
                         images_done = train_step(model, run.optimizer, run.ema, run.monitor, x,
@@ -928,7 +916,7 @@ def fit(run):
                     run.timings.training += time.perf_counter() - loop_began
                     loop_began = None
                     finish_epoch(run, epoch, time.perf_counter() - started)
-        except Interrupted:
+        except Interrupted as stopped:
             if bar is not None:
                 bar.close()
             read_monitor()
@@ -938,8 +926,9 @@ def fit(run):
             save_run_state(run.last_path, run)
             run.timings.saving += time.perf_counter() - saving
             if run.speaks:
-                print(f"\ninterrupted at step {position.step}: saved {run.last_path}; continue "
-                      f"with --resume {run.last_path}", file=sys.stderr)
+                by = "" if stopped.signum is None else f" by {STOP_NAMES[stopped.signum]}"
+                print(f"\ninterrupted at step {position.step}{by}: saved {run.last_path}; "
+                      f"continue with --resume {run.last_path}", file=sys.stderr)
             raise
         except Diverged:
             if bar is not None:
@@ -1094,8 +1083,8 @@ def main(argv=None):
     run.timings.started = began
     try:
         fit(run)
-    except Interrupted:
-        return 130
+    except Interrupted as stopped:
+        return stop_exit_code(stopped.signum)  # 128 + the signal's number
     except Diverged as err:
         if world.size == 1 or err.everywhere:
             if run.speaks:
@@ -1111,7 +1100,7 @@ def main(argv=None):
         where = f"rank {world.rank} of {world.size}: " if world.rank else ""
         print(f"error: {where}{err}", file=sys.stderr)
         world.abort(getattr(err, "exit_code", 2))
-    except KeyboardInterrupt:  # a second Ctrl-C: no save
+    except KeyboardInterrupt:  # a second stop signal: no save
         if world.size == 1:
             return 130
         world.abort(130)

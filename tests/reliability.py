@@ -30,7 +30,8 @@ Every row is a case the test suite tries, and says what the test asserts; the ta
 generated from the tests' `tried` markers by `python tests/reliability.py` (do not edit it by
 hand: `tests/test_reliability.py` fails when it differs from what the tests say). A user
 mistake ends with one line, `error: ...`, naming the problem and the fix, and exit code 2; a
-run that diverges stops with exit code 3; Ctrl-C exits with 130.
+run that diverges stops with exit code 3; Ctrl-C, SIGTERM and SIGUSR1 stop a run with a save
+and exit with 130, 143 and 138.
 """
 
 

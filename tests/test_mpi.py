@@ -8,6 +8,7 @@ refuses root and more ranks than cores unless told: the environment below tells 
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -205,6 +206,37 @@ def test_killing_one_rank_ends_the_job_with_the_checkpoint_intact(tmp_path):
                             "as epoch 1 left them"), ours[0]
     weights, meta, _, _ = load_checkpoint(out / "last.safetensors")
     assert meta["epoch"] == 1 and all(np.isfinite(w).all() for w in weights.values())
+
+
+@needs_mpirun
+@tried("faults", "SIGUSR1 to one rank of `mpirun -n 2` training (`kill -USR1` of mpirun "
+       "reaches every rank; a scheduler's warning signal, SLURM `--signal=USR1@120`)",
+       "both ranks stop at the same step: exit 138, `interrupted at step N by SIGUSR1: saved "
+       "...` once (rank 0, which never got the signal), `last` at step N, resumable")
+def test_sigusr1_to_one_rank_stops_every_rank_at_the_same_step_with_a_save(tmp_path):
+    out = tmp_path / "run"
+    job = mpirun(2, ["-m", "t2t_ref.train", *TINY, "--synthetic-train", "640", "--epochs", "50",
+                     "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 240
+        while not (out / "config.json").exists() and time.time() < deadline:  # started
+            assert job.poll() is None, job.communicate()
+            time.sleep(0.05)
+        time.sleep(1.5)  # some steps in
+        os.kill(rank_pid(job.pid, 1), signal.SIGUSR1)
+        _, err = job.communicate(timeout=120)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert job.returncode == 138, err  # mpirun passes on the ranks' exit code
+    assert "Traceback" not in err, err
+    said = re.findall(r"interrupted at step (\d+) by SIGUSR1: saved (\S+); continue", err)
+    assert len(said) == 1 and said[0][1] == str(out / "last.safetensors"), err
+    weights, meta, _, _ = load_checkpoint(out / "last.safetensors")
+    assert meta["step"] == int(said[0][0]) > 0, meta
+    assert all(np.isfinite(w).all() for w in weights.values())
+    assert train.main(["--resume", str(out / "last.safetensors"), "--epochs",
+                       str(meta["epoch"] + 1)]) == 0  # one process goes on from there
 
 
 def rank_pid(launcher, rank):

@@ -224,24 +224,57 @@ def test_resume_with_another_thread_count_continues_the_same_run(tmp_path, capsy
         assert err < 1e-12, f"{key}: {err:.1e}"
 
 
-@tried("faults", "Ctrl-C (SIGINT) of a training process", "exit 130, no traceback, `last` "
-       "saved, `continue with --resume` said")
-def test_ctrl_c_saves_last_and_exits_cleanly(tmp_path):
+@pytest.mark.parametrize("signum, name, code", [
+    pytest.param(signal.SIGINT, "Ctrl-C", 130, marks=tried(
+        "faults", "Ctrl-C (SIGINT) to a training process and its 2 loader workers",
+        "exit 130, no traceback, `interrupted at step N by Ctrl-C: saved ...last.safetensors; "
+        "continue with --resume ...`, `last` at step N; no process left behind")),
+    pytest.param(signal.SIGTERM, "SIGTERM", 143, marks=tried(
+        "faults", "SIGTERM (kill, docker stop, a scheduler's time limit) to every process of "
+        "a training run (the process group: workers and multiprocessing's resource tracker "
+        "too)", "the same as Ctrl-C, exit 143 (128 + 15); the workers ignore it")),
+    pytest.param(signal.SIGUSR1, "SIGUSR1", 138, marks=tried(
+        "faults", "SIGUSR1 (a scheduler's warning before a time limit) to every process of a "
+        "training run", "the same, exit 138; no resource-tracker warning or traceback "
+        "(the tracker blocks it)")),
+])
+def test_a_stop_signal_saves_last_and_exits_cleanly(tmp_path, signum, name, code):
     out = tmp_path / "run"
     args = [sys.executable, "-m", "t2t_ref.train", *TINY, "--synthetic-train", "640",
-            "--epochs", "50", "--out", str(out)]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while not (out / "config.json").exists() and time.time() < deadline:  # training started
-        time.sleep(0.1)
-    time.sleep(1.0)
-    proc.send_signal(signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 130, stderr
-    assert "Traceback" not in stderr, stderr
-    assert "continue with --resume" in stderr
+            "--workers", "2", "--epochs", "50", "--out", str(out)]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # its own process group, as a job's
+    try:
+        deadline = time.time() + 120
+        while not (out / "config.json").exists() and time.time() < deadline:  # started
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.1)
+        time.sleep(1.5)  # some steps into the run, with the workers started
+        os.killpg(proc.pid, signum)  # every process of the run, as a terminal or a scheduler
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == code, stderr
+    assert "Traceback" not in stderr and "resource_tracker" not in stderr, stderr
+    said = re.search(rf"interrupted at step (\d+) by {name}: saved (\S+); continue with "
+                     rf"--resume (\S+)\n", stderr)
+    assert said, stderr
+    assert said[2] == said[3] == str(out / "last.safetensors")
     _, meta, _, _ = load_checkpoint(out / "last.safetensors")
-    assert meta["epoch"] < 50
+    assert meta["step"] == int(said[1]) and 0 < meta["step"] < 50 * 20, meta
+    deadline = time.time() + 10  # the workers and the resource tracker end with the run
+    while time.time() < deadline and group_alive(proc.pid):
+        time.sleep(0.1)
+    assert not group_alive(proc.pid), "processes of the run were left behind"
+
+
+def group_alive(pgid):
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 @tried("data", "an unreadable image in the training set",

@@ -17,8 +17,9 @@ memory the same way.
 
 Workers are forked by default (Linux): they inherit the dataset (an ArrayDataset's images are
 shared, not copied). "spawn"/"forkserver" pickle the batch maker to each worker and need the
-main script behind `if __name__ == "__main__":`. Workers ignore Ctrl-C: the main process gets
-the KeyboardInterrupt and closes them.
+main script behind `if __name__ == "__main__":`. Workers ignore Ctrl-C, SIGTERM and SIGUSR1,
+which a terminal or a scheduler sends to every process of the job: the main process stops the
+run (t2t_ref/stop.py) and closes them.
 """
 
 import concurrent.futures
@@ -42,6 +43,7 @@ class Ring:
         self.shm = None
         if shared:
             check_shared_memory(nbytes)
+            start_resource_tracker()
             self.shm = shared_memory.SharedMemory(create=True, size=nbytes)
             self.array = np.ndarray(self.shape, dtype=np.uint8, buffer=self.shm.buf)
         else:
@@ -57,6 +59,22 @@ class Ring:
             self.shm.close()
             self.shm.unlink()
             self.shm = None
+
+
+def start_resource_tracker():
+    """Start multiprocessing's resource tracker (the process that unlinks shared memory a crash
+    left behind; the first SharedMemory starts it) with SIGUSR1 blocked, a mask it keeps: a
+    scheduler's SIGUSR1 to every process of the job (stop.py) must not kill it (it ignores
+    SIGINT and SIGTERM itself). Killed, it is restarted by the next unlink with a warning and a
+    traceback."""
+    from multiprocessing import resource_tracker
+    if not hasattr(signal, "pthread_sigmask"):
+        return
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+    try:
+        resource_tracker.ensure_running()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
 def check_shared_memory(nbytes, where="/dev/shm"):
@@ -100,7 +118,8 @@ _ATTACHED = {}  # ring name -> SharedMemory
 
 def _install_in_worker(batch_maker):
     global _BATCH_MAKER
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):  # the main process's to
+        signal.signal(signum, signal.SIG_IGN)  # handle (stop.py), also when sent to the group
     _BATCH_MAKER = batch_maker
 
 

@@ -75,11 +75,16 @@ def join():
         _world = World()
         return _world
     _watch_for_sigterm(rank)  # before MPI starts its threads: they inherit the blocked signal
+    # SIGUSR1 (stop with a save: stop.py) is the main thread's alone: MPI's threads, started
+    # by the import, block it, so that it never interrupts one of their system calls
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
     try:
         from mpi4py import MPI
     except ImportError:
         raise WorldError(f"started by an MPI launcher with {size} ranks, but mpi4py is not "
                          f"installed: {INSTALL}") from None
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1})
     _world = World(MPI.COMM_WORLD)
     return _world
 
@@ -141,9 +146,15 @@ class World:
             return [count]
         return self.comm.allgather(int(count))
 
-    def total(self, count):
-        """The sum of every rank's count (a host int): the global batch's size."""
-        return sum(self.gather_counts(count))
+    def start_step(self, count, stop):
+        """At the start of a training step, with this rank's count of samples and stop request
+        (a signal's number, or None: stop.py): (the global batch's size, the request of the
+        lowest rank that has one, or None), the same on every rank, so that every rank stops
+        at the same step. One allgather of small ints."""
+        if self.size == 1:
+            return count, stop
+        ranks = self.comm.allgather((int(count), int(stop or 0)))
+        return sum(c for c, _ in ranks), next((s for _, s in ranks if s), None)
 
     def abort(self, code):
         """End every rank now (after a failure on this one that the others cannot know of)."""
