@@ -554,6 +554,60 @@ def test_kill_9_then_resume_ends_with_identical_weights(tmp_path, capsys):
         assert np.array_equal(w1[key], w2[key]), key
 
 
+@tried("faults", "kill -9 of a training process with 2 loader worker processes",
+       "the workers notice within seconds and exit; multiprocessing's resource tracker then "
+       "unlinks the run's shared memory (nothing of the run is left in /dev/shm or the "
+       "process table)")
+def test_loader_workers_end_with_a_killed_run_and_free_its_shared_memory(tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "t2t_ref.train", *TINY, "--synthetic-train",
+                             "640", "--workers", "2", "--epochs", "50", "--out", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        segments = set()
+        while not segments and time.time() < deadline:  # the workers hold the batch ring
+            assert proc.poll() is None, "the run ended early"
+            for pid in group_members(proc.pid):
+                segments |= mapped_shared_memory(pid)
+            time.sleep(0.1)
+        assert segments, "no worker mapped shared memory in time"
+        proc.kill()
+        proc.wait()
+        deadline = time.time() + 15  # the workers check once a second
+        while time.time() < deadline and (group_alive(proc.pid) or
+                                          any(os.path.exists(s) for s in segments)):
+            time.sleep(0.1)
+    finally:
+        if group_alive(proc.pid):
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert not group_alive(proc.pid), "worker processes outlived the killed run"
+    assert not any(os.path.exists(s) for s in segments), f"{segments} left in /dev/shm"
+
+
+def group_members(pgid):
+    """The process ids of process group pgid, from /proc."""
+    members = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if int(f.read().rsplit(")", 1)[1].split()[2]) == pgid:
+                    members.append(int(pid))
+        except (OSError, ValueError, IndexError):
+            continue
+    return members
+
+
+def mapped_shared_memory(pid):
+    """The /dev/shm files that process pid has mapped."""
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            return {line.split()[-1] for line in f if "/dev/shm/" in line}
+    except OSError:
+        return set()
+
+
 def nan_from_step(monkeypatch, first, last=None):
     """Training's loss (and gradient) become NaN at steps first..last: a run diverging there."""
     from t2t_ref.ops.cross_entropy import cross_entropy

@@ -19,13 +19,17 @@ Workers are forked by default (Linux): they inherit the dataset (an ArrayDataset
 shared, not copied). "spawn"/"forkserver" pickle the batch maker to each worker and need the
 main script behind `if __name__ == "__main__":`. Workers ignore Ctrl-C, SIGTERM and SIGUSR1,
 which a terminal or a scheduler sends to every process of the job: the main process stops the
-run (t2t_ref/stop.py) and closes them.
+run (t2t_ref/stop.py) and closes them. A worker whose parent died without closing it (kill -9,
+killed for memory) exits within a second, and multiprocessing's resource tracker then frees
+the shared memory.
 """
 
 import concurrent.futures
 import multiprocessing
 import os
 import signal
+import threading
+import time
 from multiprocessing import shared_memory
 
 import numpy as np
@@ -100,7 +104,7 @@ def start_pool(workers, batch_maker, processes, start_method=None):
         start_method = "fork"  # the dataset is inherited, not pickled (3.14 defaults otherwise)
     return concurrent.futures.ProcessPoolExecutor(
         workers, mp_context=multiprocessing.get_context(start_method),
-        initializer=_install_in_worker, initargs=(batch_maker,))
+        initializer=_install_in_worker, initargs=(batch_maker, os.getpid()))
 
 
 def fill_task(ring, slot, indices, epoch, batch_maker, processes):
@@ -116,11 +120,22 @@ _BATCH_MAKER = None
 _ATTACHED = {}  # ring name -> SharedMemory
 
 
-def _install_in_worker(batch_maker):
+def _install_in_worker(batch_maker, parent):
     global _BATCH_MAKER
+    threading.Thread(target=_exit_with, args=(parent,), name="t2t_ref-orphan-watch",
+                     daemon=True).start()
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):  # the main process's to
         signal.signal(signum, signal.SIG_IGN)  # handle (stop.py), also when sent to the group
     _BATCH_MAKER = batch_maker
+
+
+def _exit_with(parent, every=1.0):
+    """End this worker once its parent is gone (kill -9, killed for memory): nothing else
+    would, and the run's shared memory stays allocated while a worker holds it. The check is
+    PyTorch's DataLoader's: the parent process id changes when the parent dies."""
+    while os.getppid() == parent:
+        time.sleep(every)
+    os._exit(0)
 
 
 def _fill_in_worker(name, shape, slot, indices, epoch):
