@@ -91,6 +91,13 @@ def save_checkpoint(path, weights, meta, optimizer=None, ema=None):
     atomic_save(tensors, path, {META_KEY: json.dumps(meta)})
 
 
+def checkpoint_meta(path):
+    """The training metadata of checkpoint path, read from its header alone (no tensors)."""
+    from safetensors import safe_open
+    with safe_open(os.fspath(path), framework="numpy") as f:
+        return json.loads((f.metadata() or {})[META_KEY])
+
+
 def load_checkpoint(path):
     """-> (weights, meta, optimizer or None, ema or None), all on the host."""
     path = os.fspath(path)

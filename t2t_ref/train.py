@@ -57,7 +57,8 @@ from tqdm import tqdm
 
 from .atomic import remove_leftovers, write_atomic
 from .backend import BackendError, keep_freed_memory, to_device, to_numpy
-from .checkpoint import CheckpointError, NonFiniteError, load_checkpoint, save_checkpoint
+from .checkpoint import (CheckpointError, NonFiniteError, checkpoint_meta, load_checkpoint,
+                         save_checkpoint)
 from .cli import Parser, number, plural, user_error
 from .data import (SHAPE_CLASSES, ArrayDataset, DataError, FileDataset, Loader,
                    default_workers, find_splits, make_shapes_splits, model_input)
@@ -85,7 +86,6 @@ from .stop import StopSignals
 from .stop import exit_code as stop_exit_code
 from .variants import list_models
 
-USER_ERRORS = (DataError, CheckpointError, BackendError, PretrainedError)
 LOG_EVERY = 10  # steps between reads of the loss and the non-finite counters: one host sync
 # Flags that may differ when resuming: where the run is, not what it computes.
 RESUME_MAY_CHANGE = ("data", "workers", "backend", "out", "resume", "stop_after",
@@ -110,6 +110,14 @@ class Diverged(Exception):
     def __init__(self, message, everywhere=False):
         super().__init__(message)
         self.everywhere = everywhere
+
+
+class OutputError(Exception):
+    """A file of the run could not be written (disk full, quota, permissions): the message
+    says what is still on disk and how to go on; exit code 2, as a user mistake."""
+
+
+USER_ERRORS = (DataError, CheckpointError, BackendError, PretrainedError, OutputError)
 
 
 class Interrupted(Exception):
@@ -644,7 +652,9 @@ def prepare(config, resume=None, world=None):
     history = []
     if run.speaks:
         os.makedirs(out, exist_ok=True)
-        write_atomic(os.path.join(out, "config.json"), json.dumps(config, indent=2))
+        config_path = os.path.join(out, "config.json")
+        write_output(run, config_path, lambda: write_atomic(config_path,
+                                                            json.dumps(config, indent=2)))
         history = read_history(run.metrics_path)[:position.epoch]
 
     # each rank reads its piece of every batch (all of it when alone)
@@ -778,15 +788,32 @@ def save_run_state(path, run):
         meta["loss_scale"] = run.scaler.state_dict()
     ema = run.ema
     try:
-        save_checkpoint(path, model.state_dict(), meta, optimizer=run.optimizer.state_dict(),
-                        ema=None if ema is None else {k: to_numpy(v)
-                                                      for k, v in ema.params.items()})
+        write_output(run, path, lambda: save_checkpoint(
+            path, model.state_dict(), meta, optimizer=run.optimizer.state_dict(),
+            ema=None if ema is None else {k: to_numpy(v) for k, v in ema.params.items()}))
     except NonFiniteError as err:
         raise Diverged(f"the weights became NaN or inf by step {run.position.step} ({err}): "
                        f"the learning rate ({config['lr']:g} at its peak) is too high for "
                        "this run; lower --lr or set --clip-grad and start a new run") from None
     finally:
         world.note = run.kept()  # what a SIGTERM from mpirun leaves (mpi.py says it)
+
+def write_output(run, path, write):
+    """write(), which writes path. An OSError (disk full, quota, a folder made read-only)
+    becomes an OutputError naming what `last` still holds: the run stops there, with no
+    half-written file (write_atomic) and its earlier checkpoints as they were."""
+    try:
+        write()
+    except OSError as err:
+        reason = err.strerror or str(err)
+        if os.path.exists(run.last_path):
+            step = checkpoint_meta(run.last_path)["step"]
+            then = (f"{run.last_path} still holds step {step}: free space (or fix what the "
+                    f"error names), then continue with --resume {run.last_path}")
+        else:
+            then = "no checkpoint was written yet: free space (or fix it) and start again"
+        raise OutputError(f"cannot write {path} ({reason}); {then}") from None
+
 
 def plot_curves(history, path):
     """Loss and accuracy per epoch, as curves.png."""
@@ -965,8 +992,10 @@ def finish_epoch(run, epoch, train_seconds):
     if is_best:
         save_run_state(run.best_path, run)
     if run.speaks:
-        write_atomic(run.metrics_path, "".join(json_line(h) for h in run.history))
-        plot_curves(run.history, os.path.join(run.out, "curves.png"))
+        write_output(run, run.metrics_path, lambda: write_atomic(
+            run.metrics_path, "".join(json_line(h) for h in run.history)))
+        curves = os.path.join(run.out, "curves.png")
+        write_output(run, curves, lambda: plot_curves(run.history, curves))
     run.timings.saving += time.perf_counter() - saving
     run.say(epoch_line(record, run.ema is not None))
 

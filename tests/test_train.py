@@ -554,6 +554,38 @@ def test_kill_9_then_resume_ends_with_identical_weights(tmp_path, capsys):
         assert np.array_equal(w1[key], w2[key]), key
 
 
+@tried("faults", "a checkpoint that cannot be written (the disk full; here the file-size "
+       "limit, `ulimit -f`, makes the kernel refuse the write) in a resumed run",
+       "exit 2, no traceback: `error: cannot write runs/x/last.safetensors (File too large); "
+       "runs/x/last.safetensors still holds step 3: free space (or fix what the error names), "
+       "then continue with --resume runs/x/last.safetensors`; that checkpoint's bytes "
+       "unchanged, no temporary file left")
+def test_a_checkpoint_that_cannot_be_written_stops_the_run_with_the_last_one_intact(
+        tmp_path, capsys):
+    import resource
+    out = tmp_path / "run"
+    assert run_train(TINY + ["--epochs", "1", "--out", str(out)], capsys)[0] == 0
+    before = (out / "last.safetensors").read_bytes()
+    assert len(before) > 2 ** 20  # the limit below stops its next write
+
+    def limit_file_size():  # in the child: writes past 1 MB fail with EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2 ** 20, 2 ** 20))
+
+    last = out / "last.safetensors"
+    job = subprocess.run([sys.executable, "-m", "t2t_ref.train", "--resume", str(last),
+                          "--epochs", "2"], capture_output=True, text=True, timeout=300,
+                         preexec_fn=limit_file_size)
+    assert job.returncode == 2, job.stderr
+    assert "Traceback" not in job.stderr, job.stderr
+    errors = [line.split("\r")[-1] for line in job.stderr.splitlines() if "error:" in line]
+    assert errors == [f"error: cannot write {last} (File too large); {last} still holds step 3: "
+                      f"free space (or fix what the error names), then continue with --resume "
+                      f"{last}"], job.stderr
+    assert last.read_bytes() == before
+    assert sorted(os.listdir(out)) == ["best.safetensors", "config.json", "curves.png",
+                                       "last.safetensors", "metrics.jsonl"]
+
+
 @tried("faults", "kill -9 of a training process with 2 loader worker processes",
        "the workers notice within seconds and exit; multiprocessing's resource tracker then "
        "unlinks the run's shared memory (nothing of the run is left in /dev/shm or the "
