@@ -26,6 +26,7 @@ import sys
 import time
 import zlib
 
+import numpy as np
 from tqdm import tqdm
 
 from .backend import BackendError, backend_name, keep_freed_memory, to_device, to_numpy
@@ -175,12 +176,10 @@ def validation_loader(meta, data, batch_size, workers, val_fraction=None, source
             raise DataError(f"{data} has no validation images: add val/<class>/ folders or "
                             "use --val-fraction > 0")
         dataset = FileDataset(val)
-    if list(classes) != list(meta["class_names"]):
-        raise DataError(
-            f"the data's {len(classes)} classes differ from the checkpoint's "
-            f"{len(meta['class_names'])} (first differences: "
-            f"{sorted(set(classes) ^ set(meta['class_names']))[:5]}): evaluate on the dataset "
-            "the model was trained on")
+    in_model_order(dataset, classes, meta["class_names"],
+                   lambda differ: f"the data's {len(classes)} classes differ from the "
+                   f"checkpoint's {len(meta['class_names'])} (first differences: {differ}): "
+                   "evaluate on the dataset the model was trained on")
     # the built-in shapes are scored as drawn, as in training (see train.py)
     transform = eval_transform_of(config, as_drawn=isinstance(dataset, ArrayDataset),
                                   crop_pct=crop_pct, interpolation=interpolation)
@@ -204,20 +203,35 @@ def val_folder_loader(data, class_names, num_classes, size, batch_size, workers,
                             f"{root}/val/<class>/<image>")
         val_dir = root
     classes, samples = scan_split(val_dir)
+    dataset = FileDataset(samples)
     if class_names is None and num_classes == 1000:
         class_names = imagenet_classes()[0]
-    if class_names is not None and list(classes) != list(class_names):
-        differ = sorted(set(classes) ^ set(class_names))
-        raise DataError(
-            f"the {len(classes)} class folders of {val_dir!r} are not the weights' "
-            f"{len(class_names)} classes (first differences: {short_list(differ)}): "
-            + ("ImageNet weights need the 1000 synset folders n01440764 ..."
-               if num_classes == 1000 else "evaluate on the classes the weights were trained on"))
+    if class_names is not None:
+        in_model_order(dataset, classes, class_names,
+                       lambda differ: f"the {len(classes)} class folders of {val_dir!r} are not "
+                       f"the weights' {len(class_names)} classes (first differences: {differ}): "
+                       + ("ImageNet weights need the 1000 synset folders n01440764 ..."
+                          if num_classes == 1000
+                          else "evaluate on the classes the weights were trained on"))
     if len(classes) != num_classes:
         raise DataError(f"{val_dir!r} has {len(classes)} class folders but the weights classify "
                         f"{num_classes} classes")
-    return Loader(FileDataset(samples), batch_size, size, train=False, workers=workers,
+    return Loader(dataset, batch_size, size, train=False, workers=workers,
                   transform=transform, on_bad_file=warn_bad_file, piece=piece)
+
+
+def in_model_order(dataset, classes, model_classes, message):
+    """Relabel dataset, whose labels index classes (the folders' sorted names), to index
+    model_classes instead: the same names in another order (a model trained on the built-in
+    shapes, whose classes are not in sorted order) are matched by name. Other names: DataError
+    with message(the first names in one list and not the other)."""
+    classes, model_classes = list(classes), list(model_classes)
+    if classes == model_classes:
+        return
+    if sorted(classes) != sorted(model_classes):
+        raise DataError(message(short_list(sorted(set(classes) ^ set(model_classes)))))
+    index = {name: i for i, name in enumerate(model_classes)}
+    dataset.labels = np.asarray([index[name] for name in classes], dtype=np.int64)[dataset.labels]
 
 
 def warn_bad_file(path, reason):

@@ -277,6 +277,58 @@ def group_alive(pgid):
     return True
 
 
+@tried("evaluation", "`evaluate --data` on a folder whose class folders are the checkpoint's "
+       "classes in another order (a model of the built-in shapes, whose classes are not in "
+       "sorted order), or other classes", "the same names: matched by name, and the scores "
+       "equal those on the same images in the model's order; others: exit 2, `error: the "
+       "data's 3 classes differ from the checkpoint's 10 (first differences: 'a', 'b', 'c', "
+       "'disc', 'hbars' and 8 more): evaluate on the dataset the model was trained on`")
+def test_evaluate_matches_class_folders_to_the_model_by_name(tmp_path, capsys):
+    from t2t_ref.data import make_shapes_splits
+    out = tmp_path / "run"
+    assert run_train(TINY + ["--epochs", "1", "--out", str(out)], capsys)[0] == 0
+    checkpoint = ["--checkpoint", str(out / "last.safetensors"), "--workers", "0"]
+    _, (images, labels), classes = make_shapes_splits(96, 40, 32, 0)  # TINY's validation set
+    assert list(classes) != sorted(classes)  # the case: folder order is not the model's
+    data = tmp_path / "shapes"
+    for split in ("train", "val"):
+        for i, (image, label) in enumerate(zip(images, labels)):
+            folder = data / split / classes[label]
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image).save(folder / f"{i}.png")
+
+    def scored(*extra):
+        code = evaluate.main(checkpoint + list(extra))
+        captured = capsys.readouterr()
+        assert code == 0, captured.err
+        return json.loads(captured.out.strip().splitlines()[-1])
+
+    capsys.readouterr()
+    drawn = scored()  # the built-in validation set itself, in the model's class order
+    folders = scored("--data", str(data), "--crop-pct", "1")  # the same pixels, from files
+    assert folders["images"] == drawn["images"] == 40
+    for key in ("top1", "top5"):
+        assert folders[key] == drawn[key], key
+    assert folders["loss"] == pytest.approx(drawn["loss"], rel=1e-6)
+    code = evaluate.main(["--weights", str(out / "last.safetensors"), "--model", "t2t_vit_7",
+                          "--img-size", "32", "--data", str(data), "--crop-pct", "1",
+                          "--workers", "0", "--no-ema"])  # the weights' path: val/ alone
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    weights = json.loads(captured.out.strip().splitlines()[-1])
+    assert (weights["top1"], weights["top5"]) == (drawn["top1"], drawn["top5"])
+
+    other = tmp_path / "other"
+    for split in ("train", "val"):
+        for name in ("a", "b", "c"):
+            write_image_folder(other, [name], per_class=2, split=split)
+    assert evaluate.main(checkpoint + ["--data", str(other)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("error: the data's 3 classes differ from the checkpoint's 10 (first "
+                   "differences: 'a', 'b', 'c', 'disc', 'hbars' and 8 more): evaluate on the "
+                   "dataset the model was trained on"), err
+
+
 @tried("data", "an unreadable image in the training set",
        "skipped; one warning line of its own (not inside the progress bar's), and "
        "`skipped 1 unreadable training image` at the end")
