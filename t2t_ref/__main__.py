@@ -8,7 +8,7 @@ import time
 import numpy as np
 
 import t2t_ref
-from t2t_ref.cli import HelpFormatter, user_error
+from t2t_ref.cli import HelpFormatter, run as run_cli, user_error
 from t2t_ref.parallel import DataParallel
 
 
@@ -60,4 +60,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

@@ -74,7 +74,7 @@ import numpy as np
 import threadpoolctl
 
 from .backend import keep_freed_memory, to_device, to_numpy
-from .cli import HelpFormatter, user_error
+from .cli import HelpFormatter, run as run_cli, user_error
 from .loss_scale import DynamicLossScale
 from .model import PATCH, create_model
 from .ops.cross_entropy import cross_entropy
@@ -1167,4 +1167,4 @@ def run(args, configs):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

@@ -1,6 +1,11 @@
 """What the command-line tools share: help that keeps the docstring's layout and shows every
 default once, arguments checked as they are parsed, and the rule that user mistakes end as one
-line on stderr with exit code 2 (no usage block, no traceback)."""
+line on stderr with exit code 2 (no usage block, no traceback), and Ctrl-C ends a tool with
+one line and exit code 130.
+
+    if __name__ == "__main__":
+        sys.exit(cli.run(main))
+"""
 
 import argparse
 import math
@@ -68,3 +73,13 @@ def user_error(message):
     """Print a user mistake as one line and return the exit code for it."""
     print(f"error: {message}", file=sys.stderr)
     return 2
+
+
+def run(main):
+    """main() as `python -m` runs it: its exit code, or after Ctrl-C one line and 130 (128 +
+    SIGINT), where Python would print a traceback. (train handles Ctrl-C itself: it saves.)"""
+    try:
+        return main()
+    except KeyboardInterrupt:
+        print("\ninterrupted (Ctrl-C)", file=sys.stderr)
+        return 130

@@ -17,7 +17,7 @@ import os
 import sys
 
 from .checkpoint import CheckpointError
-from .cli import Parser, user_error
+from .cli import Parser, run as run_cli, user_error
 from .pretrained import PretrainedError, export_pth, model_from_weights, read_weights, \
     save_weights
 from .variants import list_models
@@ -63,4 +63,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

@@ -30,7 +30,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .backend import BackendError, backend_name, keep_freed_memory, to_device, to_numpy
-from .cli import Parser, number, plural, user_error
+from .cli import Parser, number, plural, run as run_cli, user_error
 from .checkpoint import CheckpointError, load_checkpoint
 from .data import (ArrayDataset, DataError, FileDataset, Loader, default_workers,
                    find_splits, make_shapes_splits, model_input)
@@ -380,4 +380,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

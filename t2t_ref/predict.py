@@ -18,7 +18,7 @@ import sys
 import numpy as np
 
 from .backend import BackendError, keep_freed_memory, to_device, to_numpy
-from .cli import Parser, number, plural, user_error
+from .cli import Parser, number, plural, run as run_cli, user_error
 from .data import CorruptImage, decode, eval_transform
 from .guard import quiet_float_warnings
 from .model import T2TViT
@@ -116,4 +116,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

@@ -57,7 +57,9 @@ class StopSignals:
 
     def __enter__(self):
         for signum in self.signals:
-            self._previous[signum] = signal.signal(signum, self._handle)
+            if signal.getsignal(signum) is signal.SIG_IGN:  # ignored by whoever started us
+                continue  # (a job started with `&` in a script ignores Ctrl-C): as Python
+            self._previous[signum] = signal.signal(signum, self._handle)  # itself leaves it
         return self
 
     def __exit__(self, *exc):

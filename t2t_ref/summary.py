@@ -24,7 +24,7 @@ import sys
 from dataclasses import dataclass
 
 from .backbone import backbone_layers, layer_macs
-from .cli import Parser, number, user_error
+from .cli import Parser, number, run as run_cli, user_error
 from .layers.tokens_to_token import PERFORMER_FEATURES, SOFT_SPLITS, TOKEN_DIM
 from .model import PATCH, is_fixed, param_specs
 from .variants import VARIANTS, get_variant
@@ -204,4 +204,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

@@ -59,7 +59,7 @@ from .atomic import remove_leftovers, write_atomic
 from .backend import BackendError, keep_freed_memory, to_device, to_numpy
 from .checkpoint import (CheckpointError, NonFiniteError, checkpoint_meta, load_checkpoint,
                          save_checkpoint)
-from .cli import Parser, number, plural, user_error
+from .cli import Parser, number, plural, run as run_cli, user_error
 from .data import (SHAPE_CLASSES, ArrayDataset, DataError, FileDataset, Loader,
                    default_workers, find_splits, make_shapes_splits, model_input)
 from .data.erasing import MODES
@@ -1144,4 +1144,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))  # Ctrl-C before the first step (after it: saved, 130)

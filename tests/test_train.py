@@ -269,6 +269,47 @@ def test_a_stop_signal_saves_last_and_exits_cleanly(tmp_path, signum, name, code
     assert not group_alive(proc.pid), "processes of the run were left behind"
 
 
+@pytest.mark.parametrize("tool", [
+    pytest.param("evaluate", marks=tried(
+        "evaluation", "Ctrl-C during `evaluate` (2 loader workers)", "exit 130 and one line, "
+        "`interrupted (Ctrl-C)`, no traceback; no process left behind")),
+    pytest.param("train", marks=tried(
+        "faults", "Ctrl-C while `train` is still starting (making its data)", "exit 130 and "
+        "`interrupted (Ctrl-C)`, no traceback (nothing to save yet)")),
+])
+def test_ctrl_c_ends_a_tool_with_one_line(tmp_path, capsys, tool):
+    if tool == "evaluate":
+        out = tmp_path / "run"
+        assert run_train(TINY + ["--epochs", "1", "--synthetic-val", "1500", "--out",
+                                 str(out)], capsys)[0] == 0
+        args = ["-m", "t2t_ref.evaluate", "--checkpoint", str(out / "last.safetensors"),
+                "--batch-size", "1", "--workers", "2"]  # 1500 steps: Ctrl-C comes first
+        wait = 3.0
+    else:
+        args = ["-m", "t2t_ref.train", *TINY, "--synthetic-train", "200000", "--out",
+                str(tmp_path / "big")]  # 200,000 images to draw (5 s): still starting
+        wait = 2.0
+    proc = subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        time.sleep(wait)
+        assert proc.poll() is None, proc.communicate()
+        os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C reaches every process
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr, stderr
+    assert stderr.rstrip().endswith("\ninterrupted (Ctrl-C)"), stderr[-500:]
+    deadline = time.time() + 10
+    while time.time() < deadline and group_alive(proc.pid):
+        time.sleep(0.1)
+    assert not group_alive(proc.pid), "processes of the tool were left behind"
+    if tool == "train":
+        assert not (tmp_path / "big" / "last.safetensors").exists()
+
+
 def group_alive(pgid):
     try:
         os.killpg(pgid, 0)

@@ -19,7 +19,7 @@ import sys
 import numpy as np
 from PIL import Image
 
-from ..cli import Parser, number, user_error
+from ..cli import Parser, number, run as run_cli, user_error
 
 
 def write_digits(root, val_fraction=0.2, seed=0):
@@ -62,4 +62,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))
