@@ -36,6 +36,7 @@ from t2t_ref.ops.linear import linear_backward, linear_forward
 from t2t_ref.ops.mlp import mlp_backward, mlp_forward
 from t2t_ref.ops.performer import (performer_attention_backward, performer_attention_forward,
                                    random_features_backward, random_features_forward)
+from t2t_ref.ops import soft_split
 from t2t_ref.ops.soft_split import fold, soft_split_backward, soft_split_forward, unfold
 from t2t_ref.ops.softmax import softmax_backward, softmax_forward
 from t2t_ref.torch_port import Attention, Block, Mlp, Token_performer, Token_transformer, TokenAttention
@@ -687,6 +688,55 @@ def test_unfold_fold_on_backend(backend):
     assert_on_backend(image, backend)
     assert_close(to_numpy(cols), tn(F.unfold(tt(x), 7, padding=2, stride=4)), 1e-6, "unfold")
     assert_close(to_numpy(image), tn(F.fold(tt(y), (8, 8), 7, padding=2, stride=4)), 1e-6, "fold")
+
+
+@pytest.mark.parametrize("B,C,H,W,k,s,p", SPLITS)
+def test_soft_split_as_gathers_equals_the_slices(backend, B, C, H, W, k, s, p):
+    """tokens_by_gather and fold_by_gather (the GPU's soft split) against unfold and fold (its
+    definition), on every backend: the same token values exactly, and the same sums (integer
+    values in float64: exact whatever the order of the adds). The index arrays are cached: a
+    second call reuses them."""
+    rng = np.random.default_rng(27)
+    x = rng.integers(-8, 8, size=(B, C, H, W)).astype(np.float64)
+    Ho, Wo = soft_split.output_size(H, k, s, p), soft_split.output_size(W, k, s, p)
+    g = rng.integers(-8, 8, size=(B, Ho * Wo, C * k * k)).astype(np.float64)
+    tokens = np.transpose(tn(F.unfold(tt(x), k, padding=p, stride=s)), (0, 2, 1))
+    image = tn(F.fold(tt(np.transpose(g, (0, 2, 1))), (H, W), k, padding=p, stride=s))
+    for _ in range(2):
+        ours = soft_split.tokens_by_gather(on(backend, x, "float64"), k, s, p)
+        assert_on_backend(ours, backend)
+        np.testing.assert_array_equal(to_numpy(ours), tokens)
+        ours = soft_split.fold_by_gather(on(backend, g, "float64"), (H, W), k, s, p)
+        assert_on_backend(ours, backend)
+        np.testing.assert_array_equal(to_numpy(ours), image)
+
+
+def test_a_model_with_gathered_soft_splits_is_the_same_model(monkeypatch):
+    """T2T-ViT-7 (three soft splits) with both gathers on NumPy, against the slices in both
+    directions: logits, input gradient and every weight gradient (float64, to float
+    rounding)."""
+    from t2t_ref import create_model
+    rng = np.random.default_rng(28)
+    x = rng.standard_normal((2, 3, 32, 32))
+    g = rng.standard_normal((2, 10))
+
+    def run():
+        model = create_model("t2t_vit_7", num_classes=10, img_size=32, dtype="float64",
+                             seed=3)
+        logits = model.forward(x)
+        return logits, model.backward(g), dict(model.grads)
+
+    monkeypatch.setattr(soft_split, "GATHER_FORWARD", ())
+    monkeypatch.setattr(soft_split, "GATHER_BACKWARD", ())
+    plain = run()
+    monkeypatch.setattr(soft_split, "GATHER_FORWARD", ("numpy",))
+    monkeypatch.setattr(soft_split, "GATHER_BACKWARD", ("numpy",))
+    gathered = run()
+    assert_close(gathered[0], plain[0], 1e-13, "logits")
+    assert_close(gathered[1], plain[1], 1e-13, "dx")
+    assert plain[2].keys() == gathered[2].keys()
+    for key in plain[2]:
+        assert_close(gathered[2][key], plain[2][key], 1e-12, key)
 
 
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
