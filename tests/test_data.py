@@ -88,6 +88,27 @@ def test_classes_sorted_and_files_matched_by_extension(image_folder):
         assert classes[label] == os.path.basename(os.path.dirname(path))
 
 
+def test_images_in_sub_folders_of_a_class_are_its_images(tmp_path):
+    """As torchvision's ImageFolder: a class's images at any depth under its folder, in order
+    of their path within it; hidden folders skipped; a link back up listed once, not looped."""
+    rng = np.random.default_rng(2)
+    cat, dog = tmp_path / "train" / "cat", tmp_path / "train" / "dog"
+    for path in (cat / "z.png", cat / "sub" / "b.png", cat / "sub" / "deeper" / "c.png",
+                 cat / ".cache" / "hidden.png", dog / "d.png", tmp_path / "elsewhere.png"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        random_image(rng, 8, 8).save(path)
+    (cat / "sub" / "up").symlink_to(cat, target_is_directory=True)  # a cycle
+    (dog / "linked.png").symlink_to(tmp_path / "elsewhere.png")     # a linked file counts
+    (dog / "broken.png").symlink_to(tmp_path / "missing.png")       # a dead link does not
+    classes, train, _ = find_splits(tmp_path, val_fraction=0.0)
+    assert classes == ["cat", "dog"]
+    within = [(os.path.relpath(path, tmp_path / "train"), label) for path, label in train]
+    assert within == [(os.path.join("cat", "sub", "b.png"), 0),
+                      (os.path.join("cat", "sub", "deeper", "c.png"), 0),
+                      (os.path.join("cat", "z.png"), 0),
+                      (os.path.join("dog", "d.png"), 1), (os.path.join("dog", "linked.png"), 1)]
+
+
 def test_holdout_is_stratified_seeded_and_the_right_size(tmp_path):
     counts = {"b": 20, "a": 10, "c": 31}
     make_class_folders(tmp_path, counts)
