@@ -306,6 +306,11 @@ print("split 0: " + ", ".join(f"{p} pixels read by {int(v)} window{'s' * int(v >
                                for v, p in zip(values, pixels)),
       f"| mean {count.mean():.3f}, under 147*3136 / (3*224*224) = {147 * 3136 / (3 * 224 * 224):.4f}: "
       "the windows' reads of the zero padding are not pixels")
+# the same total counted from the windows: window r covers padded rows 4r .. 4r+6, of which
+# those in 2 .. 225 are image rows; rows and columns alike, so a channel's reads are its square
+image_rows = sum(len(set(range(4 * r, 4 * r + 7)) & set(range(2, 226))) for r in range(56))
+assert count.sum() == image_rows ** 2 < 147 * 3136 / 3, "split 0: reads of image pixels miscounted"
+assert set(values) == {1, 2, 4}, f"split 0: pixels read by {values} windows"
 print("ViT: windows per pixel", np.unique(count_vit), "-> fold(unfold(x)) == x:",
       np.array_equal(fold(unfold(x, 16, 16, 0), (224, 224), 16, 16, 0), x))
 assert np.array_equal(fold(unfold(x, 16, 16, 0), (224, 224), 16, 16, 0), x), "ViT: fold(unfold(x)) != x"
