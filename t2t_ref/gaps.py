@@ -253,12 +253,27 @@ def keyed_normal(xp, key, shape, device):
     n = math.prod(shape)
     if 2 * n > 2**32:
         raise ValueError("keyed_normal numbers at most 2^31 elements")
-    ids = xp.arange(2 * n, dtype=xp.uint32, device=device)               # (2n,)
-    bits = _hash32(_hash32(ids) ^ (int(key) % 2**32))                    # (2n,) uint32
-    u = xp.astype(xp.bitwise_right_shift(bits, 8), xp.float32) * 2.0**-24  # [0, 1), exact
-    radius = xp.sqrt(-2.0 * xp.log(1.0 - u[:n]))
-    z = radius * xp.cos((2.0 * math.pi) * u[n:])                         # (n,)
-    return xp.reshape(z, shape)
+    ids = xp.arange(n, dtype=xp.uint32, device=device)                   # (n,) j
+    return xp.reshape(keyed_normal_at(ids, n, int(key) % 2**32), shape)
+
+
+def keyed_normal_at(index, count, key):
+    """Element `index` of keyed_normal(key, an array of `count` elements), for an array of
+    indices (uint32) and a key that is an int or a uint32 array broadcasting with them: many
+    keys' numbers in one set of whole-array operations (erasing.py's batched fill). The
+    operations are keyed_normal's own, so the numbers are the same to the bit."""
+    xp = array_namespace(index)
+    u1 = _keyed_uniform(index, key)
+    u2 = _keyed_uniform(index + count, key)                               # ids n + j
+    radius = xp.sqrt(-2.0 * xp.log(1.0 - u1))
+    return radius * xp.cos((2.0 * math.pi) * u2)
+
+
+def _keyed_uniform(ids, key):
+    """float32 u = (hash32(hash32(ids) ^ key) >> 8) / 2^24, in [0, 1) exactly."""
+    xp = array_namespace(ids)
+    bits = _hash32(_hash32(xp.astype(ids, xp.uint32, copy=True)) ^ key)  # uint32
+    return xp.astype(xp.bitwise_right_shift(bits, 8), xp.float32) * 2.0**-24
 
 
 def _hash32_int(x):

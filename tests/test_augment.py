@@ -359,6 +359,26 @@ def test_consumer_erasing_is_the_same_on_every_backend_piece_and_run():
     assert len(np.unique(whole[b, :, t:t + h, left:left + w])) > 0.9 * 3 * h * w
 
 
+@pytest.mark.parametrize("mode", ["pixel", "rand", "const"])
+@pytest.mark.parametrize("max_count", [1, 3])
+def test_batched_erasing_is_the_rectangle_loop_to_the_bit(backend, mode, max_count):
+    """apply_batched (the GPU's: whole-batch operations per rectangle slot) against apply's
+    loop over rectangles (numpy), overlapping rectangles (max_count 3) included, on every
+    backend; on CuPy apply itself takes the batched path."""
+    erasing = RandomErasing(0.7, mode, max_count=max_count)
+    rows = np.stack([erasing.draw(20, np.random.default_rng(s)) for s in range(9)])
+    assert 0 < int(np.sum(rows[:, :, 2] > 0)) < 9 * max_count  # some erased, some not
+    x = np.random.default_rng(1).standard_normal((9, 3, 20, 20)).astype(np.float32)
+    looped = erasing.apply(x.copy(), rows)  # numpy: the loop
+    xp, device = get_namespace(backend)
+    batched = to_numpy(erasing.apply_batched(xp.asarray(x.copy(), device=device), rows))
+    assert np.array_equal(batched, looped)
+    assert not np.array_equal(looped, x)
+    if backend == "cupy":
+        assert np.array_equal(to_numpy(erasing.apply(xp.asarray(x.copy(), device=device), rows)),
+                              looped)
+
+
 def test_keyed_normal_is_a_function_of_key_and_element():
     xp, device = get_namespace("numpy")
     a = keyed_normal(xp, 5, (3, 10, 10), device)

@@ -27,10 +27,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..backend import array_namespace, device_of
-from ..gaps import keyed_normal
+from ..backend import array_namespace, backend_name, device_of
+from ..gaps import keyed_normal, keyed_normal_at
 
 MODES = ("pixel", "rand", "const")
+BATCHED_BACKENDS = ("cupy",)  # where apply() fills all of a batch's rectangles at once
 ATTEMPTS = 10
 ROW = 5  # top, left, height, width, key
 
@@ -90,8 +91,12 @@ class RandomErasing:
     def apply(self, x, rows):
         """The consumer's half: x (B, C, S, S) normalised, any backend, erased in place (and
         returned); rows (B, max_count, 5) on the host, as the loader returned them. One
-        slice assignment per rectangle (about B * probability of them), nothing read back."""
+        slice assignment per rectangle (about B * probability of them), nothing read back.
+        On a GPU, where each rectangle's twenty-odd small operations would each be a kernel
+        launch, apply_batched does the same."""
         xp, device = array_namespace(x), device_of(x)
+        if backend_name(xp) in BATCHED_BACKENDS:
+            return self.apply_batched(x, rows)
         C = x.shape[1]
         for b, r in zip(*np.nonzero(rows[:, :, 2] > 0)):
             top, left, h, w, key = (int(v) for v in rows[b, r])
@@ -102,6 +107,39 @@ class RandomErasing:
             else:
                 fill = xp.zeros((C, 1, 1), dtype=xp.float32, device=device)
             x[int(b), :, top:top + h, left:left + w] = xp.astype(fill, x.dtype)
+        return x
+
+    def apply_batched(self, x, rows):
+        """As apply, the same values to the bit, in a fixed number of whole-batch operations
+        per rectangle slot (max_count of them) however many rectangles there are: every pixel
+        (c, y, x) of image b learns whether it lies in b's rectangle and which element of
+        the rectangle's noise it is, j = c*h*w + (y - top)*w + (x - left), and takes
+        keyed_normal_at(j, C*h*w, key) where it does. The noise is computed for every pixel
+        and kept inside the rectangles: cheap on a GPU, wasteful on a CPU (apply's loop)."""
+        xp, device = array_namespace(x), device_of(x)
+        B, C, S, _ = x.shape
+        y = xp.reshape(xp.arange(S, dtype=xp.int64, device=device), (1, 1, S, 1))  # rows
+        col = xp.reshape(xp.arange(S, dtype=xp.int64, device=device), (1, 1, 1, S))
+        channel = xp.reshape(xp.arange(C, dtype=xp.int64, device=device), (1, C, 1, 1))
+        for r in range(rows.shape[1]):  # later rectangles over earlier ones, as apply
+            if not np.any(rows[:, r, 2] > 0):
+                continue
+            params = xp.asarray(np.ascontiguousarray(rows[:, r, :].T), device=device)  # (5, B)
+            top, left, h, w, key = (xp.reshape(params[i, ...], (B, 1, 1, 1)) for i in range(ROW))
+            inside = (y >= top) & (y < top + h) & (col >= left) & (col < left + w)  # (B,1,S,S)
+            if self.mode == "const":
+                fill = xp.zeros((), dtype=x.dtype, device=device)
+            else:
+                if self.mode == "pixel":  # element j of the rectangle's (C, h, w) noise
+                    j, count = channel * (h * w) + (y - top) * w + (col - left), C * h * w
+                else:  # "rand": element c of its (C, 1, 1) colour
+                    j, count = channel, xp.full((B, 1, 1, 1), C, dtype=xp.int64,
+                                                device=device)
+                j = xp.where(inside, j, 0)  # (B, C, S, S) or (1, C, 1, 1): >= 0 everywhere
+                fill = xp.astype(keyed_normal_at(xp.astype(j, xp.uint32),
+                                                 xp.astype(count, xp.uint32),
+                                                 xp.astype(key, xp.uint32)), x.dtype)
+            x[...] = xp.where(inside, fill, x)
         return x
 
 
