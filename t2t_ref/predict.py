@@ -2,10 +2,13 @@
 
     python -m t2t_ref.predict cat.jpg dog.png --weights 71.7_T2T_ViT_7.pth.tar
     python -m t2t_ref.predict shape.png --weights runs/t2t/best.safetensors
+    python -m t2t_ref.predict photos/ --weights runs/t2t/best.safetensors   # every image in it
 
 Prints, for each image, its path and then one "probability  class" line per class, best first.
-An image that cannot be read, or whose output is NaN or inf, gets an "error:" line on stderr
-instead, and the others go on; the exit code is then 1.
+A folder stands for every image file in it and its sub-folders, in order of their paths. The
+images are read, classified and printed --batch-size at a time, so a folder of any size fits
+in memory. An image that cannot be read, or whose output is NaN or inf, gets an "error:" line
+on stderr instead, and the others go on; the exit code is then 1.
 Each image goes through the evaluation transform (short side resized to int(S / crop_pct),
 centre crop S x S; ImageNet mean/std), with a t2t_ref checkpoint's --crop-pct and
 --interpolation, else the official 0.9 and bicubic. Class names: those stored in a t2t_ref
@@ -13,6 +16,7 @@ checkpoint; the 1000 ImageNet-1k classes (index 0 tench) for 1000-class weights 
 names, as the official ones; otherwise class_0, class_1, ...
 """
 
+import os
 import sys
 
 import numpy as np
@@ -20,6 +24,7 @@ import numpy as np
 from .backend import BackendError, keep_freed_memory, to_device, to_numpy
 from .cli import Parser, number, plural, run as run_cli, user_error
 from .data import CorruptImage, decode, eval_transform
+from .data.folder import IMAGE_EXTENSIONS, images_under
 from .guard import quiet_float_warnings
 from .model import T2TViT
 from .parallel import DataParallel
@@ -55,7 +60,8 @@ def predict(model, images, batch_size=16):
 def main(argv=None):
     keep_freed_memory()  # reuse freed arrays' memory: see backend.keep_freed_memory
     parser = Parser(prog="python -m t2t_ref.predict", description=__doc__)
-    parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
+    parser.add_argument("images", nargs="+", metavar="IMAGE",
+                        help="image files, or folders of them")
     parser.add_argument("--weights", "--checkpoint", required=True, metavar="FILE",
                         help="official .pth(.tar) or a t2t_ref .safetensors checkpoint "
                         "(--checkpoint: the same, by evaluate's name)")
@@ -90,29 +96,41 @@ def main(argv=None):
     # the evaluation transform the weights were trained with (a t2t_ref run's), else official
     transform = eval_transform_of((weight_file.meta or {}).get("config", {}))
     # every image on its own: one that cannot be read is reported, and the rest go on
-    images, good, failed = [], [], 0
+    paths, failed, empty = [], 0, 0
     for path in args.images:
-        try:
-            images.append(eval_transform(decode(path), model.img_size, transform.crop_pct,
-                                         transform.interpolation))  # (3, S, S)
-            good.append(path)
-        except CorruptImage as err:
-            print(f"error: {err}", file=sys.stderr)
-            failed += 1
-    probs = predict(model, np.stack(images), args.batch_size) if images else []
+        if os.path.isdir(path):
+            found = images_under(path)
+            if not found:
+                print(f"error: no image files in folder {path!r} ({', '.join(IMAGE_EXTENSIONS)},"
+                      " any case, sub-folders included)", file=sys.stderr)
+                empty += 1
+            paths += found
+        else:
+            paths.append(path)
     k = min(args.top, model.num_classes)
-    for path, p in zip(good, probs):
-        if not np.isfinite(p).all():
-            print(f"error: {path}: the model's output is NaN or inf, no prediction",
-                  file=sys.stderr)
-            failed += 1
-            continue
-        print(path)
-        for index in np.argsort(-p, kind="stable")[:k]:
-            print(f"  {p[index]:.4f}  {names[index]}")
+    for start in range(0, len(paths), args.batch_size):  # read, classify, print: a batch
+        images, good = [], []
+        for path in paths[start:start + args.batch_size]:
+            try:
+                images.append(eval_transform(decode(path), model.img_size, transform.crop_pct,
+                                             transform.interpolation))  # (3, S, S)
+                good.append(path)
+            except CorruptImage as err:
+                print(f"error: {err}", file=sys.stderr)
+                failed += 1
+        probs = predict(model, np.stack(images), args.batch_size) if images else []
+        for path, p in zip(good, probs):
+            if not np.isfinite(p).all():
+                print(f"error: {path}: the model's output is NaN or inf, no prediction",
+                      file=sys.stderr)
+                failed += 1
+                continue
+            print(path)
+            for index in np.argsort(-p, kind="stable")[:k]:
+                print(f"  {p[index]:.4f}  {names[index]}")
     if failed:
-        print(f"{failed} of {plural(len(args.images), 'image')} failed", file=sys.stderr)
-    return 1 if failed else 0
+        print(f"{failed} of {plural(len(paths), 'image')} failed", file=sys.stderr)
+    return 1 if failed or empty else 0
 
 
 if __name__ == "__main__":

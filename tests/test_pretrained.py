@@ -300,6 +300,39 @@ def test_predict_uses_a_checkpoints_class_names(tmp_path, capsys):
     assert sum(p for p, _ in printed) == pytest.approx(1.0, abs=2e-4)
 
 
+@tried("prediction", "`predict` on a folder (images in sub-folders, one unreadable file) "
+       "and an empty folder, in batches of 2", "every image of the folder, in order of its path, "
+       "printed as when named one by one; `error:` lines for the unreadable file and `no image "
+       "files in folder ...`; exit 1")
+def test_predict_on_a_folder_reads_it_all_in_batches(tmp_path, capsys):
+    model = t2t_ref.create_model("t2t_vit_7", num_classes=3, img_size=SIZE, seed=2)
+    checkpoint = tmp_path / "best.safetensors"
+    save_checkpoint(checkpoint, model.state_dict(),
+                    {"model": "t2t_vit_7", "class_names": ["cat", "dog", "eel"], "step": 1,
+                     "config": {"img_size": SIZE, "dtype": "float32"}})
+    folder = tmp_path / "photos"
+    images = write_images(folder / "b") + write_images(folder / "a" / "deeper")
+    (folder / "a" / "broken.jpg").write_bytes(b"not a jpeg")
+    (tmp_path / "nothing").mkdir()
+    weights = ["--checkpoint", str(checkpoint), "--top", "3"]
+    assert predict.main(sorted(images) + weights) == 0  # one by one
+    one_by_one = parse_predictions(capsys.readouterr().out)
+    code = predict.main([str(folder), str(tmp_path / "nothing"), "--batch-size", "2", *weights])
+    captured = capsys.readouterr()
+    assert code == 1
+    from_folder = parse_predictions(captured.out)
+    assert list(from_folder) == [*sorted(i for i in images if "/a/" in i),
+                                 *sorted(i for i in images if "/b/" in i)]
+    for path, lines in from_folder.items():
+        assert [n for _, n in lines] == [n for _, n in one_by_one[path]], path
+        assert np.allclose([p for p, _ in lines], [p for p, _ in one_by_one[path]], atol=1e-4)
+    errors = [line for line in captured.err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 2, captured.err
+    assert "broken.jpg" in errors[0] or "broken.jpg" in errors[1]
+    assert f"error: no image files in folder {str(tmp_path / 'nothing')!r}" in captured.err
+    assert "1 of 7 images failed" in captured.err
+
+
 def test_imagenet_class_list():
     synsets, names = imagenet_classes()
     assert len(synsets) == len(set(synsets)) == len(names) == 1000

@@ -165,6 +165,12 @@ def _image_files(folder, within=(), seen=None):
             yield from _image_files(entry.path, (*within, entry.name), seen)
 
 
+def images_under(folder):
+    """Paths of every image file in folder and its sub-folders (as a class folder is read),
+    sorted by their path within it; [] for none."""
+    return [path for _, path in sorted(_image_files(os.fspath(folder)))]
+
+
 def _is_image(file_name):
     """An image by its extension, in any letter case; hidden files (.DS_Store, ._x.jpg) are not."""
     return not file_name.startswith(".") and file_name.lower().endswith(IMAGE_EXTENSIONS)
