@@ -101,6 +101,9 @@ def checkpoint_meta(path):
 def load_checkpoint(path):
     """-> (weights, meta, optimizer or None, ema or None), all on the host."""
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise CheckpointError(f"checkpoint {path} is a folder: pass a checkpoint file, e.g. "
+                              f"{os.path.join(path, 'best.safetensors')} or last.safetensors")
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path} does not exist: check the path")
     try:

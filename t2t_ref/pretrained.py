@@ -121,7 +121,8 @@ def read_weights(path, use_ema=True):
     if not os.path.exists(path):
         raise PretrainedError(f"weights file {path} does not exist: check the path")
     if os.path.isdir(path):
-        raise PretrainedError(f"{path} is a folder, not a weights file")
+        raise PretrainedError(f"{path} is a folder, not a weights file: pass a file, e.g. "
+                              f"{os.path.join(path, 'best.safetensors')} of a t2t_ref run")
     with open(path, "rb") as f:
         head = f.read(16)
     if _looks_like_safetensors(head, os.path.getsize(path)):

@@ -260,7 +260,8 @@ def build_parser(defaults=True):
     add("--max-nonfinite-steps", type=number(int, low=1), default=3, metavar="N",
         help="a step whose loss or gradient norm is NaN or inf is skipped; after N such steps "
         "in a row the run stops (exit code 3), its checkpoints untouched")
-    add("--resume", default=None, metavar="PATH", help="continue from a checkpoint")
+    add("--resume", default=None, metavar="PATH",
+        help="continue from a checkpoint (a run's folder: its last.safetensors)")
     add("--init-from", default=None, metavar="FILE",
         help="start from these weights (official .pth.tar or t2t_ref .safetensors; EMA ones "
         "where present): new head if the class count differs, position table resized if the "
@@ -340,7 +341,8 @@ def resumed_config(flags, given, meta):
     """The checkpoint's configuration. Flags written on the command line (`given`; a flag set
     to its default value counts) must agree with it, apart from where the run is (data path,
     workers, backend, out) and --epochs, which extends (or shortens) the run; else the run
-    would not continue as it was. --out defaults to the checkpoint's folder."""
+    would not continue as it was. --out defaults to the checkpoint's folder, --data to the
+    folder it was trained on, where that still is."""
     saved = {**BEFORE_THESE_FLAGS, **meta["config"]}
     conflicts = [f"--{k.replace('_', '-')} {_shown(v)} (checkpoint: {_shown(saved.get(k))})"
                  for k, v in given.items() if k not in RESUME_MAY_CHANGE + ("epochs",)
@@ -349,10 +351,15 @@ def resumed_config(flags, given, meta):
         raise UsageError("a resumed run continues with its checkpoint's settings, but "
                          + ", ".join(conflicts) + " differ: drop these flags, or start a new "
                          "run with another --out")
-    if (flags["data"] is None) != (saved["data"] is None):
-        raise UsageError("the checkpoint was trained on "
-                         + ("the built-in shapes" if saved["data"] is None else saved["data"])
-                         + ": resume with the same --data")
+    flags = dict(flags)
+    if flags["data"] is None and saved["data"] is not None:  # where it was, if it still is
+        if not os.path.isdir(saved["data"]):
+            raise UsageError(f"the checkpoint was trained on {saved['data']}, which is not "
+                             "there (moved, or another machine): give its place with --data")
+        flags["data"] = saved["data"]
+    if flags["data"] is not None and saved["data"] is None:
+        raise UsageError("the checkpoint was trained on the built-in shapes: resume without "
+                         "--data")
     config = {**saved, **{k: flags[k] for k in RESUME_MAY_CHANGE}}
     for k in ("epochs", "max_nonfinite_steps"):  # the checkpoint's, unless given
         config[k] = given.get(k, saved.get(k, flags[k]))
@@ -1082,6 +1089,13 @@ def start(argv, world):
         if args.resume is None:
             config = resolve_config(args, given)
         else:
+            if os.path.isdir(args.resume):  # a run's folder: continue from its `last`
+                last = os.path.join(args.resume, "last.safetensors")
+                if not os.path.isfile(last):
+                    raise CheckpointError(f"--resume {args.resume} is a folder without a "
+                                          "last.safetensors: pass the checkpoint of the run "
+                                          "to continue")
+                args.resume = last
             resume = load_checkpoint(args.resume)
             if "step" not in resume[1]:
                 raise CheckpointError(f"{args.resume} holds weights only, not a training run "

@@ -370,6 +370,48 @@ def test_evaluate_matches_class_folders_to_the_model_by_name(tmp_path, capsys):
                    "dataset the model was trained on"), err
 
 
+@tried("checkpoints", "`--resume runs/x` (the run's folder) of a run trained on an image "
+       "folder, without --data; then with that folder moved; a folder without a checkpoint; "
+       "`evaluate --checkpoint runs/x`", "continues from runs/x/last.safetensors on the data "
+       "it was trained on; moved: exit 2, `error: the checkpoint was trained on D, which is not "
+       "there (moved, or another machine): give its place with --data`; `--resume D is a "
+       "folder without a last.safetensors: ...`; `checkpoint runs/x is a folder: pass a "
+       "checkpoint file, e.g. runs/x/best.safetensors or last.safetensors`")
+def test_resume_takes_a_run_folder_and_its_data_where_they_are(tmp_path, capsys):
+    data, out = tmp_path / "data", tmp_path / "run"
+    write_image_folder(data, ["cat", "dog"], per_class=6)
+    args = ["--img-size", "32", "--batch-size", "4", "--workers", "0", "--val-fraction", "0.34"]
+    code, captured = run_train(["--data", str(data), *args, "--epochs", "1", "--out", str(out)],
+                               capsys)
+    assert code == 0, captured.err
+    code, captured = run_train(["--resume", str(out), "--epochs", "2"], capsys)
+    assert code == 0, captured.err
+    assert "resuming at epoch 2 of 2" in captured.out
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2]
+    _, meta, _, _ = load_checkpoint(out / "last.safetensors")
+    assert meta["config"]["data"] == str(data)
+
+    data.rename(tmp_path / "moved")
+    code, captured = run_train(["--resume", str(out), "--epochs", "3"], capsys)
+    assert code == 2
+    assert captured.err.strip() == (f"error: the checkpoint was trained on {data}, which is not "
+                                    "there (moved, or another machine): give its place with "
+                                    "--data")
+    code, captured = run_train(["--resume", str(out), "--epochs", "3", "--data",
+                                str(tmp_path / "moved")], capsys)
+    assert code == 0, captured.err
+    code, captured = run_train(["--resume", str(tmp_path / "moved")], capsys)
+    assert code == 2
+    assert captured.err.strip() == (f"error: --resume {tmp_path / 'moved'} is a folder without "
+                                    "a last.safetensors: pass the checkpoint of the run to "
+                                    "continue")
+    assert evaluate.main(["--checkpoint", str(out)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: checkpoint {out} is a folder: pass a checkpoint file, e.g. "
+        f"{out / 'best.safetensors'} or last.safetensors")
+
+
 @tried("data", "an unreadable image in the training set",
        "skipped; one warning line of its own (not inside the progress bar's), and "
        "`skipped 1 unreadable training image` at the end")
