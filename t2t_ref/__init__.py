@@ -9,6 +9,8 @@
     print(t2t_ref.summary("t2t_vit_14_se"))   # parameters and MACs, stage by stage
 """
 
+import warnings
+
 from .backend import get_namespace, to_device, to_numpy
 from .model import T2TViT, create_model
 from .ops.cross_entropy import cross_entropy
@@ -19,3 +21,9 @@ from .variants import Variant, list_models
 __all__ = ["T2TViT", "create_model", "list_models", "Variant", "cross_entropy", "get_namespace",
            "to_device", "to_numpy", "load_pretrained", "summary", "summary_rows", "count"]
 __version__ = "0.1.0"
+
+# `python -m t2t_ref.summary` runs a module that this package has already imported above (for
+# its functions), and Python warns on every run of the command that the module is executed
+# twice; harmless here (it only defines functions and tables), so the warning is filtered.
+warnings.filterwarnings("ignore", message="'t2t_ref.summary' found in sys.modules",
+                        category=RuntimeWarning)

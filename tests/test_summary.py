@@ -96,3 +96,15 @@ def test_summary_table_and_cli(capsys):
             code = stop.code
         err = capsys.readouterr().err
         assert code == 2 and err.count("\n") == 1 and needle in err, (argv, err)
+
+
+def test_the_summary_command_runs_without_warnings():
+    """`python -m t2t_ref.summary` is a module the package itself imports: Python's warning that
+    it runs twice must not greet every use of the command."""
+    import subprocess
+    import sys
+    job = subprocess.run([sys.executable, "-W", "default", "-m", "t2t_ref.summary", "t2t_vit_7",
+                          "--img-size", "32"], capture_output=True, text=True, timeout=120)
+    assert job.returncode == 0, job.stderr
+    assert job.stderr == "", job.stderr
+    assert job.stdout.startswith("t2t_vit_7 at 32x32")
