@@ -34,8 +34,9 @@ from .cli import Parser, number, plural, run as run_cli, user_error
 from .checkpoint import CheckpointError, load_checkpoint
 from .data import (ArrayDataset, DataError, FileDataset, Loader, default_workers,
                    find_splits, make_shapes_splits, model_input)
-from .data.transforms import RESAMPLE
 from .data.folder import scan_split, short_list
+from .data.transforms import RESAMPLE
+from .data.workers import workers_that_fit
 from .guard import quiet_float_warnings
 from .model import T2TViT, create_model
 from .parallel import DataParallel, mpi
@@ -310,8 +311,17 @@ def prepare(argv, world):
     """The command line -> a Job (a user error raised as it comes)."""
     args = build_parser().parse_args(argv)
     piece = (world.rank, world.size) if world.size > 1 else None
-    if args.workers is None:
-        args.workers = default_workers(mpi.ranks_on_this_node(world))
+
+    def workers(size):  # --workers, else the cores less one, as many as /dev/shm has room for
+        if args.workers is not None:
+            return args.workers
+        ranks = mpi.ranks_on_this_node(world)
+        count, note = workers_that_fit(default_workers(ranks), args.batch_size * 3 * size ** 2,
+                                       ranks_on_node=ranks)
+        if note and world.rank == 0:
+            print(note, file=sys.stderr)
+        return count
+
     if args.weights is not None:
         if args.data is None:
             raise DataError("--weights needs --data DIR: an ImageNet-style folder with "
@@ -325,7 +335,8 @@ def prepare(argv, world):
                                       "config" in weight_file.meta else {},
                                       crop_pct=args.crop_pct, interpolation=args.interpolation)
         loader = val_folder_loader(args.data, weight_file.class_names, model.num_classes,
-                                   model.img_size, args.batch_size, args.workers, piece,
+                                   model.img_size, args.batch_size, workers(model.img_size),
+                                   piece,
                                    transform)
         name = f"{model.name} ({weight_file.which}) at {model.img_size}x{model.img_size}"
         extra = dict(weights=args.weights, which=weight_file.which, model=model.name,
@@ -341,7 +352,7 @@ def prepare(argv, world):
             raise CheckpointError(f"{args.checkpoint} holds no EMA weights (trained "
                                   "without --ema-decay)")
         model.load_state_dict({**model.state_dict(), **ema})
-    loader = validation_loader(meta, args.data, args.batch_size, args.workers,
+    loader = validation_loader(meta, args.data, args.batch_size, workers(model.img_size),
                                source=args.checkpoint, piece=piece, crop_pct=args.crop_pct,
                                interpolation=args.interpolation)
     transform = loader.transform  # the built-in shapes are scored as drawn: no resize, no crop

@@ -65,6 +65,7 @@ from .data import (SHAPE_CLASSES, ArrayDataset, DataError, FileDataset, Loader,
 from .data.erasing import MODES
 from .data.randaugment import rand_augment
 from .data.transforms import RESAMPLE, TRAIN_INTERPOLATIONS
+from .data.workers import workers_that_fit
 from .ema import WeightEMA
 from .evaluate import evaluate, json_line, top_k
 from .gaps import make_rng
@@ -591,13 +592,19 @@ def prepare(config, resume=None, world=None):
     optimizer, ema). Under MPI (world of several ranks) every rank builds the same run; rank 0
     alone touches --out."""
     world = world if world is not None else mpi.World()
-    if config["workers"] is None:  # the cores less one, shared with the node's other ranks
-        config["workers"] = default_workers(mpi.ranks_on_this_node(world))
     out = config["out"]
     paths = {name: os.path.join(out, f"{name}.safetensors") for name in ("last", "best")}
     run = Run(config=config, world=world, out=out, last_path=paths["last"],
               best_path=paths["best"], metrics_path=os.path.join(out, "metrics.jsonl"),
               timings=Timings())
+    mixing = config["mixup"] > 0 or config["cutmix"] > 0
+    if config["workers"] is None:  # the cores less one, shared with the node's other ranks,
+        ranks = mpi.ranks_on_this_node(world)  # as many as /dev/shm has room for
+        config["workers"], note = workers_that_fit(
+            default_workers(ranks), config["batch_size"] * 3 * config["img_size"] ** 2,
+            rings=2 if mixing and world.size > 1 else 1, ranks_on_node=ranks)
+        if note:
+            run.say(note, file=sys.stderr)
     if world.size > config["batch_size"]:
         raise UsageError(f"--batch-size {config['batch_size']} is smaller than the "
                          f"{world.size} MPI ranks (each takes a piece of every batch): give at "
@@ -671,7 +678,6 @@ def prepare(config, resume=None, world=None):
                          erasing=erasing_of(config), **loader_options)
     loader = Loader(train_set, config["batch_size"], config["img_size"], train=True,
                     **train_options)
-    mixing = config["mixup"] > 0 or config["cutmix"] > 0
     # mixup pairs sample i with sample B-1-i of the global batch, which another rank reads:
     # a second loader serves this rank the partners of its samples (decoded once more here)
     partners = Loader(train_set, config["batch_size"], config["img_size"], train=True,
@@ -696,7 +702,7 @@ def prepare(config, resume=None, world=None):
     run.say(f"{config['model']}: {model.num_parameters(True):,} trainable parameters, "
             f"{len(train_set)} training and {plural(len(val_set), 'validation image')} of "
             f"{plural(K, 'class', 'classes')}, {config['img_size']}x{config['img_size']}, "
-            f"{config['backend']}/{config['dtype']}, {steps_per_epoch} steps per epoch"
+            f"{config['backend']}/{config['dtype']}, {plural(steps_per_epoch, 'step')} per epoch"
             + (f", {world.size} MPI ranks" if world.size > 1 else ""))
     if resume is not None:
         run.say(f"resuming at epoch {position.epoch + 1} of {config['epochs']}, step "

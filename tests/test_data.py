@@ -583,6 +583,28 @@ def test_too_little_shared_memory_is_said_before_a_worker_dies(monkeypatch):
     assert "\n" not in str(err.value)
 
 
+def test_default_workers_fit_in_the_shared_memory(monkeypatch):
+    """--workers' default takes as many workers as /dev/shm holds the batches of (2 in flight
+    each), here Docker's 64 MB at 224 x 224, batch 64 (9.2 MB a batch: 6 fit)."""
+    from t2t_ref.data import workers
+    batch = 64 * 3 * 224 * 224
+    monkeypatch.setattr(workers, "shared_memory_free", lambda where="/dev/shm": 64 * 2**20)
+    count, note = workers.workers_that_fit(15, batch)
+    assert count == 3
+    assert note == ("note: /dev/shm has 64 MB free, room for the batches in flight of 3 loader "
+                    "workers, not 15: using 3 (give the container more, docker run "
+                    "--shm-size=2g, or set --workers)")
+    assert workers.workers_that_fit(15, batch, rings=2)[0] == 1  # mixup's partner loader too
+    count, note = workers.workers_that_fit(15, batch, ranks_on_node=4)  # 16 MB each
+    assert count == 0 and note.endswith("not 15: loading in the training process instead "
+                                        "(give the container more, docker run --shm-size=2g, "
+                                        "or set --workers)")
+    assert "shared by 4 MPI ranks" in note
+    assert workers.workers_that_fit(3, batch) == (3, None)  # they fit: nothing to say
+    monkeypatch.setattr(workers, "shared_memory_free", lambda where="/dev/shm": None)
+    assert workers.workers_that_fit(15, batch) == (15, None)  # nothing to ask: as asked
+
+
 def test_default_workers_are_the_cores_less_one_shared_by_ranks(monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
     assert default_workers() == 15 and default_workers(4) == 3 and default_workers(16) == 0

@@ -412,6 +412,23 @@ def test_resume_takes_a_run_folder_and_its_data_where_they_are(tmp_path, capsys)
         f"{out / 'best.safetensors'} or last.safetensors")
 
 
+@tried("data", "a training run's default --workers where /dev/shm is small (Docker's 64 MB "
+       "default)", "as many workers as it has room for, and one line saying so: `note: "
+       "/dev/shm has N MB free, room for the batches in flight of 2 loader workers, not 4: "
+       "using 2 (give the container more, docker run --shm-size=2g, or set --workers)`")
+def test_default_workers_fit_a_small_dev_shm(tmp_path, capsys, monkeypatch):
+    from t2t_ref.data import workers
+    batch = 32 * 3 * 32 * 32  # TINY's
+    monkeypatch.setattr(train, "default_workers", lambda ranks_on_node=1: 4)  # as if 5 cores
+    monkeypatch.setattr(workers, "shared_memory_free", lambda where="/dev/shm": 5 * batch)
+    args = [a for a in TINY if a not in ("--workers", "0")]
+    code, captured = run_train(args + ["--epochs", "1", "--out", str(tmp_path / "run")], capsys)
+    assert code == 0, captured.err
+    assert "not 4: using 2 (give the container more, docker run --shm-size=2g, or set " \
+        "--workers)" in captured.err
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["workers"] == 2
+
+
 @tried("data", "an unreadable image in the training set",
        "skipped; one warning line of its own (not inside the progress bar's), and "
        "`skipped 1 unreadable training image` at the end")

@@ -81,15 +81,40 @@ def start_resource_tracker():
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
-def check_shared_memory(nbytes, where="/dev/shm"):
-    """Refuse a ring that /dev/shm cannot hold (Docker gives containers 64 MB by default),
-    in one line, before a worker dies of SIGBUS writing into it."""
+def shared_memory_free(where="/dev/shm"):
+    """Bytes free in where (None where there is no such folder to ask: another OS)."""
     try:
         stat = os.statvfs(where)
     except OSError:
-        return  # no /dev/shm to ask (another OS): let the allocation speak
-    free = stat.f_bavail * stat.f_frsize
-    if nbytes > free:
+        return None
+    return stat.f_bavail * stat.f_frsize
+
+
+def workers_that_fit(workers, batch_bytes, rings=1, ranks_on_node=1, where="/dev/shm"):
+    """(workers, note): at most `workers` worker processes whose batches in flight (a loader
+    keeps 2 per worker, of batch_bytes each, in each of `rings` loaders at once) fit in this
+    process's share of the free shared memory; note (a line to print) says why fewer, else
+    None. For --workers' default: Docker gives a container 64 MB of /dev/shm, 6 batches of
+    64 images at 224, where 15 workers would ask for 30."""
+    free = shared_memory_free(where)
+    if free is None or workers == 0:
+        return workers, None
+    share = free // max(1, ranks_on_node)
+    fit = int(share // (2 * rings * max(1, batch_bytes)))
+    if fit >= workers:
+        return workers, None
+    shared = f", shared by {ranks_on_node} MPI ranks" if ranks_on_node > 1 else ""
+    using = f"using {fit}" if fit else "loading in the training process instead"
+    return fit, (f"note: {where} has {free / 2**20:.0f} MB free{shared}, room for the batches "
+                 f"in flight of {fit} loader worker{'s' * (fit != 1)}, not {workers}: {using} "
+                 "(give the container more, docker run --shm-size=2g, or set --workers)")
+
+
+def check_shared_memory(nbytes, where="/dev/shm"):
+    """Refuse a ring that /dev/shm cannot hold (Docker gives containers 64 MB by default),
+    in one line, before a worker dies of SIGBUS writing into it."""
+    free = shared_memory_free(where)
+    if free is not None and nbytes > free:  # (None: nothing to ask; the allocation speaks)
         raise DataError(f"the loader's worker processes need {nbytes / 2**20:.0f} MB of shared "
                         f"memory for the batches in flight, but {where} has "
                         f"{free / 2**20:.0f} MB free: use fewer --workers or a smaller batch, "
