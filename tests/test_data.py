@@ -109,6 +109,30 @@ def test_images_in_sub_folders_of_a_class_are_its_images(tmp_path):
                       (os.path.join("dog", "d.png"), 1), (os.path.join("dog", "linked.png"), 1)]
 
 
+def test_every_extension_of_torchvisions_image_folder_is_read(tmp_path):
+    """TIFF (8- and 16-bit), PPM and PGM as well as JPEG, PNG, BMP and WebP: the files
+    torchvision's ImageFolder takes are images here too, and decode to RGB."""
+    rng = np.random.default_rng(3)
+    folder = tmp_path / "train" / "x"
+    folder.mkdir(parents=True)
+    (tmp_path / "train" / "y").mkdir()
+    random_image(rng, 9, 7).save(tmp_path / "train" / "y" / "0.png")
+    pixels = rng.integers(0, 256, (7, 9, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(folder / "a.TIF")
+    Image.fromarray(pixels[..., 0]).save(folder / "b.tiff")
+    Image.fromarray(pixels[..., 0].astype(np.uint16) * 257).save(folder / "c.tif")  # 16-bit
+    Image.fromarray(pixels).save(folder / "d.ppm")
+    Image.fromarray(pixels[..., 0]).save(folder / "e.pgm")
+    _, train, _ = find_splits(tmp_path, val_fraction=0.0)
+    names = [os.path.basename(path) for path, label in train if label == 0]
+    assert names == ["a.TIF", "b.tiff", "c.tif", "d.ppm", "e.pgm"]
+    for path, label in train:
+        image = decode(path)
+        assert image.mode == "RGB" and image.size == (9, 7), path
+    gray = np.asarray(decode(str(folder / "c.tif")))[..., 0]
+    assert np.array_equal(gray, pixels[..., 0])  # 16 bits scaled back to the 8 they came from
+
+
 def test_holdout_is_stratified_seeded_and_the_right_size(tmp_path):
     counts = {"b": 20, "a": 10, "c": 31}
     make_class_folders(tmp_path, counts)
