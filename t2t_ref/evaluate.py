@@ -58,7 +58,7 @@ def top_k(num_classes):
     return k if k >= 2 else None
 
 
-def evaluate(model, loader, progress=True, desc="eval"):
+def evaluate(model, loader, progress=True, desc="eval", between_batches=None):
     """Mean loss (no smoothing), top-1 and top-k accuracy (in %) of model over loader:
     {"loss", "top1", "top<k>" (k = top_k(classes), left out for 2 classes), "images",
     "nonfinite"}.
@@ -71,6 +71,7 @@ def evaluate(model, loader, progress=True, desc="eval"):
     A bare T2TViT is run on every core (t2t_ref.parallel.DataParallel). Under MPI (a
     DataParallel with a world of several ranks, the loader serving each its piece of every
     batch) the sums are added over the ranks: every rank returns the whole set's numbers.
+    between_batches(): called before each batch (training's stop signals: it may raise).
     """
     if isinstance(model, T2TViT):
         model = DataParallel(model)
@@ -87,6 +88,8 @@ def evaluate(model, loader, progress=True, desc="eval"):
         batches = ahead(batches)
     for images, labels, _ in tqdm(batches, total=len(loader), desc=desc, leave=False,
                                   disable=not progress):
+        if between_batches is not None:
+            between_batches()
         if len(labels) == 0 and not together:
             continue
         x = model_input(images, xp=xp, device=device, dtype=model.dtype)  # (B, 3, S, S)

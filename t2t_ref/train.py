@@ -905,7 +905,7 @@ def fit(run):
 
     bar = loop_began = None
     # Ctrl-C and SIGTERM (one process) or SIGUSR1 (any): stop between two steps with a save
-    stop = StopSignals(mpi=world.size > 1, speaks=run.speaks)
+    stop = run.stop = StopSignals(mpi=world.size > 1, speaks=run.speaks)  # validation sees it
     with quiet_float_warnings():  # the monitor counts what NumPy would warn about
         try:
             partners_loader = run.partners if run.partners is not None \
@@ -1031,7 +1031,17 @@ def epoch_record(run, epoch, train_seconds):
     """Evaluate (over every rank's piece) and assemble one line of metrics.jsonl."""
     model, ema, position = run.model, run.ema, run.position
     started = time.perf_counter()
-    result = evaluate(model, run.val_loader, desc="validation", progress=run.speaks)
+    stop = getattr(run, "stop", None)
+
+    def stop_requested():
+        """A stop signal cuts validation short (one process; MPI ranks wait for the next
+        step, where they agree on it); `last` then holds the epoch's steps, and a resumed
+        run validates the epoch again."""
+        if stop is not None and stop.requested is not None and run.world.size == 1:
+            raise Interrupted(stop.requested)
+
+    result = evaluate(model, run.val_loader, desc="validation", progress=run.speaks,
+                      between_batches=stop_requested)
     k = top_k(model.num_classes)
     loss_images = position.epoch_loss_images
     record = {"epoch": epoch + 1, "step": position.step,
@@ -1052,9 +1062,11 @@ def epoch_record(run, epoch, train_seconds):
         record[f"val_top{k}"] = result[f"top{k}"]
     if ema is not None:
         ema.swap_into(model)
-        ema_result = evaluate(model, run.val_loader, desc="validation (EMA)",
-                              progress=run.speaks)
-        ema.swap_into(model)
+        try:
+            ema_result = evaluate(model, run.val_loader, desc="validation (EMA)",
+                                  progress=run.speaks, between_batches=stop_requested)
+        finally:
+            ema.swap_into(model)  # the model's own weights back, also when a stop cut it short
         record.update(val_loss_ema=ema_result["loss"], val_top1_ema=ema_result["top1"])
         if k:
             record[f"val_top{k}_ema"] = ema_result[f"top{k}"]

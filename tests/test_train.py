@@ -310,6 +310,48 @@ def test_ctrl_c_ends_a_tool_with_one_line(tmp_path, capsys, tool):
         assert not (tmp_path / "big" / "last.safetensors").exists()
 
 
+@tried("faults", "a stop signal (SIGUSR1) during the EMA model's validation at an epoch's "
+       "end", "validation stops at once (not after the whole set), exit 138, `last` holds the "
+       "epoch's last step with the model's own weights (not the EMA's it was being scored "
+       "with); the resumed run validates that epoch again and ends bit-identical to an "
+       "uninterrupted run")
+def test_a_stop_during_validation_saves_at_once_and_resumes_exactly(tmp_path, capsys,
+                                                                     monkeypatch):
+    args = TINY + ["--epochs", "2", "--drop", "0.1", "--ema-decay", "0.9"]
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    assert run_train(args + ["--out", str(whole)], capsys)[0] == 0
+    real_evaluate, seen = train.evaluate, []
+
+    def signalled(model, loader, desc="eval", **kwargs):  # SIGUSR1 as EMA validation begins
+        seen.append(desc)
+        if desc == "validation (EMA)":
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return real_evaluate(model, loader, desc=desc, **kwargs)
+
+    monkeypatch.setattr(train, "evaluate", signalled)
+    code, captured = run_train(args + ["--out", str(cut)], capsys)
+    assert code == 138, captured.err
+    assert seen == ["validation", "validation (EMA)"]
+    assert "interrupted at step 3 by SIGUSR1" in captured.err
+    _, meta, _, _ = load_checkpoint(cut / "last.safetensors")
+    assert (meta["epoch"], meta["batch"], meta["step"]) == (0, 3, 3)
+    assert not (cut / "metrics.jsonl").exists()  # the epoch was not recorded
+    monkeypatch.setattr(train, "evaluate", real_evaluate)
+    code, captured = run_train(["--resume", str(cut / "last.safetensors")], capsys)
+    assert code == 0, captured.err
+    w1, m1, _, e1 = final_state(whole)
+    w2, m2, _, e2 = final_state(cut)
+    for key in w1:
+        assert np.array_equal(w1[key], w2[key]), f"weights differ after resume: {key}"
+    for key in e1:
+        assert np.array_equal(e1[key], e2[key]), f"EMA weights differ after resume: {key}"
+    h1 = [json.loads(x) for x in (whole / "metrics.jsonl").read_text().splitlines()]
+    h2 = [json.loads(x) for x in (cut / "metrics.jsonl").read_text().splitlines()]
+    for a, b in zip(h1, h2, strict=True):
+        for key in ("train_loss", "val_loss", "val_top1", "val_top1_ema"):
+            assert a[key] == pytest.approx(b[key], rel=1e-6), key
+
+
 def group_alive(pgid):
     try:
         os.killpg(pgid, 0)
