@@ -906,6 +906,7 @@ def fit(run):
     bar = loop_began = None
     # Ctrl-C and SIGTERM (one process) or SIGUSR1 (any): stop between two steps with a save
     stop = run.stop = StopSignals(mpi=world.size > 1, speaks=run.speaks)  # validation sees it
+    world.stoppable = True  # under MPI a SIGTERM now asks for a stop with a save (mpi.py)
     with quiet_float_warnings():  # the monitor counts what NumPy would warn about
         try:
             partners_loader = run.partners if run.partners is not None \
@@ -925,7 +926,8 @@ def fit(run):
                         if run.partners is not None else itertools.repeat(None)
                     for batch, pair in zip(batches, partners):
                         # every rank learns the global batch's size and any rank's stop request
-                        total, signum = world.start_step(len(batch.labels), stop.requested)
+                        total, signum = world.start_step(len(batch.labels),
+                                                         stop.requested or world.terminating)
                         if signum is not None or (config["stop_after"] is not None
                                                   and position.step >= config["stop_after"]):
                             raise Interrupted(signum)  # between two steps: a consistent state
@@ -964,6 +966,7 @@ def fit(run):
                 run.timings.training += time.perf_counter() - loop_began
             saving = time.perf_counter()
             save_run_state(run.last_path, run)
+            world.barrier()  # no rank ends (and makes the launcher end rank 0) mid-write
             run.timings.saving += time.perf_counter() - saving
             if run.speaks:
                 by = "" if stopped.signum is None else f" by {STOP_NAMES[stopped.signum]}"

@@ -15,11 +15,16 @@ How a sum crosses processes (choose_transport):
              copy to the host, MPI Allreduce, copy back. T2T_REF_ALLREDUCE=host forces it;
   array_api_strict  host-staged (tests).
 
-When a rank dies (killed, out of memory) the others are blocked in a collective; the launcher
-(mpirun) then ends them with SIGTERM. join() blocks SIGTERM in every thread before MPI starts
-its own and waits for it in a thread of its own, so that even a rank stuck inside MPI says one
-line (rank 0 only: it is the rank that speaks) and exits at once. A rank whose Python code
-fails after the start calls abort() so that the others do not wait for it for ever.
+SIGTERM. A launcher sends it when a rank has died (killed, out of memory), when the others
+may be blocked in a collective for ever (mpirun follows it with SIGKILL within a second), and
+a scheduler sends it when the job's time is up (SLURM to every task that srun started, with
+30 s before SIGKILL). join() blocks SIGTERM in every thread before MPI starts its own and waits
+for it in a thread of its own, which a rank stuck inside MPI still runs. While a training run
+can stop (World.stoppable), it asks the run to stop at its next step with a save (train.py:
+the ranks agree on the step, as for SIGUSR1; stop.py), says so (rank 0), and ends the rank
+itself if that has not happened within SIGTERM_GRACE seconds or on a second SIGTERM; otherwise
+it says one line and ends the rank at once. A rank whose Python code fails after the start
+calls abort() so that the others do not wait for it for ever.
 """
 
 import contextlib
@@ -40,6 +45,9 @@ LOCAL_RANK_VARIABLES = ("OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID",
 LOCAL_SIZE_VARIABLES = ("OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS",
                        "MV2_COMM_WORLD_LOCAL_SIZE")
 INSTALL = "pip install 't2t_ref[mpi]'"
+# seconds a SIGTERM leaves a training run to reach its next step and save (SLURM's KillWait,
+# the time between its SIGTERM and SIGKILL, is 30 s by default)
+SIGTERM_GRACE = float(os.environ.get("T2T_REF_SIGTERM_GRACE", "20"))
 
 
 class WorldError(Exception):
@@ -98,6 +106,8 @@ class World:
         self.rank = comm.Get_rank() if comm is not None else 0
         self.size = comm.Get_size() if comm is not None else 1
         self.note = ""  # said with the SIGTERM line: what stays on disk (set by the trainer)
+        self.stoppable = False  # a training run that stops at a step on a SIGTERM (train.py)
+        self.terminating = None  # SIGTERM's number once one came (the trainer reads it)
         self._sum = None  # the transport of sum(), chosen at its first call
         if comm is not None:
             _watcher["world"] = self
@@ -218,6 +228,12 @@ class World:
                         f"the ranks disagree: rank {rank} has {key} {_short(theirs.get(key))} "
                         f"where rank 0 has {_short(first[key])}: start every rank with the "
                         "same command, the same t2t_ref and the same data")
+
+    def barrier(self):
+        """Wait until every rank is here (after rank 0's checkpoint: a launcher that sees one
+        rank end ends the others, which must not cut rank 0's write short)."""
+        if self.size > 1:
+            self.comm.Barrier()
 
     def check_same_bytes(self, what, host_array):
         """Raise WorldError on every rank unless host_array's bytes are equal on all ranks (the
@@ -366,10 +382,22 @@ def _watch_for_sigterm(rank):
     def wait():
         signal.sigwait({signal.SIGTERM})
         world = _watcher["world"]
+        note = world.note if world is not None else ""
+        if world is not None and world.stoppable:  # a training run: stop at a step, saving
+            world.terminating = signal.SIGTERM
+            if rank == 0:
+                print(f"\nSIGTERM: the MPI job is ending (another rank failed or was killed, "
+                      f"mpirun was stopped, or the job's time is up): every rank saves at its "
+                      f"next step if they all reach it within {SIGTERM_GRACE:g} s"
+                      + (f"; otherwise {note}" if note else ""), file=sys.stderr, flush=True)
+            if signal.sigtimedwait({signal.SIGTERM}, SIGTERM_GRACE) is None and rank == 0:
+                print(f"error: the ranks did not save within {SIGTERM_GRACE:g} s; rank 0 stops"
+                      + (f": {note}" if note else ""), file=sys.stderr, flush=True)
+            os._exit(143)  # the grace is over, or a second SIGTERM came
         if rank == 0:
-            note = f"; {world.note}" if world is not None and world.note else ""
-            print(f"\nerror: the MPI job is ending: another rank failed or was killed, or "
-                  f"mpirun was stopped; rank 0 stops too{note}", file=sys.stderr, flush=True)
+            print("\nerror: the MPI job is ending: another rank failed or was killed, or "
+                  "mpirun was stopped; rank 0 stops too" + (f"; {note}" if note else ""),
+                  file=sys.stderr, flush=True)
         os._exit(143)  # 128 + SIGTERM, as a process ended by it
 
     threading.Thread(target=wait, name="t2t_ref-sigterm", daemon=True).start()
