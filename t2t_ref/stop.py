@@ -9,21 +9,21 @@ step and `--resume` continues it exactly.
 The signals, and what a run does on each:
 
     SIGINT   Ctrl-C                    one process: stop after this step, save `last`
-    SIGTERM  kill, docker stop, a      one process: the same
-             scheduler's time limit
+    SIGTERM  kill, docker stop, a      the same (one process: here; MPI ranks: mpi.py's
+             scheduler's time limit    watcher, within SIGTERM_GRACE seconds)
     SIGUSR1  kill -USR1                the same, one process or MPI ranks alike
 
 Having saved, the run exits with 128 + the signal's number, as a process ended by the signal
 does: 130, 143, 138. A second signal quits at once without saving (KeyboardInterrupt, exit
 130; the last checkpoint stays as it was).
 
-Under MPI ranks SIGINT and SIGTERM stay the launcher's: mpirun answers Ctrl-C with SIGTERM to
-every rank and, a fraction of a second later, SIGKILL, too soon for any save, and it sends
-SIGTERM when a rank has died, when the others may be stuck in a collective that never ends
-(mpi.py ends a rank at once on it). SIGUSR1 ends nothing: mpirun forwards it to every rank
-and the job goes on, so `kill -USR1 <mpirun's pid>`, or a scheduler's warning signal before a
-time limit (SLURM: `--signal=USR1@120`, to ranks that srun started), is how an MPI run stops
-with a save. The ranks may receive it at different moments, or one rank alone may; they agree
+Under MPI ranks Ctrl-C is the launcher's: mpirun answers it with SIGTERM to every rank and, a
+fraction of a second later, SIGKILL, too soon for any save; and a SIGTERM can mean that a rank
+has died, so MPI ranks take SIGTERM in mpi.py's own thread, which ends the rank if the stop
+does not come in time. SIGUSR1 ends nothing: mpirun forwards it to every rank and the job goes
+on, so `kill -USR1 <mpirun's pid>`, or a scheduler's warning signal before a time limit (SLURM:
+`--signal=USR1@120`, to ranks that srun started), is how an MPI run stops with a save at any
+pace. The ranks may receive a signal at different moments, or one rank alone may; they agree
 on the step to stop at, at the start of each step (World.start_step: one allgather carries
 every rank's request with its sample count), and rank 0 writes the checkpoint.
 """
