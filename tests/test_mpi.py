@@ -211,11 +211,20 @@ def test_killing_one_rank_ends_the_job_with_the_checkpoint_intact(tmp_path):
 
 
 @needs_mpirun
-@tried("faults", "SIGUSR1 to one rank of `mpirun -n 2` training (`kill -USR1` of mpirun "
-       "reaches every rank; a scheduler's warning signal, SLURM `--signal=USR1@120`)",
-       "both ranks stop at the same step: exit 138, `interrupted at step N by SIGUSR1: saved "
-       "...` once (rank 0, which never got the signal), `last` at step N, resumable")
-def test_sigusr1_to_one_rank_stops_every_rank_at_the_same_step_with_a_save(tmp_path):
+@pytest.mark.parametrize("signum, ranks, code", [
+    pytest.param(signal.SIGUSR1, (1,), 138, marks=tried(
+        "faults", "SIGUSR1 to one rank of `mpirun -n 2` training (`kill -USR1` of mpirun "
+        "reaches every rank; a scheduler's warning signal, SLURM `--signal=USR1@120`)",
+        "both ranks stop at the same step: exit 138, `interrupted at step N by SIGUSR1: saved "
+        "...` once (rank 0, which never got the signal), `last` at step N, resumable")),
+    pytest.param(signal.SIGTERM, (1, 0), 143, marks=tried(
+        "faults", "SIGTERM to every rank of `mpirun -n 2` training, as SLURM sends it to the "
+        "tasks srun started when a job's time is up", "every rank stops at the same step and "
+        "rank 0 saves before any rank ends: exit 143, `interrupted at step N by SIGTERM: "
+        "saved ...` once, `last` at step N; a one-process resume runs on")),
+])
+def test_a_stop_signal_stops_every_rank_at_the_same_step_with_a_save(tmp_path, signum, ranks,
+                                                                      code):
     out = tmp_path / "run"
     job = mpirun(2, ["-m", "t2t_ref.train", *TINY, "--synthetic-train", "640", "--epochs", "50",
                      "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -225,51 +234,22 @@ def test_sigusr1_to_one_rank_stops_every_rank_at_the_same_step_with_a_save(tmp_p
             assert job.poll() is None, job.communicate()
             time.sleep(0.05)
         time.sleep(1.5)  # some steps in
-        os.kill(rank_pid(job.pid, 1), signal.SIGUSR1)
+        for rank in ranks:
+            os.kill(rank_pid(job.pid, rank), signum)
         _, err = job.communicate(timeout=120)
     finally:
         if job.poll() is None:
             job.kill()
-    assert job.returncode == 138, err  # mpirun passes on the ranks' exit code
+    assert job.returncode == code, err  # mpirun passes on the ranks' exit code
     assert "Traceback" not in err, err
-    said = re.findall(r"interrupted at step (\d+) by SIGUSR1: saved (\S+); continue", err)
+    name = signal.Signals(signum).name
+    said = re.findall(rf"interrupted at step (\d+) by {name}: saved (\S+); continue", err)
     assert len(said) == 1 and said[0][1] == str(out / "last.safetensors"), err
     weights, meta, _, _ = load_checkpoint(out / "last.safetensors")
     assert meta["step"] == int(said[0][0]) > 0, meta
     assert all(np.isfinite(w).all() for w in weights.values())
     assert train.main(["--resume", str(out / "last.safetensors"), "--epochs",
                        str(meta["epoch"] + 1)]) == 0  # one process goes on from there
-
-
-@needs_mpirun
-@tried("faults", "SIGTERM to every rank of `mpirun -n 2` training, as SLURM sends it to the "
-       "tasks srun started when a job's time is up", "every rank stops at the same step and "
-       "rank 0 saves before any rank ends: exit 143, `interrupted at step N by SIGTERM: saved "
-       "...` once, `last` at step N; a one-process resume runs on")
-def test_sigterm_to_every_rank_saves_at_one_step(tmp_path):
-    out = tmp_path / "run"
-    job = mpirun(2, ["-m", "t2t_ref.train", *TINY, "--synthetic-train", "640", "--epochs", "50",
-                     "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        deadline = time.time() + 240
-        while not (out / "config.json").exists() and time.time() < deadline:  # started
-            assert job.poll() is None, job.communicate()
-            time.sleep(0.05)
-        time.sleep(1.5)  # some steps in
-        for rank in (1, 0):
-            os.kill(rank_pid(job.pid, rank), signal.SIGTERM)
-        _, err = job.communicate(timeout=120)
-    finally:
-        if job.poll() is None:
-            job.kill()
-    assert job.returncode == 143, err
-    assert "Traceback" not in err, err
-    said = re.findall(r"interrupted at step (\d+) by SIGTERM: saved (\S+); continue", err)
-    assert len(said) == 1 and said[0][1] == str(out / "last.safetensors"), err
-    weights, meta, _, _ = load_checkpoint(out / "last.safetensors")
-    assert meta["step"] == int(said[0][0]) > 0, meta
-    assert train.main(["--resume", str(out / "last.safetensors"), "--epochs",
-                       str(meta["epoch"] + 1)]) == 0
 
 
 def rank_pid(launcher, rank):

@@ -287,12 +287,18 @@ def test_predict_prints_the_oracles_top5_with_imagenet_names(tmp_path, capsys):
     assert max(p for p, _ in printed[images[0]]) > 0.05  # sharp enough to mean something
 
 
-def test_predict_uses_a_checkpoints_class_names(tmp_path, capsys):
+def three_class_checkpoint(tmp_path):
+    """A t2t_ref checkpoint of a 3-class T2T-ViT-7 whose classes are cat, dog and eel."""
     model = t2t_ref.create_model("t2t_vit_7", num_classes=3, img_size=SIZE, seed=2)
     checkpoint = tmp_path / "best.safetensors"
     save_checkpoint(checkpoint, model.state_dict(),
                     {"model": "t2t_vit_7", "class_names": ["cat", "dog", "eel"], "step": 1,
                      "config": {"img_size": SIZE, "dtype": "float32"}})
+    return checkpoint
+
+
+def test_predict_uses_a_checkpoints_class_names(tmp_path, capsys):
+    checkpoint = three_class_checkpoint(tmp_path)
     images = write_images(tmp_path / "img")[:1]
     assert predict.main([*images, "--checkpoint", str(checkpoint)]) == 0  # evaluate's name
     printed = parse_predictions(capsys.readouterr().out)[images[0]]
@@ -305,11 +311,7 @@ def test_predict_uses_a_checkpoints_class_names(tmp_path, capsys):
        "printed as when named one by one; `error:` lines for the unreadable file and `no image "
        "files in folder ...`; exit 1")
 def test_predict_on_a_folder_reads_it_all_in_batches(tmp_path, capsys):
-    model = t2t_ref.create_model("t2t_vit_7", num_classes=3, img_size=SIZE, seed=2)
-    checkpoint = tmp_path / "best.safetensors"
-    save_checkpoint(checkpoint, model.state_dict(),
-                    {"model": "t2t_vit_7", "class_names": ["cat", "dog", "eel"], "step": 1,
-                     "config": {"img_size": SIZE, "dtype": "float32"}})
+    checkpoint = three_class_checkpoint(tmp_path)
     folder = tmp_path / "photos"
     images = write_images(folder / "b") + write_images(folder / "a" / "deeper")
     (folder / "a" / "broken.jpg").write_bytes(b"not a jpeg")
