@@ -720,16 +720,21 @@ def prepare(config, resume=None, world=None):
     scaler = DynamicLossScale(xp, device) if config.get("precision") == "fp16" else None
     if scaler is not None and resume is not None and "loss_scale" in resume[1]:
         scaler.load_state_dict(resume[1]["loss_scale"])
+    data = dataset_fingerprint(config, class_names, train_set, val_set)
+    if resume is not None and resume[1].get("data", data) != data:  # (older checkpoints: none)
+        run.say(f"note: the data is not what the checkpoint was trained on ({resume[1]['data']} "
+                f"then, {data} now): the run goes on, but not as it would have (other epoch "
+                "orders, other samples)", file=sys.stderr)
     run.__dict__.update(
         class_names=class_names, model=model, optimizer=optimizer, ema=ema, loader=loader,
         partners=partners, val_loader=val_loader, steps_per_epoch=steps_per_epoch,
         schedule=schedule, mixing=mixing, position=position, history=history, monitor=monitor,
-        scaler=scaler,
+        scaler=scaler, data=data,
         fingerprint=None if world.size == 1 else {
             "code version": mpi.code_version(),
             **{f"--{k.replace('_', '-')}": v for k, v in config.items()
                if k not in RANK_LOCAL},
-            "data": dataset_fingerprint(config, class_names, train_set, val_set),
+            "data": data,
             "weights (CRC-32)": zlib.crc32(memoryview(to_numpy(model.params.flat)).cast("B")),
             "position": dataclasses.asdict(position)})
     world.note = run.kept()
@@ -738,7 +743,8 @@ def prepare(config, resume=None, world=None):
 
 def dataset_fingerprint(config, class_names, train_set, val_set):
     """A short digest of what the ranks read: classes, file names (relative to --data) or
-    labels, split sizes. Ranks with different data would not train one model."""
+    labels, split sizes. Ranks with different data would not train one model; a checkpoint
+    keeps it, and a resume on other data says so."""
     digest = hashlib.sha256(json.dumps(class_names).encode())
     for dataset in (train_set, val_set):
         digest.update(np.ascontiguousarray(dataset.labels).tobytes())
@@ -796,6 +802,7 @@ def save_run_state(path, run):
     if not run.speaks:
         return
     meta = {"model": config["model"], "class_names": run.class_names, "config": config,
+            "data": run.data,  # what it was trained on: a resume on other data says so
             **dataclasses.asdict(run.position)}
     if getattr(run, "scaler", None) is not None:
         meta["loss_scale"] = run.scaler.state_dict()

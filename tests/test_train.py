@@ -414,11 +414,14 @@ def test_evaluate_matches_class_folders_to_the_model_by_name(tmp_path, capsys):
 
 @tried("checkpoints", "`--resume runs/x` (the run's folder) of a run trained on an image "
        "folder, without --data; then with that folder moved; a folder without a checkpoint; "
-       "`evaluate --checkpoint runs/x`", "continues from runs/x/last.safetensors on the data "
-       "it was trained on; moved: exit 2, `error: the checkpoint was trained on D, which is not "
-       "there (moved, or another machine): give its place with --data`; `--resume D is a "
-       "folder without a last.safetensors: ...`; `checkpoint runs/x is a folder: pass a "
-       "checkpoint file, e.g. runs/x/best.safetensors or last.safetensors`")
+       "`evaluate --checkpoint runs/x`; then an image added to the data", "continues from "
+       "runs/x/last.safetensors on the data it was trained on; moved: exit 2, `error: the "
+       "checkpoint was trained on D, which is not there (moved, or another machine): give its "
+       "place with --data`; `--resume D is a folder without a last.safetensors: ...`; "
+       "`checkpoint runs/x is a folder: pass a checkpoint file, e.g. runs/x/best.safetensors "
+       "or last.safetensors`; the added image: `note: the data is not what the checkpoint was "
+       "trained on (8+4 images, ... then, 9+4 images, ... now): the run goes on, but not as it "
+       "would have ...`")
 def test_resume_takes_a_run_folder_and_its_data_where_they_are(tmp_path, capsys):
     data, out = tmp_path / "data", tmp_path / "run"
     write_image_folder(data, ["cat", "dog"], per_class=6)
@@ -452,6 +455,17 @@ def test_resume_takes_a_run_folder_and_its_data_where_they_are(tmp_path, capsys)
     assert capsys.readouterr().err.strip() == (
         f"error: checkpoint {out} is a folder: pass a checkpoint file, e.g. "
         f"{out / 'best.safetensors'} or last.safetensors")
+    # the moved folder holds what the run was trained on: nothing was said; one image more is
+    assert "note: the data" not in captured.err
+    write_image_folder(tmp_path / "moved", ["cat"], per_class=7, seed=9)  # a seventh cat
+    code, captured = run_train(["--resume", str(out), "--epochs", "4", "--data",
+                                str(tmp_path / "moved")], capsys)
+    assert code == 0, captured.err
+    notes = [line for line in captured.err.splitlines() if line.startswith("note: the data")]
+    assert len(notes) == 1 and re.fullmatch(
+        r"note: the data is not what the checkpoint was trained on \(8\+4 images, \w+ then, "
+        r"9\+4 images, \w+ now\): the run goes on, but not as it would have \(other epoch "
+        r"orders, other samples\)", notes[0]), notes
 
 
 @tried("data", "a training run's default --workers where /dev/shm is small (Docker's 64 MB "
