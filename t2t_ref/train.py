@@ -1044,11 +1044,16 @@ def epoch_record(run, epoch, train_seconds):
     stop = getattr(run, "stop", None)
 
     def stop_requested():
-        """A stop signal cuts validation short (one process; MPI ranks wait for the next
-        step, where they agree on it); `last` then holds the epoch's steps, and a resumed
-        run validates the epoch again."""
-        if stop is not None and stop.requested is not None and run.world.size == 1:
-            raise Interrupted(stop.requested)
+        """A stop signal cuts validation short: `last` then holds the epoch's steps, and a
+        resumed run validates the epoch again. MPI ranks agree on the batch to stop at, as on
+        the step in training (every rank scores a piece of every batch)."""
+        if stop is None:
+            return
+        signum = stop.requested or run.world.terminating
+        if run.world.size > 1:
+            _, signum = run.world.start_step(0, signum)
+        if signum is not None:
+            raise Interrupted(signum)
 
     result = evaluate(model, run.val_loader, desc="validation", progress=run.speaks,
                       between_batches=stop_requested)

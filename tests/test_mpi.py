@@ -252,6 +252,37 @@ def test_a_stop_signal_stops_every_rank_at_the_same_step_with_a_save(tmp_path, s
                        str(meta["epoch"] + 1)]) == 0  # one process goes on from there
 
 
+@needs_mpirun
+@tried("faults", "SIGUSR1 to one rank of `mpirun -n 2` training while the ranks validate",
+       "the ranks agree on a validation batch and stop there: exit 138, `last` holds the "
+       "epoch's last step (epoch 0, batch 2 of 2), and a resumed run validates that epoch")
+def test_a_stop_during_validation_under_mpi_stops_every_rank_there(tmp_path):
+    out = tmp_path / "run"
+    job = mpirun(2, ["-m", "t2t_ref.train", *TINY, "--synthetic-train", "64", "--synthetic-val",
+                     "8000", "--epochs", "3", "--out", str(out)], stdout=subprocess.PIPE,
+                 stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 240
+        while not (out / "config.json").exists() and time.time() < deadline:  # started
+            assert job.poll() is None, job.communicate()
+            time.sleep(0.05)
+        # 2 training steps, then 8000 images to score (seconds): the signal comes among them.
+        # (The progress bar cannot tell when: mpirun forwards a line once it ends.)
+        time.sleep(1.5)
+        os.kill(rank_pid(job.pid, 1), signal.SIGUSR1)
+        _, err = job.communicate(timeout=120)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert job.returncode == 138, err
+    assert err.count("interrupted at step 2 by SIGUSR1") == 1, err
+    _, meta, _, _ = load_checkpoint(out / "last.safetensors")
+    assert (meta["epoch"], meta["batch"], meta["step"]) == (0, 2, 2), meta
+    assert not (out / "metrics.jsonl").exists()
+    assert train.main(["--resume", str(out / "last.safetensors"), "--epochs", "1"]) == 0
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 1  # epoch 1, validated
+
+
 def rank_pid(launcher, rank):
     """The process id of MPI rank `rank` among the launcher's descendants."""
     deadline = time.time() + 30
