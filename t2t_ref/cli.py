@@ -83,3 +83,25 @@ def run(main):
     except KeyboardInterrupt:
         print("\ninterrupted (Ctrl-C)", file=sys.stderr)
         return 130
+
+
+class LineByLine:
+    """A stderr for tqdm that writes each refresh of a bar as a line of its own. Under mpirun
+    a rank's output reaches the terminal a line at a time, so a bar redrawn in place (carriage
+    returns, no newline) would show nothing until it ends: an epoch without any progress."""
+
+    def __init__(self, file=None):
+        self.file = file
+
+    def write(self, text):
+        text = text.replace("\r", "").rstrip()
+        if text:  # (a bar that clears itself writes only spaces)
+            (self.file or sys.stderr).write(text + "\n")
+
+    def flush(self):
+        (self.file or sys.stderr).flush()
+
+
+def progress_options(mpi):
+    """tqdm's file and refresh interval: in place, as usual; under MPI a line every 30 s."""
+    return dict(file=LineByLine(), mininterval=30.0) if mpi else {}

@@ -30,7 +30,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .backend import BackendError, backend_name, keep_freed_memory, to_device, to_numpy
-from .cli import Parser, number, plural, run as run_cli, user_error
+from .cli import Parser, number, plural, progress_options, run as run_cli, user_error
 from .checkpoint import CheckpointError, load_checkpoint
 from .data import (ArrayDataset, DataError, FileDataset, Loader, default_workers,
                    find_splits, make_shapes_splits, model_input)
@@ -87,7 +87,7 @@ def evaluate(model, loader, progress=True, desc="eval", between_batches=None):
         from .data.upload import ahead
         batches = ahead(batches)
     for images, labels, _ in tqdm(batches, total=len(loader), desc=desc, leave=False,
-                                  disable=not progress):
+                                  disable=not progress, **progress_options(together)):
         if between_batches is not None:
             between_batches()
         if len(labels) == 0 and not together:

@@ -59,7 +59,7 @@ from .atomic import remove_leftovers, write_atomic
 from .backend import BackendError, keep_freed_memory, to_device, to_numpy
 from .checkpoint import (CheckpointError, NonFiniteError, checkpoint_meta, load_checkpoint,
                          save_checkpoint)
-from .cli import Parser, number, plural, run as run_cli, user_error
+from .cli import Parser, number, plural, progress_options, run as run_cli, user_error
 from .data import (SHAPE_CLASSES, ArrayDataset, DataError, FileDataset, Loader,
                    default_workers, find_splits, make_shapes_splits, model_input)
 from .data.erasing import MODES
@@ -923,7 +923,8 @@ def fit(run):
                     model.train()
                     bar = tqdm(total=steps_per_epoch, initial=position.batch,
                                desc=f"epoch {epoch + 1}/{config['epochs']}",
-                               dynamic_ncols=True, disable=not run.speaks)
+                               dynamic_ncols=True, disable=not run.speaks,
+                               **progress_options(world.size > 1))
                     loop_began = time.perf_counter()  # this process's share of the epoch
                     started = loop_began - position.epoch_seconds  # a resumed epoch's too
                     batches = waited(on_device(run.loader.epoch_batches(epoch, position.batch),

@@ -130,9 +130,10 @@ def test_two_ranks_equal_one_process_after_five_adamw_steps(tmp_path):
 
 @needs_mpirun
 @tried("faults", "`mpirun -n 2` training (RandAugment, random erasing, mixup, cutmix) stopped "
-       "mid-epoch (`--stop-after`), resumed by one process", "exit 130 and `last` saved by rank 0; the resumed run ends where an "
-       "uninterrupted one-process run does (float64, 1e-12); `evaluate` under mpirun gives "
-       "the one-process numbers")
+       "mid-epoch (`--stop-after`), resumed by one process", "exit 130 and `last` saved by "
+       "rank 0; progress bars as whole lines (no carriage returns: mpirun forwards lines); the "
+       "resumed run ends where an uninterrupted one-process run does (float64, 1e-12); "
+       "`evaluate` under mpirun gives the one-process numbers")
 def test_an_mpi_run_stopped_mid_epoch_resumes_with_another_rank_count(tmp_path, capsys):
     args = TINY + ["--epochs", "2", "--dtype", "float64", "--drop", "0.1", "--drop-path", "0.2",
                    "--mixup", "0.8", "--cutmix", "1.0", "--ema-decay", "0.9",
@@ -143,6 +144,9 @@ def test_an_mpi_run_stopped_mid_epoch_resumes_with_another_rank_count(tmp_path, 
     job = mpirun(2, ["-m", "t2t_ref.train", *args, "--out", str(cut), "--stop-after", "4"])
     assert job.returncode == 130, job.stderr
     assert job.stderr.count("interrupted at step 4") == 1, job.stderr  # rank 0 alone speaks
+    # progress as whole lines: mpirun passes a rank's output on a line at a time, and a bar
+    # redrawn in place would not show until it ends
+    assert "\r" not in job.stderr and "\nepoch 1/2: " in job.stderr, job.stderr
     assert "2 MPI ranks" in job.stdout and job.stdout.count("epoch 1:") == 1, job.stdout
     weights, meta, _, _ = load_checkpoint(cut / "last.safetensors")
     assert (meta["epoch"], meta["batch"], meta["step"]) == (1, 1, 4)
