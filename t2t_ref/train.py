@@ -912,13 +912,13 @@ def fit(run):
 
     bar = loop_began = None
     # Ctrl-C and SIGTERM (one process) or SIGUSR1 (any): stop between two steps with a save
-    stop = run.stop = StopSignals(mpi=world.size > 1, speaks=run.speaks)  # validation sees it
+    run.stop = StopSignals(mpi=world.size > 1, speaks=run.speaks)  # agreed_stop reads it
     world.stoppable = True  # under MPI a SIGTERM now asks for a stop with a save (mpi.py)
     with quiet_float_warnings():  # the monitor counts what NumPy would warn about
         try:
             partners_loader = run.partners if run.partners is not None \
                 else contextlib.nullcontext()
-            with run.loader, run.val_loader, partners_loader, stop:
+            with run.loader, run.val_loader, partners_loader, run.stop:
                 for epoch in range(position.epoch, config["epochs"]):
                     model.train()
                     bar = tqdm(total=steps_per_epoch, initial=position.batch,
@@ -933,9 +933,7 @@ def fit(run):
                                          config["backend"]) \
                         if run.partners is not None else itertools.repeat(None)
                     for batch, pair in zip(batches, partners):
-                        # every rank learns the global batch's size and any rank's stop request
-                        total, signum = world.start_step(len(batch.labels),
-                                                         stop.requested or world.terminating)
+                        total, signum = agreed_stop(run, len(batch.labels))
                         if signum is not None or (config["stop_after"] is not None
                                                   and position.step >= config["stop_after"]):
                             raise Interrupted(signum)  # between two steps: a consistent state
@@ -997,6 +995,13 @@ def fit(run):
     return run.history
 
 
+def agreed_stop(run, count):
+    """(the global batch's size, the stop signal every rank acts on now, or None), from this
+    rank's count of samples and its stop request: a signal StopSignals caught, or under MPI a
+    SIGTERM (mpi.py). One exchange with the other ranks, so that they stop together."""
+    return run.world.start_step(count, run.stop.requested or run.world.terminating)
+
+
 def finish_epoch(run, epoch, train_seconds):
     """After an epoch's last step: validate, then record the epoch, checkpoint `last` (and
     `best`), write the metrics and the plot, and print the epoch's line."""
@@ -1042,17 +1047,12 @@ def epoch_record(run, epoch, train_seconds):
     """Evaluate (over every rank's piece) and assemble one line of metrics.jsonl."""
     model, ema, position = run.model, run.ema, run.position
     started = time.perf_counter()
-    stop = getattr(run, "stop", None)
 
     def stop_requested():
         """A stop signal cuts validation short: `last` then holds the epoch's steps, and a
         resumed run validates the epoch again. MPI ranks agree on the batch to stop at, as on
         the step in training (every rank scores a piece of every batch)."""
-        if stop is None:
-            return
-        signum = stop.requested or run.world.terminating
-        if run.world.size > 1:
-            _, signum = run.world.start_step(0, signum)
+        _, signum = agreed_stop(run, 0)
         if signum is not None:
             raise Interrupted(signum)
 
