@@ -14,9 +14,10 @@ same maps are one gather each (`tokens_by_gather`, `fold_by_gather`): index arra
 once per shape on the host, say which padded-image element each token value is, and which
 token values each pixel's gradient sums (at most ceil(k/s)^2 of them). Tested equal to the
 slices on every backend. The forward's gather also serves NumPy: writing the tokens once, in
-their layout, measured 2-4x faster than the slices and the transposing copy (about 3% of a
-T2T-ViT-7 forward on 2 cores); the backward's gather reads m times the gradient and is slower
-on a CPU, so NumPy keeps fold. array_api_strict runs the plain versions.
+their layout, timed 2-4x faster than the slices and the transposing copy (the op alone, on the
+2-core Xeon of BENCHMARKS.md; about 3% of a T2T-ViT-7 forward there, median of 6 interleaved
+forwards, not a bench configuration); the backward's gather reads m times the gradient and was
+slower there, so NumPy keeps fold. array_api_strict runs the plain versions.
 """
 
 import math
