@@ -364,7 +364,12 @@ def test_consumer_erasing_is_the_same_on_every_backend_piece_and_run():
 def test_batched_erasing_is_the_rectangle_loop_to_the_bit(backend, mode, max_count):
     """apply_batched (the GPU's: whole-batch operations per rectangle slot) against apply's
     loop over rectangles (numpy), overlapping rectangles (max_count 3) included, on every
-    backend; on CuPy apply itself takes the batched path."""
+    backend; on CuPy apply itself takes the batched path.
+
+    To the bit on the CPU backends. A GPU's log, cos and sqrt are not NumPy's: there the
+    noise may differ in its last bit (the first device run: 4 cases did), so on CuPy the same
+    pixels must be erased, the rest untouched to the bit, and the noise within a few float32
+    roundings."""
     erasing = RandomErasing(0.7, mode, max_count=max_count)
     rows = np.stack([erasing.draw(20, np.random.default_rng(s)) for s in range(9)])
     assert 0 < int(np.sum(rows[:, :, 2] > 0)) < 9 * max_count  # some erased, some not
@@ -372,11 +377,16 @@ def test_batched_erasing_is_the_rectangle_loop_to_the_bit(backend, mode, max_cou
     looped = erasing.apply(x.copy(), rows)  # numpy: the loop
     xp, device = get_namespace(backend)
     batched = to_numpy(erasing.apply_batched(xp.asarray(x.copy(), device=device), rows))
-    assert np.array_equal(batched, looped)
     assert not np.array_equal(looped, x)
-    if backend == "cupy":
-        assert np.array_equal(to_numpy(erasing.apply(xp.asarray(x.copy(), device=device), rows)),
-                              looped)
+    if backend != "cupy":
+        assert np.array_equal(batched, looped)
+        return
+    erased = looped != x
+    assert np.array_equal(batched != x, erased), "another set of pixels erased"
+    np.testing.assert_allclose(batched[erased], looped[erased], rtol=4e-6, atol=4e-6)
+    # on one backend the loop and the batched path are the same operations: to the bit
+    assert np.array_equal(to_numpy(erasing.apply(xp.asarray(x.copy(), device=device), rows)),
+                          batched)
 
 
 def test_keyed_normal_is_a_function_of_key_and_element():
