@@ -47,8 +47,10 @@ def _read(memory, pointer, op, rows, cols, ld):
 def cublas_model(p, first_memory, first_pointer, second_memory, second_pointer):
     """What cublasGemmStridedBatchedEx(op_first, op_second, m, n, k, 1, first, ld, stride,
     second, ld, stride, 0, C, ldc, stride_c, batch) writes into a fresh C (its memory)."""
-    for operand, rows in ((p.first, p.m), (p.second, p.k)):  # cuBLAS's own checks: ld >= rows
-        stored_rows = rows if operand.op == cupy_gemm.OP_N else (p.k if rows == p.m else p.n)
+    # cuBLAS's own checks: ld >= the rows of the matrix as stored (op(first) is m x k,
+    # op(second) k x n; a transposed one is stored the other way round)
+    for operand, rows, cols in ((p.first, p.m, p.k), (p.second, p.k, p.n)):
+        stored_rows = rows if operand.op == cupy_gemm.OP_N else cols
         assert operand.ld >= max(1, stored_rows), f"invalid leading dimension in {p}"
     assert p.ldc >= max(1, p.m)
     c = np.full(p.batch * p.stride_c, np.nan)
@@ -83,6 +85,8 @@ def _stacks(case, rng):
         (a, am), (b, bm) = contiguous((B, h, M, K)), transposed((B, h, K, N))
     elif case == "q^T @ dscores":
         (a, am), (b, bm) = transposed((B, h, M, K)), contiguous((B, h, K, N), start=1)
+    elif case == "square, transposed":  # dout^T p at N = d: m == k, which op T must not mix up
+        (a, am), (b, bm) = transposed((B, h, K, K)), contiguous((B, h, K, N), start=2)
     elif case == "both transposed":
         (a, am), (b, bm) = transposed((B, M, K)), transposed((B, K, N))
     elif case == "batch slice":  # x[1:3]: an offset into a bigger stack
@@ -106,7 +110,7 @@ def _stacks(case, rng):
     return a, b, am, bm
 
 
-CASES = ("2-D", "q @ k^T", "q^T @ dscores", "both transposed", "batch slice", "padded rows",
+CASES = ("2-D", "q @ k^T", "q^T @ dscores", "square, transposed", "both transposed", "batch slice", "padded rows",
          "length-1 axes", "permuted batch", "permuted batch, b")
 
 
@@ -197,7 +201,14 @@ def _stand_in_cublas(calls):
         out[:] = product.astype(out.dtype)
         calls.append(plan)
 
-    return types.SimpleNamespace(gemmStridedBatchedEx=gemmStridedBatchedEx)
+    def gemmEx(handle, transa, transb, m, n, k, alpha, A, Atype, lda, B, Btype, ldb, beta, C,
+               Ctype, ldc, computeType, algo):
+        """One matrix: gemmStridedBatchedEx with a batch of 1 (CuPy's signature)."""
+        gemmStridedBatchedEx(handle, transa, transb, m, n, k, alpha, A, Atype, lda, 0, B, Btype,
+                             ldb, 0, beta, C, Ctype, ldc, m * n, 1, computeType, algo)
+        calls[-1] = ("gemmEx", calls[-1])
+
+    return types.SimpleNamespace(gemmStridedBatchedEx=gemmStridedBatchedEx, gemmEx=gemmEx)
 
 
 @pytest.fixture
@@ -242,6 +253,8 @@ def test_matmul_calls_cublas_so_that_it_computes_a_at_b(stand_in_gpu, case, dtyp
                                       exact.astype(out_dtype).view(np.uint8),
                                       err_msg=f"{case} {dtype} -> {out_dtype}")
     assert len(stand_in_gpu) == 2, "one cuBLAS call per product"
+    one_matrix = [isinstance(call, tuple) and call[0] == "gemmEx" for call in stand_in_gpu]
+    assert one_matrix == [a.ndim == 2] * 2, "gemmEx for one matrix, strided-batched for stacks"
 
 
 # ---- on a GPU --------------------------------------------------------------------------------
