@@ -61,10 +61,24 @@ def compute_dtype(xp, precision, master_dtype):
     return ml_dtypes.bfloat16
 
 
+# bf16 on CuPy is refused until the fault below is found: on the first GPU run (an H200,
+# CuPy 14.2, 2026-11-28) T2T-ViT-t-14's gradients under bf16 were 0.6 to 0.8 from float32, a
+# different amount each run on the same inputs (fp16, float32 and T2T-ViT-7's bf16 were right),
+# and it went away with either the fused kernels or the soft split's gathers switched off.
+# scripts/gpu_trace.py localises it in the device script's trace stage, which sets this.
+ALLOW_GPU_BF16 = "T2T_REF_ALLOW_GPU_BF16"
+
+
 def _check_gpu_bfloat16(bfloat16):
     """bf16 on CuPy needs a GPU with bfloat16 arithmetic (compute capability 8.0 and up: cuBLAS
     has no bfloat16 products before, nor the GPU a bfloat16 conversion) and a CuPy that makes
-    bfloat16 arrays (CuPy 14 and up)."""
+    bfloat16 arrays (CuPy 14 and up); and, for now, T2T_REF_ALLOW_GPU_BF16=1 (see above)."""
+    import os
+    if os.environ.get(ALLOW_GPU_BF16) != "1":
+        raise PrecisionError(
+            "precision bf16 on a GPU gave wrong gradients in its first test and is off until "
+            "that is fixed: use --precision fp16 (checked on the GPU), or set "
+            f"{ALLOW_GPU_BF16}=1 to run it anyway")
     import cupy
     capability = int(cupy.cuda.Device().compute_capability)  # "75" for 7.5
     if capability < 80:
