@@ -769,10 +769,11 @@ def loader_rate(config, workers, batches=LOADER_BATCHES):
     and batch with the official recipe's augmentation (random resized crop, flip,
     RandAugment, erasing rectangles) from in-memory synthetic images: one whole epoch of
     `batches` batches (bench_loader.py times JPEG photos, at 224, for 1, 2 and all cores)."""
-    from .bench_loader import recipe_loader
+    from .bench_loader import BATCHES_PER_WORKER, recipe_loader
     from .bench_loader import loader_rate as rate
     from .data import ArrayDataset, make_shapes
     B, S = config.batch, config.img_size
+    batches = max(batches, BATCHES_PER_WORKER * workers)  # every worker busy
     dataset = ArrayDataset(*make_shapes(B * batches, S, seed=0)[:2])
     recipe = recipe_loader(dataset, B, S, 0)
     return rate(dataset, B, S, workers, recipe.transform, recipe.erasing)

@@ -26,6 +26,9 @@ from PIL import Image
 from .data import FileDataset, Loader, RandomErasing, TrainTransform, model_input
 from .recipe import OFFICIAL_AA
 
+# Batches per worker in a timed epoch, at least: the first device run timed 6 batches with 16
+# workers, so 10 of them had nothing to do and "all cores" measured 6 (940 images/s).
+BATCHES_PER_WORKER = 3
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field")
 
 
@@ -111,14 +114,20 @@ def run(batch=64, size=224, batches=6, worker_counts=None, out=print):
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     counts = worker_counts or sorted({1, 2, cores})
     with tempfile.TemporaryDirectory(prefix="t2t-loader-bench-") as root:
-        dataset = FileDataset(write_photos(root, batch * batches))
+        dataset_samples = write_photos(root, batch * batches)
+        dataset = FileDataset(dataset_samples)
         out(f"loader: {len(dataset)} JPEG photos (about 500 x 375, from "
             f"{source_photos()[0]}) -> {batch} x 3 x {size} x {size} uint8 batches, official "
             f"recipe's augmentation ({OFFICIAL_AA}, random erasing 0.25), {cores} cores")
         rates = {}
         for workers in counts:
-            warm = recipe_loader(dataset, batch, size, 0)
-            rates[workers] = loader_rate(dataset, batch, size, workers, warm.transform,
+            # at least BATCHES_PER_WORKER batches for each worker: the photos listed again
+            # (decoded anew each time) where there are fewer
+            needed = batch * max(batches, BATCHES_PER_WORKER * workers)
+            epoch = FileDataset([dataset_samples[i % len(dataset_samples)]
+                                 for i in range(needed)])
+            warm = recipe_loader(epoch, batch, size, 0)
+            rates[workers] = loader_rate(epoch, batch, size, workers, warm.transform,
                                          warm.erasing)
             out(f"  {workers:>2} worker process{'es' if workers > 1 else '  '}: "
                 f"{rates[workers]:7.1f} images/s ({rates[workers] / workers:.1f} per worker)")

@@ -184,10 +184,18 @@ def test_loader_bench_reports_images_per_second_per_worker_count(tmp_path, monke
     """bench --loader's measurement, small: JPEG photos written and decoded, the recipe's
     augmentation, a rate per worker count, the consumer's share per batch."""
     from t2t_ref import bench_loader
-    lines = []
+    lines, timed = [], {}
+    real_rate = bench_loader.loader_rate
+
+    def loader_rate(dataset, batch, size, workers, *args):  # how much each count is given
+        timed[workers] = len(dataset)
+        return real_rate(dataset, batch, size, workers, *args)
+    monkeypatch.setattr(bench_loader, "loader_rate", loader_rate)
     result = bench_loader.run(batch=4, size=32, batches=2, worker_counts=[1, 2],
                               out=lines.append)
     assert set(result["workers"]) == {1, 2} and all(r > 0 for r in result["workers"].values())
+    # every worker gets 3 batches or more (2 batches for 2 workers left one idle half the time)
+    assert timed == {1: 4 * 3, 2: 4 * 3 * 2}, timed
     assert result["consumer_ms"] > 0
     assert "rand-m9-mstd0.5-inc1, random erasing 0.25" in lines[0]
     assert lines[1].strip().startswith("1 worker process") and "per worker" in lines[1]
