@@ -15,8 +15,10 @@ LOGS="$WORK/logs"              # one log per stage; packed into $OUT/logs.tgz at
 mkdir -p "$OUT" "$LOGS"
 DEADLINE=${DEADLINE:-470}      # seconds for the whole script: stages are cut to fit it
 STAGES=${STAGES:-}             # e.g. "tests parity bench": only these (default: all)
+# TESTS_K (pytest -k, default "cupy") and BENCH_CONFIGS narrow the tests and bench stages
 PY=${PY:-python3}
 export PYTHONUNBUFFERED=1
+export T2T_REF_ALLOW_GPU_BF16=1  # bf16 on CuPy is off by default (precision.py): the checks run it
 START=$(date +%s)
 SUMMARY="$OUT/summary.txt"
 : > "$SUMMARY"
@@ -61,7 +63,7 @@ stage start 60 $PY -c "import t2t_ref; m = t2t_ref.create_model('t2t_vit_7', num
 
 # 2. the CuPy tests: every test parametrised over backends (cupy cases only), and the
 #    kernels against their plain twins (tests/test_cupy_kernels.py)
-stage tests 150 $PY -m pytest -q --maxfail=10 -p no:cacheprovider -k cupy --continue-on-collection-errors tests
+stage tests 150 $PY -m pytest -q --maxfail=10 -p no:cacheprovider -k "${TESTS_K:-cupy}" --continue-on-collection-errors tests
 
 # 3. float32 CuPy against NumPy: logits, d(input) and every gradient, six variants
 stage parity 90 $PY scripts/gpu_parity.py
@@ -98,9 +100,12 @@ stage loader 60 $PY -m t2t_ref.bench --loader --json "$LOGS/loader.json"
 #    policy's tolerances); attention's q k^T through CuPy's matmul and through one cuBLAS call;
 #    then T2T-ViT-14 at 224, batch 64, bf16 and fp16 against torch.autocast (issue 13's
 #    targets: >= 1.8x faster than t2t_ref's own float32 step, <= 1.2x autocast's)
-stage parity_half 90 sh -c "$PY scripts/gpu_parity.py --precision bf16 --variants t2t_vit_7 t2t_vit_t_14 && $PY scripts/gpu_parity.py --precision fp16 --variants t2t_vit_7 t2t_vit_t_14"
+#    (each precision runs whatever the other's verdict; the stage fails if either does)
+stage parity_half 90 sh -c "$PY scripts/gpu_parity.py --precision bf16 --variants t2t_vit_7 t2t_vit_t_14; a=\$?; $PY scripts/gpu_parity.py --precision fp16 --variants t2t_vit_7 t2t_vit_t_14; exit \$((a | \$?))"
+#    where a half-precision model first parts ways with NumPy's, op by op (gpu_trace.py)
+stage trace 60 sh -c "$PY scripts/gpu_trace.py --variant t2t_vit_t_14 --precision bf16; $PY scripts/gpu_trace.py --variant t2t_vit_t_14 --precision fp16"
 stage gemm 40 $PY scripts/gpu_gemm.py
-stage bench_half 150 sh -c "$PY -m t2t_ref.bench --backend cupy --precision bf16 --repeats 5 --warmup 2 --json $LOGS/bench_bf16.json --config t2t_vit_14-224-b64-train && $PY -m t2t_ref.bench --backend cupy --precision fp16 --repeats 5 --warmup 2 --json $LOGS/bench_fp16.json --config t2t_vit_14-224-b64-train"
+stage bench_half 150 sh -c "$PY -m t2t_ref.bench --backend cupy --precision bf16 --repeats 5 --warmup 2 --json $LOGS/bench_bf16.json --config t2t_vit_14-224-b64-train; a=\$?; $PY -m t2t_ref.bench --backend cupy --precision fp16 --repeats 5 --warmup 2 --json $LOGS/bench_fp16.json --config t2t_vit_14-224-b64-train; exit \$((a | \$?))"
 
 # 9. the plain ops on CuPy (kernels off), for the kernels' share of the speed
 stage bench_plain 90 env T2T_REF_PLAIN_OPS=1 $PY -m t2t_ref.bench --backend cupy --repeats 5 \
@@ -113,6 +118,7 @@ echo "================ summary ($(( $(date +%s) - START )) s) ================"
 head -n 3 "$LOGS/machine.log"
 cat "$SUMMARY"
 grep -h -E "PASS|FAIL" "$LOGS/parity.log" "$LOGS/parity_half.log" "$LOGS/gemm.log" 2>/dev/null
+grep -h -E "against numpy|against itself|NaN-filled|^  (call|without|every)" "$LOGS/trace.log" 2>/dev/null
 { tr "\r" "\n" < "$LOGS/resume.log"; } 2>/dev/null | grep -E "^epoch [0-9]+:|^done" | tail -n 3
 for b in bench bench_small bench_half bench_plain; do
     echo "-- $b"

@@ -66,7 +66,59 @@ def main():
               f"cupy_gemm {ms(lambda: cupy_gemm.matmul(q, kt, dtype)):7.3f} ms; "
               f"max error {error:.2e} of the largest entry "
               f"({'PASS' if ok else 'FAIL'}, allowed {4 * rounding:.1e})")
+    failed |= linear_products(dtypes, ms)
     return 1 if failed else 0
+
+
+def linear_products(dtypes, ms):
+    """Linear's 2-D products at T2T-ViT-14's 224, batch 64 (12,608 token rows): x W^T with W
+    (out, in) read transposed, as ops/linear.py multiplies them; TFLOP/s beside PyTorch's
+    own product of the same operands (torch.matmul), the rate cuBLAS reaches here."""
+    import cupy
+    import torch
+
+    from t2t_ref import cupy_gemm
+    rng = np.random.default_rng(1)
+    failed = False
+    for M, K, N in ((12608, 384, 1152), (12608, 384, 384), (12608, 1152, 384)):
+        x_host, w_host = rng.normal(size=(M, K)), rng.normal(size=(N, K)) / np.sqrt(K)
+        flops = 2.0 * M * K * N
+        for dtype in dtypes:
+            try:
+                x, w = cupy.asarray(x_host.astype(dtype)), cupy.asarray(w_host.astype(dtype))
+            except (TypeError, ValueError):
+                continue
+            wt = w.T
+            exact = x_host.astype(dtype).astype(np.float64) @ w_host.astype(dtype).astype(
+                np.float64).T
+            got = cupy.asnumpy(cupy_gemm.matmul(x, wt, dtype)).astype(np.float64)
+            rounding = {"float32": 1e-6, "float16": 2.0 ** -11, "bfloat16": 2.0 ** -8}[dtype.name]
+            error = float(np.max(np.abs(got - exact)) / np.max(np.abs(exact)))
+            ok = error <= 4 * rounding
+            failed |= not ok
+            ours = ms(lambda: cupy_gemm.matmul(x, wt, dtype))
+            torch_dtype = {"float32": torch.float32, "float16": torch.float16,
+                           "bfloat16": torch.bfloat16}[dtype.name]
+            tx = torch.as_tensor(x_host, device="cuda").to(torch_dtype)
+            tw = torch.as_tensor(w_host, device="cuda").to(torch_dtype)
+            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            times = []
+            for _ in range(21):
+                start.record()
+                torch.matmul(tx, tw.T)
+                stop.record()
+                stop.synchronize()
+                times.append(start.elapsed_time(stop))
+            theirs = float(np.median(times[1:]))
+            try:
+                plain = f"{ms(lambda: cupy.matmul(x, wt)):7.3f} ms"
+            except Exception as err:
+                plain = f"failed ({type(err).__name__})"
+            print(f"{dtype.name:9s} x W^T ({M}, {K}) @ ({K}, {N}): cupy.matmul {plain}, "
+                  f"cupy_gemm {ours:7.3f} ms ({flops / ours / 1e9:6.1f} TFLOP/s), torch "
+                  f"{theirs:7.3f} ms ({flops / theirs / 1e9:6.1f} TFLOP/s); error {error:.1e} "
+                  f"({'PASS' if ok else 'FAIL'})")
+    return failed
 
 
 if __name__ == "__main__":

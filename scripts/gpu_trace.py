@@ -1,0 +1,213 @@
+"""Where a backend first parts ways with NumPy: every op's output, in call order.
+
+    python scripts/gpu_trace.py --variant t2t_vit_t_14 --precision bf16   # CuPy against NumPy
+
+gpu_parity.py says *that* a model's gradients differ; this says *where*. One eval-mode forward
+and backward of the same model (same weights, batch and upstream gradient) runs on NumPy and
+on the backend under test, both under the same precision policy, and every function of
+t2t_ref.ops named *_forward or *_backward records what it returns (a forward's output; all
+of a backward's gradients), in call order. The ops whose outputs differ by more than
+--tolerance (max |a - b| / max(|a| + |b|)) are listed, the first ones first: the first is
+where to look. Then the backend runs again with one suspect switched off at a time (the fused
+kernels, the soft split's gathers, the cuBLAS half products) and prints d(input)'s distance
+from NumPy's for each: the suspect whose absence mends it is the culprit. Last, two checks
+for an error that moves from run to run (the first device run's bf16 T2T-ViT-t-14: d(input)
+0.61, 0.69 and 0.82 from float32 in three runs on the same inputs): the backend against
+itself, and a run on CuPy with every new allocation filled with NaN bytes first (a read of
+memory nothing wrote then shows as the first op with a non-finite output).
+
+Ops that only one side calls (on CuPy the layers call the fused kernels directly, so
+LayerNorm, GELU and softmax are not recorded there) are left out of the comparison.
+"""
+
+import argparse
+import contextlib
+import sys
+
+import numpy as np
+
+import t2t_ref
+from t2t_ref.backend import to_device, to_numpy
+
+
+def rel_error(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if a.shape != b.shape:
+        return float("inf")
+    scale = np.max(np.abs(a) + np.abs(b)) if a.size else 0.0
+    return float(np.max(np.abs(a - b)) / max(scale, 1e-300)) if a.size else 0.0
+
+
+def _arrays(value):
+    """The arrays in a returned value (tuples, lists and dicts walked; dict keys sorted)."""
+    if isinstance(value, (tuple, list)):
+        return [a for v in value for a in _arrays(v)]
+    if isinstance(value, dict):
+        return [a for k in sorted(value) for a in _arrays(value[k])]
+    if hasattr(value, "shape") and hasattr(value, "dtype"):
+        return [value]
+    return []
+
+
+@contextlib.contextmanager
+def recording(log):
+    """Every t2t_ref.ops function named *_forward / *_backward appends (name, [arrays as
+    float64 NumPy]) to log while the block runs (each module's reference to it is wrapped)."""
+    wrappers, patched = {}, []
+
+    def wrap(function):
+        name = f"{function.__module__.rsplit('.', 1)[-1]}.{function.__name__}"
+        backward = function.__name__.endswith("_backward")
+
+        def recorded(*args, **kwargs):
+            out = function(*args, **kwargs)
+            kept = out if backward else (out[0] if isinstance(out, tuple) else out)
+            log.append((name, [to_numpy(a).astype(np.float64) for a in _arrays(kept)]))
+            return out
+        return recorded
+
+    for module in [m for n, m in sys.modules.items() if n.startswith("t2t_ref")]:
+        for attr, obj in list(vars(module).items()):
+            if (callable(obj) and getattr(obj, "__module__", "").startswith("t2t_ref.ops")
+                    and getattr(obj, "__name__", "").endswith(("_forward", "_backward"))):
+                wrapper = wrappers.setdefault(id(obj), wrap(obj))
+                setattr(module, attr, wrapper)
+                patched.append((module, attr, obj))
+    try:
+        yield log
+    finally:
+        for module, attr, obj in patched:
+            setattr(module, attr, obj)
+
+
+def run(model, x, dlogits):
+    xs = to_device(x, model.xp, model.device)
+    logits = model.eval().forward(xs)
+    dx = model.backward(to_device(dlogits, model.xp, model.device))
+    return to_numpy(logits), to_numpy(dx)
+
+
+@contextlib.contextmanager
+def suspect_off(name):
+    """The backend's run with one suspect replaced by its plain twin."""
+    from t2t_ref import cupy_gemm, cupy_kernels
+    from t2t_ref.ops import soft_split
+    if name == "fused kernels":
+        with cupy_kernels.plain_ops():
+            yield
+    elif name == "soft-split gathers":
+        saved = soft_split.GATHER_FORWARD, soft_split.GATHER_BACKWARD
+        soft_split.GATHER_FORWARD, soft_split.GATHER_BACKWARD = (), ()
+        try:
+            yield
+        finally:
+            soft_split.GATHER_FORWARD, soft_split.GATHER_BACKWARD = saved
+    elif name == "cuBLAS half products":
+        saved = cupy_gemm.matmul
+
+        def float32_copies(a, b, out_dtype):
+            import cupy
+            return cupy.matmul(a.astype(cupy.float32), b.astype(cupy.float32)).astype(out_dtype)
+        cupy_gemm.matmul = float32_copies
+        try:
+            yield
+        finally:
+            cupy_gemm.matmul = saved
+    else:
+        yield
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--variant", default="t2t_vit_t_14")
+    parser.add_argument("--precision", default="bf16", choices=["float32", "bf16", "fp16"])
+    parser.add_argument("--backend", default="cupy")
+    parser.add_argument("--img-size", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--tolerance", type=float, default=5e-2)
+    parser.add_argument("--show", type=int, default=12, help="differing ops to list")
+    args = parser.parse_args()
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((args.batch, 3, args.img_size, args.img_size)).astype(np.float32)
+    dlogits = rng.standard_normal((args.batch, 10)).astype(np.float32)
+    kw = dict(num_classes=10, img_size=args.img_size, seed=0, precision=args.precision)
+
+    reference, theirs = [], []
+    with recording(reference):
+        ref_logits, ref_dx = run(t2t_ref.create_model(args.variant, backend="numpy", **kw),
+                                 x, dlogits)
+    with recording(theirs):
+        logits, dx = run(t2t_ref.create_model(args.variant, backend=args.backend, **kw),
+                         x, dlogits)
+    print(f"{args.variant} {args.precision}, {args.backend} against numpy: logits "
+          f"{rel_error(logits, ref_logits):.2e}, dx {rel_error(dx, ref_dx):.2e}; "
+          f"{len(theirs)} op calls ({len(reference)} on numpy)")
+    shared = {name for name, _ in theirs} & {name for name, _ in reference}
+    theirs = [entry for entry in theirs if entry[0] in shared]
+    reference = [entry for entry in reference if entry[0] in shared]
+    shown = 0
+    for i, ((name, ours), (ref_name, refs)) in enumerate(zip(theirs, reference)):
+        if name != ref_name:
+            print(f"  call {i}: {name} on {args.backend}, {ref_name} on numpy: the call "
+                  "sequences part here; stopping")
+            break
+        errors = [rel_error(a, b) for a, b in zip(ours, refs)]
+        if len(ours) != len(refs):
+            errors.append(float("inf"))
+        worst = max(errors, default=0.0)
+        if not worst <= args.tolerance:
+            print(f"  call {i:4d} {name:42s} outputs {len(ours)}, worst {worst:.2e} "
+                  f"(each: {' '.join(f'{e:.1e}' for e in errors[:6])})")
+            shown += 1
+            if shown >= args.show:
+                break
+    if shown == 0:
+        print(f"  every op within {args.tolerance:g}")
+
+    for suspect in ("fused kernels", "soft-split gathers", "cuBLAS half products"):
+        with suspect_off(suspect):
+            logits, dx = run(t2t_ref.create_model(args.variant, backend=args.backend, **kw),
+                             x, dlogits)
+        print(f"  without {suspect:22s}: logits {rel_error(logits, ref_logits):.2e}, "
+              f"dx {rel_error(dx, ref_dx):.2e}")
+
+    again = run(t2t_ref.create_model(args.variant, backend=args.backend, **kw), x, dlogits)
+    print(f"  {args.backend} against itself (a second run): logits "
+          f"{rel_error(again[0], logits):.2e}, dx {rel_error(again[1], dx):.2e}"
+          "  (0 unless something reads memory nothing wrote, or races)")
+    if args.backend == "cupy":
+        poisoned = []
+        with nan_filled_allocations(), recording(poisoned):
+            logits, dx = run(t2t_ref.create_model(args.variant, backend=args.backend, **kw),
+                             x, dlogits)
+        first = next(((i, name) for i, (name, arrays) in enumerate(poisoned)
+                      if not all(np.isfinite(a).all() for a in arrays)), None)
+        print(f"  new memory NaN-filled: logits {rel_error(logits, ref_logits):.2e}, dx "
+              f"{rel_error(dx, ref_dx):.2e}; first op with a non-finite output: "
+              f"{'none' if first is None else f'call {first[0]} {first[1]}'}")
+    return 0
+
+
+@contextlib.contextmanager
+def nan_filled_allocations():
+    """Every CuPy allocation in the block comes filled with 0xFF bytes: NaN in float16,
+    bfloat16, float32 and float64 alike (and -1 in integers)."""
+    import cupy
+    pool = cupy.cuda.MemoryPool()
+
+    def allocate(size):
+        memory = pool.malloc(size)
+        memory.memset_async(0xFF, size)
+        return memory
+    cupy.cuda.set_allocator(allocate)
+    try:
+        yield
+    finally:
+        cupy.cuda.set_allocator(cupy.get_default_memory_pool().malloc)
+        from t2t_ref.ops import rows, soft_split
+        rows._ONES.clear()  # arrays cached while the poisoned pool was in use
+        soft_split._INDEX.clear()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
