@@ -10,11 +10,11 @@ of a backward's gradients), in call order. The ops whose outputs differ by more 
 --tolerance (max |a - b| / max(|a| + |b|)) are listed, the first ones first: the first is
 where to look. Then the backend runs again with one suspect switched off at a time (the fused
 kernels, the soft split's gathers, the cuBLAS half products) and prints d(input)'s distance
-from NumPy's for each: the suspect whose absence mends it is the culprit. Last, two checks
-for an error that moves from run to run (the first device run's bf16 T2T-ViT-t-14: d(input)
-0.61, 0.69 and 0.82 from float32 in three runs on the same inputs): the backend against
-itself, and a run on CuPy with every new allocation filled with NaN bytes first (a read of
-memory nothing wrote then shows as the first op with a non-finite output).
+from NumPy's for each: the suspect whose absence mends it is the culprit. Against an error
+that moves from run to run (the first device run's bf16 T2T-ViT-t-14: d(input) 0.61, 0.69
+and 0.82 from float32 in three runs on the same inputs): the backend against itself, and on
+CuPy every run after the first starts with each new allocation filled with NaN bytes (a read
+of memory nothing wrote then shows as the first op with a non-finite output).
 
 Ops that only one side calls (on CuPy the layers call the fused kernels directly, so
 LayerNorm, GELU and softmax are not recorded there) are left out of the comparison.
@@ -164,25 +164,24 @@ def main():
     if shown == 0:
         print(f"  every op within {args.tolerance:g}")
 
-    for suspect in ("fused kernels", "soft-split gathers", "cuBLAS half products"):
-        with suspect_off(suspect):
-            logits, dx = run(t2t_ref.create_model(args.variant, backend=args.backend, **kw),
-                             x, dlogits)
-        print(f"  without {suspect:22s}: logits {rel_error(logits, ref_logits):.2e}, "
-              f"dx {rel_error(dx, ref_dx):.2e}")
-
     again = run(t2t_ref.create_model(args.variant, backend=args.backend, **kw), x, dlogits)
     print(f"  {args.backend} against itself (a second run): logits "
           f"{rel_error(again[0], logits):.2e}, dx {rel_error(again[1], dx):.2e}"
           "  (0 unless something reads memory nothing wrote, or races)")
-    if args.backend == "cupy":
-        poisoned = []
-        with nan_filled_allocations(), recording(poisoned):
+
+    # The runs below each start from NaN-filled memory (on CuPy): a run after a run of the
+    # same model would otherwise find the last run's values in the memory pool, and a read of
+    # memory nothing wrote could look right by luck (it did in the first trace's runs)
+    fresh = nan_filled_allocations if args.backend == "cupy" else contextlib.nullcontext
+    for suspect in (None, "fused kernels", "soft-split gathers", "cuBLAS half products"):
+        log = []
+        with fresh(), suspect_off(suspect), recording(log):
             logits, dx = run(t2t_ref.create_model(args.variant, backend=args.backend, **kw),
                              x, dlogits)
-        first = next(((i, name) for i, (name, arrays) in enumerate(poisoned)
+        first = next(((i, name) for i, (name, arrays) in enumerate(log)
                       if not all(np.isfinite(a).all() for a in arrays)), None)
-        print(f"  new memory NaN-filled: logits {rel_error(logits, ref_logits):.2e}, dx "
+        what = "as it is" if suspect is None else f"without {suspect}"
+        print(f"  {what:30s}: logits {rel_error(logits, ref_logits):.2e}, dx "
               f"{rel_error(dx, ref_dx):.2e}; first op with a non-finite output: "
               f"{'none' if first is None else f'call {first[0]} {first[1]}'}")
     return 0
