@@ -77,8 +77,17 @@ HALF = ("float16", "bfloat16")
 def is_half(dtype):
     """Is dtype float16 or bfloat16 (ml_dtypes' bfloat16, NumPy's and CuPy's)?
     The item size first: asked about 800 times a step, and a NumPy dtype's name is a
-    microsecond to make (array_api_strict's dtypes have no item size, nor half types)."""
-    return getattr(dtype, "itemsize", 2) == 2 and getattr(dtype, "name", str(dtype)) in HALF
+    microsecond to make. The answer is kept per dtype: under bf16/fp16 most calls are about
+    2-byte dtypes."""
+    if getattr(dtype, "itemsize", None) != 2:  # array_api_strict's: no item size, no halves
+        return False
+    answer = _IS_HALF.get(dtype)
+    if answer is None:
+        answer = _IS_HALF[dtype] = str(getattr(dtype, "name", dtype)) in HALF
+    return answer
+
+
+_IS_HALF = {}  # dtype -> is_half(dtype), for the 2-byte dtypes asked about
 
 
 def wide(x):
