@@ -196,7 +196,8 @@ def nan_filled_allocations():
 
     def allocate(size):
         memory = pool.malloc(size)
-        memory.memset_async(0xFF, size)
+        if size:
+            memory.memset_async(0xFF, size)
         return memory
     cupy.cuda.set_allocator(allocate)
     try:
