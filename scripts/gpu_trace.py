@@ -80,6 +80,30 @@ def recording(log):
             setattr(module, attr, obj)
 
 
+def differing_ops(theirs, reference, tolerance, show, backend="the backend"):
+    """Lines naming the first `show` ops whose outputs differ by more than tolerance, in call
+    order, over the ops both recordings have; or one line saying every op agrees."""
+    shared = {name for name, _ in theirs} & {name for name, _ in reference}
+    theirs = [entry for entry in theirs if entry[0] in shared]
+    reference = [entry for entry in reference if entry[0] in shared]
+    lines = []
+    for i, ((name, ours), (ref_name, refs)) in enumerate(zip(theirs, reference)):
+        if name != ref_name:
+            lines.append(f"  call {i}: {name} on {backend}, {ref_name} on numpy: the call "
+                         "sequences part here; stopping")
+            break
+        errors = [rel_error(a, b) for a, b in zip(ours, refs)]
+        if len(ours) != len(refs):
+            errors.append(float("inf"))
+        worst = max(errors, default=0.0)
+        if not worst <= tolerance:
+            lines.append(f"  call {i:4d} {name:42s} outputs {len(ours)}, worst {worst:.2e} "
+                         f"(each: {' '.join(f'{e:.1e}' for e in errors[:6])})")
+            if len(lines) >= show:
+                break
+    return lines or [f"  every op within {tolerance:g}"]
+
+
 def run(model, x, dlogits):
     xs = to_device(x, model.xp, model.device)
     logits = model.eval().forward(xs)
@@ -142,27 +166,8 @@ def main():
     print(f"{args.variant} {args.precision}, {args.backend} against numpy: logits "
           f"{rel_error(logits, ref_logits):.2e}, dx {rel_error(dx, ref_dx):.2e}; "
           f"{len(theirs)} op calls ({len(reference)} on numpy)")
-    shared = {name for name, _ in theirs} & {name for name, _ in reference}
-    theirs = [entry for entry in theirs if entry[0] in shared]
-    reference = [entry for entry in reference if entry[0] in shared]
-    shown = 0
-    for i, ((name, ours), (ref_name, refs)) in enumerate(zip(theirs, reference)):
-        if name != ref_name:
-            print(f"  call {i}: {name} on {args.backend}, {ref_name} on numpy: the call "
-                  "sequences part here; stopping")
-            break
-        errors = [rel_error(a, b) for a, b in zip(ours, refs)]
-        if len(ours) != len(refs):
-            errors.append(float("inf"))
-        worst = max(errors, default=0.0)
-        if not worst <= args.tolerance:
-            print(f"  call {i:4d} {name:42s} outputs {len(ours)}, worst {worst:.2e} "
-                  f"(each: {' '.join(f'{e:.1e}' for e in errors[:6])})")
-            shown += 1
-            if shown >= args.show:
-                break
-    if shown == 0:
-        print(f"  every op within {args.tolerance:g}")
+    for line in differing_ops(theirs, reference, args.tolerance, args.show, args.backend):
+        print(line)
 
     again = run(t2t_ref.create_model(args.variant, backend=args.backend, **kw), x, dlogits)
     print(f"  {args.backend} against itself (a second run): logits "

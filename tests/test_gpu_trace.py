@@ -1,0 +1,67 @@
+"""scripts/gpu_trace.py, the device script's tool for finding where a GPU model parts ways with
+NumPy's: proven on the CPU by planting a fault in one op and asking it to name that op."""
+
+import importlib.util
+import pathlib
+
+import numpy as np
+import pytest
+
+import t2t_ref
+
+_PATH = pathlib.Path(__file__).resolve().parent.parent / "scripts" / "gpu_trace.py"
+
+
+@pytest.fixture(scope="module")
+def gpu_trace():
+    spec = importlib.util.spec_from_file_location("gpu_trace", _PATH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _recorded_run(gpu_trace, x, dlogits):
+    log = []
+    with gpu_trace.recording(log):
+        model = t2t_ref.create_model("t2t_vit_t_14", num_classes=10, img_size=32, seed=0)
+        logits, dx = gpu_trace.run(model, x, dlogits)
+    return log, dx
+
+
+def test_trace_names_the_op_whose_output_is_wrong(gpu_trace, monkeypatch):
+    """softmax's backward made wrong in the attention layers (a third of its rows scaled, as
+    a kernel that skipped some rows would leave them): the trace's first differing op is that
+    one, not the ops downstream of it, and the forward's ops all agree."""
+    from t2t_ref.ops import attention, softmax
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 3, 32, 32)).astype(np.float32)
+    dlogits = rng.standard_normal((2, 10)).astype(np.float32)
+    reference, ref_dx = _recorded_run(gpu_trace, x, dlogits)
+
+    original = softmax.softmax_backward
+
+    def softmax_backward(dp, p):  # the fault: rows 0, 3, 6, ... of every map scaled
+        dx = original(dp, p)
+        dx[..., ::3, :] *= 3.0
+        return dx
+    softmax_backward.__module__, softmax_backward.__name__ = original.__module__, original.__name__
+    monkeypatch.setattr(attention, "softmax_backward", softmax_backward)
+    theirs, dx = _recorded_run(gpu_trace, x, dlogits)
+    assert gpu_trace.rel_error(dx, ref_dx) > 1e-2, "the planted fault should change d(input)"
+
+    lines = gpu_trace.differing_ops(theirs, reference, tolerance=1e-6, show=3)
+    assert "softmax.softmax_backward" in lines[0], "\n".join(lines)
+    assert len(lines) == 3 and all("call" in line for line in lines), "\n".join(lines)
+    # the same run against itself: every op agrees
+    assert gpu_trace.differing_ops(reference, reference, 1e-6, 3) == ["  every op within 1e-06"]
+
+
+def test_trace_compares_only_the_ops_both_sides_call(gpu_trace):
+    """On CuPy the layers call the fused kernels directly, so LayerNorm is not recorded there:
+    such ops are left out, and the rest still line up."""
+    a = [np.ones(3)]
+    reference = [("layernorm.layernorm_forward", a), ("linear.linear_forward", a),
+                 ("layernorm.layernorm_backward", a), ("linear.linear_backward", [np.ones(3)])]
+    theirs = [("linear.linear_forward", a), ("linear.linear_backward", [np.full(3, 2.0)])]
+    lines = gpu_trace.differing_ops(theirs, reference, tolerance=1e-3, show=5)
+    assert len(lines) == 1 and "call    1 linear.linear_backward" in lines[0], lines
