@@ -79,3 +79,42 @@ def test_ema_on_flat_buffers_equals_per_tensor_ema():
         plain_ema.update(plain)
     for k in SHAPES:
         np.testing.assert_array_equal(flat_ema.params[k], plain_ema.params[k], err_msg=k)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_update_with_every_tensor_equals_assigning_each(backend, dtype, monkeypatch):
+    """update() given every tensor (a backward's gradients) writes one concatenation into the
+    buffer on NumPy and CuPy; it must store what assigning them one by one stores, in the
+    buffer's dtype, whatever the order of the dict, and still refuse a wrong shape."""
+    import types
+
+    from t2t_ref import flat as flat_module
+    if dtype == "float16" and backend == "array_api_strict":
+        pytest.skip("array_api_strict has no float16")
+    xp, device = get_namespace(backend)
+    rng = np.random.default_rng(3)
+    values = {name: rng.normal(size=shape) for name, shape in SHAPES.items()}
+    one_by_one = FlatTensors(xp, SHAPES, xp.float32, device, order=["c", "a", "b"])
+    at_once = FlatTensors(xp, SHAPES, xp.float32, device, order=["c", "a", "b"])
+    for name, value in values.items():
+        one_by_one[name] = on(backend, value, dtype)
+    native, concatenations = flat_module._native_module(at_once.flat), []
+    if native is not None:  # count the one-call path's calls
+        def concatenate(pieces, out):
+            concatenations.append(len(pieces))
+            return native.concatenate(pieces, out=out)
+        spy = types.SimpleNamespace(concatenate=concatenate,
+                                    may_share_memory=native.may_share_memory)
+        monkeypatch.setattr(flat_module, "_native_module", lambda x: spy)
+    at_once.update({name: on(backend, values[name], dtype) for name in ["b", "c", "a"]})
+    np.testing.assert_array_equal(to_numpy(at_once.flat), to_numpy(one_by_one.flat))
+    assert to_numpy(at_once.flat).dtype == np.float32 and np.any(to_numpy(at_once.flat))
+    assert concatenations == ([] if native is None else [3]), "one call for every tensor"
+    # a buffer's own views given back (values that could move while being read): the same
+    at_once.update({name: one_by_one[name] for name in SHAPES})
+    one_by_one.update(dict(one_by_one))
+    np.testing.assert_array_equal(to_numpy(one_by_one.flat), to_numpy(at_once.flat))
+    wrong = {name: on(backend, v, "float32")
+             for name, v in {**values, "a": np.zeros((3, 2))}.items()}
+    with pytest.raises(ValueError, match="a: shape \\(3, 2\\) does not fit \\(2, 3\\)"):
+        at_once.update(wrong)
