@@ -11,10 +11,11 @@ of a backward's gradients), in call order. The ops whose outputs differ by more 
 where to look. Then the backend runs again with one suspect switched off at a time (the fused
 kernels, the soft split's gathers, the cuBLAS half products) and prints d(input)'s distance
 from NumPy's for each: the suspect whose absence mends it is the culprit. Against an error
-that moves from run to run (the first device run's bf16 T2T-ViT-t-14: d(input) 0.61, 0.69
-and 0.82 from float32 in three runs on the same inputs): the backend against itself, and on
-CuPy every run after the first starts with each new allocation filled with NaN bytes (a read
-of memory nothing wrote then shows as the first op with a non-finite output).
+that moves from run to run (the first device run's bf16 T2T-ViT-t-14: d(input) 0.61 and
+0.69 from float32 in two runs, 0.82 from NumPy's bf16 in a third, on the same inputs): the
+backend against itself, and on CuPy every run after the first starts with each new
+allocation filled with NaN bytes (a read of memory nothing wrote then shows as the first op
+with a non-finite output).
 
 Ops that only one side calls (on CuPy the layers call the fused kernels directly, so
 LayerNorm, GELU and softmax are not recorded there) are left out of the comparison.

@@ -62,7 +62,7 @@ def compute_dtype(xp, precision, master_dtype):
 
 
 # bf16 on CuPy is refused until the fault below is found: on the first GPU run (an H200,
-# CuPy 14.2, 2026-11-28) T2T-ViT-t-14's gradients under bf16 were 0.6 to 0.8 from float32, a
+# CuPy 14.2, 2026-11-28) T2T-ViT-t-14's gradients under bf16 were 0.6 to 0.8 off (relative), a
 # different amount each run on the same inputs (fp16, float32 and T2T-ViT-7's bf16 were right):
 # a read of memory nothing wrote, or a race (BENCHMARKS.md, "Second device session").
 # scripts/gpu_trace.py localises it in the device script's trace stage, which sets this.
