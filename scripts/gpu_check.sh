@@ -118,7 +118,7 @@ echo "================ summary ($(( $(date +%s) - START )) s) ================"
 head -n 3 "$LOGS/machine.log"
 cat "$SUMMARY"
 grep -h -E "PASS|FAIL" "$LOGS/parity.log" "$LOGS/parity_half.log" "$LOGS/gemm.log" 2>/dev/null
-grep -h -E "against numpy|against itself|^  (call|without|every|as it is)" "$LOGS/trace.log" 2>/dev/null
+grep -h -E "against numpy|against itself|against NumPy|^  (call|without|every|as it is)" "$LOGS/trace.log" 2>/dev/null
 { tr "\r" "\n" < "$LOGS/resume.log"; } 2>/dev/null | grep -E "^epoch [0-9]+:|^done" | tail -n 3
 for b in bench bench_small bench_half bench_plain; do
     echo "-- $b"

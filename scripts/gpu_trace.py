@@ -28,7 +28,7 @@ import sys
 import numpy as np
 
 import t2t_ref
-from t2t_ref.backend import to_device, to_numpy
+from t2t_ref.backend import get_namespace, to_device, to_numpy
 
 
 def rel_error(a, b):
@@ -103,6 +103,73 @@ def differing_ops(theirs, reference, tolerance, show, backend="the backend"):
             if len(lines) >= show:
                 break
     return lines or [f"  every op within {tolerance:g}"]
+
+
+def exact_ops(xp, dtype, device=None):
+    """The backend's own array operations whose result has one right answer (copies,
+    gathers, selections, casts, one rounded add or product), on a half dtype, with the
+    layouts the model gives them (transposed views, strided slices, a size-1 axis), against
+    NumPy's on the same values, to the bit: -> [(op, differing elements, of how many)].
+    CuPy's bfloat16 is new (CuPy 14, 'experimental'); this says at once whether one of its
+    operations, rather than t2t_ref's code, is what goes wrong."""
+    from t2t_ref.backend import to_device
+    rng = np.random.default_rng(5)
+    host = rng.standard_normal((4, 1, 24, 16)).astype(np.float32).astype(dtype)  # (B, h, N, d)
+    other = rng.standard_normal((4, 1, 16, 24)).astype(np.float32).astype(dtype)
+    index = rng.integers(0, 24 * 16, size=(300, 4))  # into one sample's (24 * 16) values
+    keep = rng.random((4, 300, 4)) < 0.7
+
+    def cases(lib, a, b, idx, mask):  # name -> how to compute it with library lib
+        t = lib.swapaxes(b, -1, -2)  # (4, 1, 24, 16), a transposed view, as k^T's product
+        s = a[:, :, ::2, :]  # a strided slice
+
+        def taken():
+            flat = lib.reshape(a, (4, -1))
+            return lib.reshape(lib.take(flat, lib.reshape(idx, (-1,)), axis=1), (4, 300, 4))
+
+        def scaled():
+            out = a * 1  # a fresh copy, scaled in place as attention's dscores
+            out *= 147 ** -0.5
+            return out
+
+        def four_slices():
+            g = taken()
+            return g[:, :, 0] + g[:, :, 1] + g[:, :, 2] + g[:, :, 3]
+        return {
+            "copy of a transposed view": lambda: lib.ascontiguousarray(t),
+            "reshape of a permuted view": lambda: lib.reshape(lib.transpose(t, (0, 2, 1, 3)),
+                                                              (4, 24, 16)),
+            "astype float32 of a transposed view": lambda: t.astype(np.float32),
+            "astype back from float32": lambda: t.astype(np.float32).astype(a.dtype),
+            "add: view + view": lambda: t + t,
+            "add: contiguous + transposed": lambda: a + t,
+            "add: strided slices": lambda: s + t[:, :, ::2, :],
+            "multiply in place by a float (rounded once?)": scaled,
+            "take (gather), 2-D index": taken,
+            "where with a 0-d zero": lambda: lib.where(mask, taken(), lib.zeros((), a.dtype)),
+            "stack of contiguous and transposed": lambda: lib.stack([a, t, a], axis=0),
+            "concat along the last axis": lambda: lib.concatenate([a, t], axis=-1),
+            "sum of four strided slices": four_slices,
+        }
+
+    want = cases(np, host, other, index, keep)
+    native = np if device is None else __import__("cupy")
+    on_device = (host, other) if device is None else (to_device(host, xp, device),
+                                                      to_device(other, xp, device))
+    got = cases(native, *on_device, native.asarray(index), native.asarray(keep))
+    results = []
+    for name, make in want.items():
+        expected = make()
+        try:
+            value = np.asarray(to_numpy(got[name]()))
+        except Exception as err:  # an operation this library refuses for the dtype
+            results.append((f"{name}: raised {type(err).__name__}", -1, expected.size))
+            continue
+        unsigned = np.uint16 if expected.itemsize == 2 else np.uint32
+        same_shape = value.shape == expected.shape and value.dtype == expected.dtype
+        results.append((name, int(np.sum(value.view(unsigned) != expected.view(unsigned)))
+                        if same_shape else -1, expected.size))
+    return results
 
 
 def run(model, x, dlogits):
@@ -190,6 +257,16 @@ def main():
         print(f"  {what:30s}: logits {rel_error(logits, ref_logits):.2e}, dx "
               f"{rel_error(dx, ref_dx):.2e}; first op with a non-finite output: "
               f"{'none' if first is None else f'call {first[0]} {first[1]}'}")
+    if args.precision != "float32":
+        dtype = np.dtype(np.float16) if args.precision == "fp16" else \
+            np.dtype(__import__("ml_dtypes").bfloat16)
+        xp, device = get_namespace(args.backend)
+        with fresh():
+            checks = exact_ops(xp, dtype, None if args.backend == "numpy" else device)
+        wrong = [f"{name} ({count} of {size})" for name, count, size in checks if count]
+        print(f"  {args.backend}'s own {dtype.name} operations against NumPy's, to the bit: "
+              f"{len(checks) - len(wrong)} of {len(checks)} agree"
+              + (f"; differing: {'; '.join(wrong)}" if wrong else ""))
     return 0
 
 

@@ -65,3 +65,18 @@ def test_trace_compares_only_the_ops_both_sides_call(gpu_trace):
     theirs = [("linear.linear_forward", a), ("linear.linear_backward", [np.full(3, 2.0)])]
     lines = gpu_trace.differing_ops(theirs, reference, tolerance=1e-3, show=5)
     assert len(lines) == 1 and "call    1 linear.linear_backward" in lines[0], lines
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_exact_ops_check_runs_every_case_and_agrees_with_itself(gpu_trace, dtype):
+    """The backend's own half-precision operations (copies, gathers, casts, adds of views)
+    against NumPy's: on NumPy itself every one of them agrees to the bit, and a refusal is
+    reported as such rather than ending the check."""
+    import ml_dtypes
+
+    from t2t_ref.backend import get_namespace
+    xp, _ = get_namespace("numpy")
+    dt = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
+    results = gpu_trace.exact_ops(xp, dt)
+    assert len(results) == 13 and all(count == 0 for _, count, _ in results), results
+    assert all(size > 0 for _, _, size in results)
