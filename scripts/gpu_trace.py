@@ -17,8 +17,9 @@ backend against itself, and on CuPy every run after the first starts with each n
 allocation filled with NaN bytes (a read of memory nothing wrote then shows as the first op
 with a non-finite output).
 
-Ops that only one side calls (on CuPy the layers call the fused kernels directly, so
-LayerNorm, GELU and softmax are not recorded there) are left out of the comparison.
+An op that calls itself is recorded once: under bf16/fp16 on NumPy, LayerNorm, GELU and
+softmax run again on float32 copies (their island), where CuPy runs one fused kernel. Ops
+that only one side calls are left out of the comparison.
 """
 
 import argparse
@@ -54,14 +55,20 @@ def _arrays(value):
 def recording(log):
     """Every t2t_ref.ops function named *_forward / *_backward appends (name, [arrays as
     float64 NumPy]) to log while the block runs (each module's reference to it is wrapped)."""
-    wrappers, patched = {}, []
+    wrappers, patched, running = {}, [], set()
 
     def wrap(function):
         name = f"{function.__module__.rsplit('.', 1)[-1]}.{function.__name__}"
         backward = function.__name__.endswith("_backward")
 
         def recorded(*args, **kwargs):
-            out = function(*args, **kwargs)
+            if name in running:  # the op calling itself (a half-precision island runs the
+                return function(*args, **kwargs)  # op on float32 copies): recorded once
+            running.add(name)
+            try:
+                out = function(*args, **kwargs)
+            finally:
+                running.discard(name)
             kept = out if backward else (out[0] if isinstance(out, tuple) else out)
             log.append((name, [to_numpy(a).astype(np.float64) for a in _arrays(kept)]))
             return out

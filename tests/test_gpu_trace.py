@@ -56,9 +56,27 @@ def test_trace_names_the_op_whose_output_is_wrong(gpu_trace, monkeypatch):
     assert gpu_trace.differing_ops(reference, reference, 1e-6, 3) == ["  every op within 1e-06"]
 
 
+def test_half_precision_records_the_same_calls_as_float32(gpu_trace):
+    """Under bf16 NumPy's LayerNorm, GELU and softmax call themselves on float32 copies (their
+    island), where CuPy runs one kernel: each op is recorded once, so the bf16 trace lists the
+    calls float32's does, in the same order (the first device trace parted at call 2)."""
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((1, 3, 32, 32)).astype(np.float32)
+    dlogits = rng.standard_normal((1, 10)).astype(np.float32)
+    names = {}
+    for precision in ("float32", "bf16"):
+        log = []
+        with gpu_trace.recording(log):
+            model = t2t_ref.create_model("t2t_vit_t_14", num_classes=10, img_size=32, seed=0,
+                                         precision=precision)
+            gpu_trace.run(model, x, dlogits)
+        names[precision] = [name for name, _ in log]
+    assert names["bf16"] == names["float32"]
+    assert names["bf16"].count("layernorm.layernorm_forward") == 2 * 14 + 2 * 2 + 1
+
+
 def test_trace_compares_only_the_ops_both_sides_call(gpu_trace):
-    """On CuPy the layers call the fused kernels directly, so LayerNorm is not recorded there:
-    such ops are left out, and the rest still line up."""
+    """An op only one side records is left out, and the rest still line up."""
     a = [np.ones(3)]
     reference = [("layernorm.layernorm_forward", a), ("linear.linear_forward", a),
                  ("layernorm.layernorm_backward", a), ("linear.linear_backward", [np.ones(3)])]
