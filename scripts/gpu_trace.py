@@ -268,8 +268,13 @@ def main():
         dtype = np.dtype(np.float16) if args.precision == "fp16" else \
             np.dtype(__import__("ml_dtypes").bfloat16)
         xp, device = get_namespace(args.backend)
-        with fresh():
-            checks = exact_ops(xp, dtype, None if args.backend == "numpy" else device)
+        try:
+            with fresh():
+                checks = exact_ops(xp, dtype, None if args.backend == "numpy" else device)
+        except Exception as err:  # e.g. host bfloat16 arrays this CuPy cannot take
+            print(f"  {args.backend}'s own {dtype.name} operations: not checked "
+                  f"({type(err).__name__}: {err})")
+            return 0
         wrong = [f"{name} ({count} of {size})" for name, count, size in checks if count]
         print(f"  {args.backend}'s own {dtype.name} operations against NumPy's, to the bit: "
               f"{len(checks) - len(wrong)} of {len(checks)} agree"
