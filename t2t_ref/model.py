@@ -267,14 +267,20 @@ class T2TViT:
 
     def compute_params(self):
         """The parameters the forward computes with: model.params itself, or under a half
-        precision their copy in compute_dtype, rounded afresh (one pass over the buffer)."""
+        precision their copy in compute_dtype, rounded afresh (one pass over the buffer),
+        but for the LayerNorms' weights and biases: LayerNorm computes in float32 under every
+        policy (its island), so it takes the float32 master values themselves, as under
+        torch.autocast (on a GPU that also spares each LayerNorm two conversions a step)."""
         if self.compute_dtype == self.dtype:
             return self.params
         buffer = self.compute_buffer
         if buffer is None or not buffer.same_layout(self.params):
             buffer = self.compute_buffer = self.params.zeros_like(dtype=self.compute_dtype)
         buffer.flat[...] = self.xp.astype(self.params.flat, self.compute_dtype)
-        return buffer
+        if getattr(self, "_norms", (None,))[0] is not self.params.layout:  # once per layout
+            self._norms = (self.params.layout,
+                           [name for name in self.params if _is_layernorm(name)])
+        return {**buffer, **{name: self.params[name] for name in self._norms[1]}}
 
     __call__ = forward
 
@@ -318,6 +324,13 @@ class T2TViT:
         self.grads = self.grad_buffer
         self.grads.update(g)  # copied into the flat buffer's views (and its dtype)
         return xp.astype(dx, self.dtype)  # (B, 3, S, S) in the master dtype
+
+
+def _is_layernorm(name):
+    """Is the parameter a LayerNorm's weight or bias ('blocks.3.norm1.weight', 'norm.bias')?
+    Every norm of every variant is a LayerNorm (norm, norm1, norm2)."""
+    parts = name.rsplit(".", 2)
+    return len(parts) >= 2 and parts[-2].startswith("norm")
 
 
 class _Discard(dict):

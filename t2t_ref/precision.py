@@ -14,7 +14,7 @@ its output back:
 | matrix products (Linear, attention's q k^T and p v) | float32 | bf16 operands, float32 sums | fp16 operands, float32 sums | tensor cores sum in float32 (on CuPy one cuBLAS call: cupy_gemm.py); NumPy multiplies float32 copies the same way (gaps.matmul) |
 | stored activations, input gradients | float32 | bf16 | fp16 | half the memory and bandwidth |
 | weight and bias gradients | float32 | float32 | float32 | summed over all tokens, and into the float32 gradient buffer |
-| LayerNorm (mean, variance, normalisation) | float32 | float32 island | float32 island | a variance of hundreds of half values loses its digits |
+| LayerNorm (mean, variance, normalisation; its weight and bias the float32 master values) | float32 | float32 island | float32 island | a variance of hundreds of half values loses its digits |
 | softmax | float32 | float32 island, p stored bf16 | float32 island, p stored fp16 | its sum of exponentials over a row of thousands |
 | GELU | float32 | float32 island | float32 island | erf stays float32 (cupyx maps float16 erf to float64) |
 | performer attention (exp of the random features, key sum, denominator + epsilon) | float32 | float32 island | float32 island | in fp16 exp overflows past 65504 and 1e-8 rounds to 0: the official code's NaNs (tutorial 4) |

@@ -74,6 +74,29 @@ def test_activations_are_stored_in_the_half_type(precision):
     assert sizes[half] > 10 * sizes.get("float32", 0), sizes
 
 
+@pytest.mark.parametrize("name", ["t2t_vit_7", "t2t_vit_t_14"])
+def test_layernorm_takes_the_float32_master_weights_and_the_rest_half(name):
+    """Under bf16 the forward's parameters are the half copy, but for the LayerNorms' weights
+    and biases: their island computes in float32, with the master values themselves (a weight
+    of 1 + 2^-10 would round to 1 in bfloat16), as torch.autocast's LayerNorm does."""
+    model = t2t_ref.create_model(name, num_classes=10, img_size=32, precision="bf16")
+    model.params.flat[...] += np.float32(2.0 ** -10)  # values bfloat16 cannot hold
+    p = model.compute_params()
+    assert set(p) == set(model.params)
+    norms = [n for n in p if "." in n and n.rsplit(".", 2)[-2].startswith("norm")]
+    # a weight and a bias for norm1 and norm2 of every block and T2T layer, and for norm
+    assert len(norms) == 4 * model.variant.depth + 4 * 2 + 2, norms
+    for n in p:
+        if n in norms:
+            assert p[n].dtype == np.float32 and np.array_equal(p[n], model.params[n]), n
+        else:
+            assert p[n].dtype.name == "bfloat16", n
+    x = np.random.default_rng(0).normal(size=(2, 3, 32, 32)).astype(np.float32)
+    model.forward(x)
+    model.backward(np.ones((2, 10), np.float32))
+    assert all(model.grads[n].dtype == np.float32 for n in norms)
+
+
 def test_the_official_performer_is_not_finite_in_float16_and_ours_is():
     """The official Token_performer (the project's PyTorch port) run in float16: once the keys
     reach a norm of about 10 (kqv weights twice their initial size), exp(w k - |k|^2/2)
