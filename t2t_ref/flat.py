@@ -47,15 +47,18 @@ class FlatTensors(dict):
 
     def __setitem__(self, name, value):
         """Copy value into name's view (it must have the view's shape)."""
+        self[name][...] = self._fitted(name, value)
+
+    def _fitted(self, name, value):
+        """value checked against name's view, in the buffer's dtype."""
         if name not in self:
             raise KeyError(f"{name!r} is not one of these tensors")
-        view = self[name]
-        if tuple(value.shape) != tuple(view.shape):
-            raise ValueError(f"{name}: shape {tuple(value.shape)} does not fit "
-                             f"{tuple(view.shape)}")
-        if value.dtype != view.dtype:  # e.g. a half-precision gradient into float32
-            value = array_namespace(value).astype(value, view.dtype)
-        view[...] = value
+        shape = tuple(self[name].shape)
+        if tuple(value.shape) != shape:
+            raise ValueError(f"{name}: shape {tuple(value.shape)} does not fit {shape}")
+        if value.dtype != self.flat.dtype:  # e.g. a half-precision gradient into float32
+            value = array_namespace(value).astype(value, self.flat.dtype)
+        return value
 
     def update(self, other=(), **kwargs):
         """Copy each value into its name's view. Given every tensor (a backward's gradients),
@@ -63,21 +66,14 @@ class FlatTensors(dict):
         GPU one kernel, where copying name by name was a kernel per tensor (110-190)."""
         tensors = dict(other, **kwargs)
         native = _native_module(self.flat)
-        if native is None or len(tensors) != len(self) or not all(
-                name in tensors for name in self) or any(
+        if native is None or tensors.keys() != self.keys() or any(
                 native.may_share_memory(value, self.flat) for value in tensors.values()):
             for name, value in tensors.items():  # (a view of this buffer among them: its
                 self[name] = value                # values may move before they are read)
             return
         xp = array_namespace(self.flat)
-        pieces = []
-        for name, _, _, shape in self.layout:  # the buffer's order
-            value = tensors[name]
-            if tuple(value.shape) != shape:
-                raise ValueError(f"{name}: shape {tuple(value.shape)} does not fit {shape}")
-            if value.dtype != self.flat.dtype:  # e.g. a half-precision gradient into float32
-                value = xp.astype(value, self.flat.dtype)
-            pieces.append(xp.reshape(value, (-1,)))
+        pieces = [xp.reshape(self._fitted(name, tensors[name]), (-1,))
+                  for name, *_ in self.layout]  # the buffer's order
         native.concatenate(pieces, out=self.flat)
 
     def zeros_like(self, dtype=None):

@@ -135,6 +135,7 @@ class T2TViT:
         # weight decay then lie in one stretch of the buffer (see optim.AdamW)
         order = sorted(trained, key=lambda name: len(trained[name]) <= 1)
         self.params = FlatTensors(self.xp, trained, self.dtype, self.device, order=order)
+        self.norm_names = [name for name in trained if _is_layernorm(name)]  # compute_params
         self.buffers = {}
         # where backward writes the gradients (model.grads is this buffer after a backward):
         # made by the first backward; t2t_ref.parallel gives each piece of a batch its own
@@ -277,10 +278,7 @@ class T2TViT:
         if buffer is None or not buffer.same_layout(self.params):
             buffer = self.compute_buffer = self.params.zeros_like(dtype=self.compute_dtype)
         buffer.flat[...] = self.xp.astype(self.params.flat, self.compute_dtype)
-        if getattr(self, "_norms", (None,))[0] is not self.params.layout:  # once per layout
-            self._norms = (self.params.layout,
-                           [name for name in self.params if _is_layernorm(name)])
-        return {**buffer, **{name: self.params[name] for name in self._norms[1]}}
+        return {**buffer, **{name: self.params[name] for name in self.norm_names}}
 
     __call__ = forward
 
