@@ -29,15 +29,14 @@ import sys
 import numpy as np
 
 import t2t_ref
+from gpu_parity import rel_error  # scripts/ is on the path when a script runs from it
+from gpu_parity import run as run_with_grads
 from t2t_ref.backend import get_namespace, to_device, to_numpy
 
 
-def rel_error(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    if a.shape != b.shape:
-        return float("inf")
-    scale = np.max(np.abs(a) + np.abs(b)) if a.size else 0.0
-    return float(np.max(np.abs(a - b)) / max(scale, 1e-300)) if a.size else 0.0
+def run(model, x, dlogits):
+    """gpu_parity.run's eval-mode forward and backward: -> (logits, d(input)) on the host."""
+    return run_with_grads(model, x, dlogits)[:2]
 
 
 def _arrays(value):
@@ -100,7 +99,8 @@ def differing_ops(theirs, reference, tolerance, show, backend="the backend"):
             lines.append(f"  call {i}: {name} on {backend}, {ref_name} on numpy: the call "
                          "sequences part here; stopping")
             break
-        errors = [rel_error(a, b) for a, b in zip(ours, refs)]
+        errors = [float("inf") if a.shape != b.shape else rel_error(a, b) if a.size else 0.0
+                  for a, b in zip(ours, refs)]
         if len(ours) != len(refs):
             errors.append(float("inf"))
         worst = max(errors, default=0.0)
@@ -119,7 +119,6 @@ def exact_ops(xp, dtype, device=None):
     NumPy's on the same values, to the bit: -> [(op, differing elements, of how many)].
     CuPy's bfloat16 is new (CuPy 14, 'experimental'); this says at once whether one of its
     operations, rather than t2t_ref's code, is what goes wrong."""
-    from t2t_ref.backend import to_device
     rng = np.random.default_rng(5)
     host = rng.standard_normal((4, 1, 24, 16)).astype(np.float32).astype(dtype)  # (B, h, N, d)
     other = rng.standard_normal((4, 1, 16, 24)).astype(np.float32).astype(dtype)
@@ -177,13 +176,6 @@ def exact_ops(xp, dtype, device=None):
         results.append((name, int(np.sum(value.view(unsigned) != expected.view(unsigned)))
                         if same_shape else -1, expected.size))
     return results
-
-
-def run(model, x, dlogits):
-    xs = to_device(x, model.xp, model.device)
-    logits = model.eval().forward(xs)
-    dx = model.backward(to_device(dlogits, model.xp, model.device))
-    return to_numpy(logits), to_numpy(dx)
 
 
 @contextlib.contextmanager

@@ -3,6 +3,7 @@ NumPy's: proven on the CPU by planting a fault in one op and asking it to name t
 
 import importlib.util
 import pathlib
+import sys
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ _PATH = pathlib.Path(__file__).resolve().parent.parent / "scripts" / "gpu_trace.
 
 @pytest.fixture(scope="module")
 def gpu_trace():
+    sys.path.insert(0, str(_PATH.parent))  # as when it runs: it imports gpu_parity beside it
     spec = importlib.util.spec_from_file_location("gpu_trace", _PATH)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
