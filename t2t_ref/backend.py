@@ -23,9 +23,8 @@ DTYPES = ("float32", "float64")
 def array_namespace(*arrays):
     """array_api_compat.array_namespace, kept per array type for the one-array call: a step
     asks about a thousand times, at 1.4 us each (timeit on BENCHMARKS.md's 2-core Xeon; 0.05
-    us cached), and on a GPU at small images
-    every microsecond of Python is step time. The namespace of a NumPy, CuPy or
-    array_api_strict array depends on its type alone."""
+    us cached), and on a GPU at small images every microsecond of Python is step time. The
+    namespace of a NumPy, CuPy or array_api_strict array depends on its type alone."""
     if len(arrays) == 1:
         kind = type(arrays[0])
         xp = _NAMESPACES.get(kind)
