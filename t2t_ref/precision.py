@@ -69,12 +69,18 @@ def compute_dtype(xp, precision, master_dtype):
 ALLOW_GPU_BF16 = "T2T_REF_ALLOW_GPU_BF16"
 
 
+def bf16_refused(backend):
+    """Is bf16 refused on this backend for now (CuPy, unless ALLOW_GPU_BF16 is set)? For
+    messages that would otherwise send a user to a precision that is off."""
+    import os
+    return backend == "cupy" and os.environ.get(ALLOW_GPU_BF16) != "1"
+
+
 def _check_gpu_bfloat16(bfloat16):
     """bf16 on CuPy needs a GPU with bfloat16 arithmetic (compute capability 8.0 and up: cuBLAS
     has no bfloat16 products before, nor the GPU a bfloat16 conversion) and a CuPy that makes
     bfloat16 arrays (CuPy 14 and up); and, for now, T2T_REF_ALLOW_GPU_BF16=1 (see above)."""
-    import os
-    if os.environ.get(ALLOW_GPU_BF16) != "1":
+    if bf16_refused("cupy"):
         raise PrecisionError(
             "precision bf16 on a GPU gave wrong gradients in its first test and is off until "
             "that is fixed: use --precision fp16 (checked on the GPU), or set "

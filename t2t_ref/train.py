@@ -73,7 +73,7 @@ from .guard import StepMonitor, grad_norm, quiet_float_warnings
 from .mixup import mix_batch
 from .loss_scale import DynamicLossScale
 from .model import PATCH, create_model
-from .precision import PRECISIONS, PrecisionError
+from .precision import PRECISIONS, PrecisionError, bf16_refused
 from .parallel import DataParallel, mpi
 from .parallel.mpi import WorldError
 from .ops.cross_entropy import cross_entropy
@@ -894,10 +894,12 @@ def fit(run):
                              else {"loss_scale": run.scaler.scale})
         position.take_monitor(r)
         if run.scaler is not None and r["loss_scale"] < 1.0:
+            wider = "--precision float32" if bf16_refused(config["backend"]) else \
+                "--precision bf16 (float32's range) or float32"
             raise Diverged(
                 f"the fp16 loss scale fell to {r['loss_scale']:g} by step {position.step}: "
-                f"the gradients overflow float16 even unscaled; train with --precision bf16 "
-                f"(float32's range) or float32, or lower --lr ({run.kept()})", everywhere=True)
+                f"the gradients overflow float16 even unscaled; train with {wider}, or lower "
+                f"--lr ({run.kept()})", everywhere=True)
         if r["tripped"] >= 0:
             step = int(r["tripped"])
             last = (f"the last finite loss was {r['last_loss']:.4f} at step "

@@ -216,6 +216,16 @@ def test_bf16_on_a_gpu_is_off_until_its_wrong_gradients_are_found(monkeypatch):
     assert compute_dtype(np, "bf16", np.float32).__name__ == "bfloat16"  # NumPy: unaffected
 
 
+def test_messages_name_bf16_only_where_it_is_not_refused(monkeypatch):
+    """What the fp16 scale-collapse message offers as the way out follows the refusal: bf16
+    on NumPy, not on CuPy unless the variable is set."""
+    from t2t_ref.precision import ALLOW_GPU_BF16, bf16_refused
+    monkeypatch.delenv(ALLOW_GPU_BF16, raising=False)
+    assert bf16_refused("cupy") and not bf16_refused("numpy")
+    monkeypatch.setenv(ALLOW_GPU_BF16, "1")
+    assert not bf16_refused("cupy")
+
+
 # ---- training under each policy ---------------------------------------------------------------
 
 BARS = (7, 8)  # the built-in set's "hbars" and "vbars"
