@@ -241,13 +241,16 @@ __device__ __forceinline__ unsigned int hash32(unsigned int x) {  // lowbias32
 }
 
 // mask = scale where the top 24 bits of hash32(hash32(j) ^ hash32(hash32(b) ^ key)) reach
-// threshold (= ceil(p 2^24)), else 0; mask stored as S (scale given in S's compute type)
+// threshold (= ceil(p 2^24)), else 0; mask stored as S (scale given in S's compute type).
+// The key is read from key_on_device when that is not null (a seed on the device: a CUDA
+// graph's step, graphs.py), else it is the argument
 template <typename S>
 __global__ void keyed_keep_mask(S* mask, long long per_sample, long long n, unsigned int key,
-                                long long first_sample, unsigned int threshold,
-                                typename Compute<S>::type scale) {
+                                const unsigned int* key_on_device, long long first_sample,
+                                unsigned int threshold, typename Compute<S>::type scale) {
     typedef typename Compute<S>::type T;
     const S kept = store<S>(scale), dropped = store<S>(T(0));
+    if (key_on_device != nullptr) key = *key_on_device;
     GRID_STRIDE_LOOP(i, n) {
         unsigned int sample_key = hash32(hash32((unsigned int)(first_sample + i / per_sample)) ^ key);
         unsigned int bits = hash32(hash32((unsigned int)(i % per_sample)) ^ sample_key);
@@ -463,8 +466,10 @@ def uniform_supported(dtype):
 
 
 def keyed_keep_mask(key, first_sample, shape, threshold, scale, dtype):
-    """As gaps.KeyedRandom.keep_mask: (B, ...) of scale (kept) and 0 (dropped)."""
+    """As gaps.KeyedRandom.keep_mask: (B, ...) of scale (kept) and 0 (dropped). key: an int,
+    or a 0-d uint32 CuPy array (read by the kernel where it lies)."""
     import cupy
+    on_device = hasattr(key, "shape")
     mask = cupy.empty(shape, dtype=dtype)
     per_sample = max(1, mask.size // shape[0]) if shape[0] else 1
     compute = _compute_dtype(mask.dtype)
@@ -473,8 +478,9 @@ def keyed_keep_mask(key, first_sample, shape, threshold, scale, dtype):
     scale = compute.type(np.asarray(scale, dtype=np.float64).astype(mask.dtype))
     _kernel("keyed_keep_mask", mask.dtype)(
         *_elementwise_grid(mask.size),
-        (mask, np.int64(per_sample), np.int64(mask.size), np.uint32(key),
-         np.int64(first_sample), np.uint32(threshold), scale))
+        (mask, np.int64(per_sample), np.int64(mask.size), np.uint32(0 if on_device else key),
+         _contiguous(key) if on_device else np.uint64(0), np.int64(first_sample),
+         np.uint32(threshold), scale))
     return mask
 
 

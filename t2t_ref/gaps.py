@@ -212,10 +212,15 @@ class KeyedRandom:
     gets the same mask however the batch is cut (`piece(start)` is the generator of a piece
     that starts at sample `start`), on NumPy, CuPy (one kernel, cupy_kernels.py) and
     array_api_strict alike, and a resumed run continues exactly.
+
+    The seed is a Python int, or a device array from `seed_array` (uint32 [low, high]): then
+    each key_k is computed on the device from it, so a step recorded once as a CUDA graph
+    (graphs.py) draws new masks when the array is overwritten with the next step's seed. The
+    numbers are the same either way.
     """
 
     def __init__(self, seed, first_sample=0, draws=0):
-        self.seed = int(seed) % 2**64
+        self.seed = seed if hasattr(seed, "shape") else int(seed) % 2**64
         self.first_sample = int(first_sample)  # global index of the batch's sample 0
         self.draws = int(draws)  # k: draws made so far
 
@@ -225,10 +230,17 @@ class KeyedRandom:
         return KeyedRandom(self.seed, self.first_sample + start, self.draws)
 
     def _next_key(self):
-        low, high = self.seed % 2**32, self.seed // 2**32
-        key = _hash32_int(_hash32_int(low ^ _hash32_int(high)) ^ _hash32_int(self.draws))
+        """key_k as a Python int, or as a 0-d uint32 device array for a seed on the device."""
+        k = _hash32_int(self.draws)
         self.draws += 1
-        return key
+        if hasattr(self.seed, "shape"):  # the same formula, on the device: 0-d arrays
+            xp = array_namespace(self.seed)
+            high = xp.astype(self.seed[1], xp.uint32, copy=True)  # _hash32 works in place
+            key = _hash32(self.seed[0] ^ _hash32(high))
+            key ^= k
+            return _hash32(key)
+        low, high = self.seed % 2**32, self.seed // 2**32
+        return _hash32_int(_hash32_int(low ^ _hash32_int(high)) ^ k)
 
     def keep_mask(self, xp, shape, p, dtype, device):
         """(B, ...) float mask: 1/(1-p) where kept (probability 1-p), 0 where dropped; the
@@ -248,6 +260,17 @@ class KeyedRandom:
         mask = xp.astype(keep, dtype)
         mask *= scale  # in place: a Python float would promote bfloat16 to float32
         return xp.reshape(mask, shape)
+
+
+def seed_array(xp, seed, device, out=None):
+    """A seed as KeyedRandom takes it on the device: uint32 [low, high] of seed mod 2^64;
+    written into `out` (in place: a recorded graph reads it there) when given."""
+    seed = int(seed) % 2**64
+    host = np.array([seed % 2**32, seed // 2**32], dtype=np.uint32)
+    if out is None:
+        return to_device(host, xp, device)
+    out[...] = to_device(host, xp, device)
+    return out
 
 
 def keyed_normal(xp, key, shape, device):

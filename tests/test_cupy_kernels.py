@@ -18,7 +18,7 @@ import pytest
 
 from t2t_ref import cupy_kernels
 from t2t_ref.backend import get_namespace, to_numpy
-from t2t_ref.gaps import KeyedRandom
+from t2t_ref.gaps import KeyedRandom, seed_array
 from t2t_ref.ops.gelu import gelu_backward, gelu_forward
 from t2t_ref.ops.layernorm import layernorm_backward, layernorm_forward
 from t2t_ref.ops.softmax import softmax_backward, softmax_forward
@@ -128,6 +128,8 @@ def test_every_launch_matches_its_kernels_parameters(monkeypatch):
             p, _ = cupy_kernels.softmax_forward(x)
             cupy_kernels.softmax_backward(x, p)
             cupy_kernels.keyed_keep_mask(7, 0, (3, 5, 40), 2**20, 1 / 0.9, dtype)
+            cupy_kernels.keyed_keep_mask(np.asarray(7, np.uint32), 0, (3, 5, 40), 2**20,
+                                         1 / 0.9, dtype)  # the key on the device
             if name in cupy_kernels.C_TYPES:  # AdamW: the float32/64 master buffers only
                 flat = rng.normal(size=100).astype(dtype)
                 for skip in (None, (np.zeros((), bool), np.zeros((), np.float64))):
@@ -266,6 +268,10 @@ def test_keep_mask_kernel_gives_the_plain_masks(dtype, shape):
         assert isinstance(fused, cupy.ndarray) and fused.shape == shape
         assert fused.dtype == plain.dtype == dtype
         np.testing.assert_array_equal(to_numpy(fused), to_numpy(plain))
+        # the seed on the device (a CUDA graph's step): the kernel reads the key there
+        on_device = KeyedRandom(seed_array(xp, seed, device), first).keep_mask(
+            xp, shape, 0.3, dtype, device)
+        np.testing.assert_array_equal(to_numpy(on_device), to_numpy(plain))
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])

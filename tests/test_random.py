@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from t2t_ref.backend import get_namespace, to_numpy
-from t2t_ref.gaps import KeyedRandom, _hash32_int, make_rng
+from t2t_ref.gaps import KeyedRandom, _hash32_int, make_rng, seed_array
 
 
 def loop_mask(seed, draw, first_sample, shape, p):
@@ -35,6 +35,27 @@ def test_keep_mask_is_the_formula(backend):
         else:
             np.testing.assert_array_equal(mask, expected)
     assert rng.draws == 3
+
+
+def test_a_seed_on_the_device_gives_the_same_masks(backend):
+    """A seed held in a device array (a recorded CUDA graph's step seed, graphs.py) gives the
+    int seed's masks, draw after draw and piece by piece; overwriting the array in place moves
+    the masks to the new seed's, and the array itself is never changed by a draw."""
+    xp, device = get_namespace(backend)
+    seeds = (2**33 + 5, 7, 2**64 - 1)
+    array = seed_array(xp, seeds[0], device)
+    for seed in seeds:
+        assert seed_array(xp, seed, device, out=array) is array
+        on_device, on_host = KeyedRandom(array, first_sample=3), KeyedRandom(seed, 3)
+        for shape in [(2, 3, 40), (4, 1, 1)]:
+            np.testing.assert_array_equal(
+                to_numpy(on_device.keep_mask(xp, shape, 0.25, xp.float32, device)),
+                to_numpy(on_host.keep_mask(xp, shape, 0.25, xp.float32, device)),
+                err_msg=f"seed {seed}, shape {shape}")
+        np.testing.assert_array_equal(
+            to_numpy(on_device.piece(1).keep_mask(xp, (2, 9), 0.5, xp.float32, device)),
+            to_numpy(on_host.piece(1).keep_mask(xp, (2, 9), 0.5, xp.float32, device)))
+        assert to_numpy(array).tolist() == [seed % 2**32, seed // 2**32]
 
 
 def test_masks_do_not_depend_on_how_the_batch_is_cut():
