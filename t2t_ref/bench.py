@@ -75,12 +75,14 @@ import threadpoolctl
 
 from .backend import keep_freed_memory, to_device, to_numpy
 from .cli import HelpFormatter, run as run_cli, user_error
+from .gaps import make_rng
 from .loss_scale import DynamicLossScale
 from .model import PATCH, create_model
 from .ops.cross_entropy import cross_entropy
 from .optim import AdamW, decays
 from .parallel import DataParallel
 from .precision import PRECISIONS
+from .train import forward_backward
 from .variants import list_models
 
 LR = 5e-4  # the learning rate of the timed AdamW steps (the value does not change the work)
@@ -234,8 +236,13 @@ class Ours:
 
     label = "t2t_ref"
 
-    def __init__(self, config, backend, seed=0, precision="float32"):
+    def __init__(self, config, backend, seed=0, precision="float32", graphs=False,
+                 recorder=None):
         self.config, self.backend = config, backend
+        # graphs: each step replays a CUDA graph of it (graphs.py; recorder: CupyRecorder())
+        self.graphs, self.recorder = graphs, recorder
+        self.recorded = self.forward_graph = None
+        self.steps = 0
         self.model = DataParallel(create_model(config.model, num_classes=NUM_CLASSES,
                                                img_size=config.img_size, backend=backend,
                                                dtype="float32", seed=seed,
@@ -253,21 +260,36 @@ class Ours:
         self.model.train(self.config.training)
         if self.config.training:
             self.opt = AdamW(self.model.params, weight_decay=WEIGHT_DECAY)
+        if self.graphs:
+            from .graphs import CupyRecorder, StepGraph
+            from .train import RecordedForwardBackward
+            recorder = self.recorder or CupyRecorder()
+            if self.config.training:
+                self.recorded = RecordedForwardBackward(self.model, SMOOTHING, self.scaler,
+                                                        recorder)
+            else:
+                self.forward_graph = StepGraph(
+                    lambda x: self.model.forward(x, keep_cache=False), recorder)
 
     def step(self):
         model = self.model
         if not self.config.training:
-            model.forward(self.x, keep_cache=False)  # (B, K); as under torch.no_grad()
+            if self.forward_graph is not None:
+                self.forward_graph(self.x)
+            else:
+                model.forward(self.x, keep_cache=False)  # (B, K); as under torch.no_grad()
             return
-        logits = model.forward(self.x)  # (B, K)
-        _loss, dlogits = cross_entropy(logits, self.y, SMOOTHING)
+        model.rng = make_rng(model.xp, self.steps)  # each step its own masks, as in train.py
+        self.steps += 1
+        if self.recorded is not None:
+            _loss, grads = self.recorded(self.x, self.y)
+        else:
+            _loss, grads = forward_backward(model, self.x, self.y, SMOOTHING, self.scaler)
         if self.scaler is None:
-            model.backward(dlogits)
-            self.opt.step(model.params, model.grads, LR)
+            self.opt.step(model.params, grads, LR)
             return
-        model.backward(self.scaler.scale_gradient(dlogits))
-        found_inf = self.scaler.unscale(model.grads)
-        self.opt.step(model.params, model.grads, LR, found_inf=found_inf)
+        found_inf = self.scaler.unscale(grads)
+        self.opt.step(model.params, grads, LR, found_inf=found_inf)
         self.scaler.update(found_inf)
 
     def sync(self):
@@ -814,7 +836,7 @@ def describe_machine(backend, threads, blas):
 def run_config(config, args, peak_gflops):
     """Everything measured for one configuration, as a dict (see the module docstring)."""
     torch_device = "cpu" if args.backend == "numpy" else "cuda"
-    ours = Ours(config, args.backend, precision=args.precision)
+    ours = Ours(config, args.backend, precision=args.precision, graphs=args.cuda_graphs)
     theirs = Theirs(config, torch_device, state=ours.model.state_dict(),
                     precision=args.precision)
     parity = check_parity(config, args.backend, args.precision, ours, theirs)
@@ -1055,6 +1077,10 @@ def main(argv=None):
     parser.add_argument("--precision", default="float32", choices=list(PRECISIONS),
                         help="bf16 or fp16: t2t_ref's precision policy (precision.py) against "
                         "PyTorch under torch.autocast (fp16: both with a loss scale)")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="cupy: t2t_ref's steps replay a CUDA graph of the forward and "
+                        "backward (train --cuda-graphs; inference: of the forward); "
+                        "PyTorch stays eager")
     parser.add_argument("--threads", type=int, default=os.cpu_count(),
                         help="threads for both sides (NumPy's BLAS and PyTorch)")
     parser.add_argument("--repeats", type=int, default=MIN_REPEATS,
@@ -1090,6 +1116,8 @@ def main(argv=None):
         return user_error(f"--warmup {args.warmup}: at least {MIN_WARMUP} warm-up steps")
     if args.threads < 1 or args.workers < 0 or (args.pause or 0.0) < 0.0:
         return user_error("--threads must be >= 1, --workers and --pause >= 0")
+    if args.cuda_graphs and args.backend != "cupy":
+        return user_error("--cuda-graphs records CUDA kernels: use it with --backend cupy")
     if args.pause is None:
         args.pause = 0.15 if args.backend == "numpy" and args.threads > 1 else 0.0
     try:

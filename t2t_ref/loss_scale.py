@@ -65,8 +65,9 @@ class DynamicLossScale:
         one = xp.ones_like(self.scale)  # where() takes at most one Python scalar
         factor = xp.where(found_inf, self.backoff_factor,
                           xp.where(grow, self.growth_factor, one))
-        self.scale = self.scale * xp.astype(factor, xp.float32)
-        self.good_steps = xp.astype(xp.where(grow, 0.0, good), xp.float32)
+        # in place: a step recorded as a CUDA graph (graphs.py) reads these arrays where they lie
+        self.scale[...] = self.scale * xp.astype(factor, xp.float32)
+        self.good_steps[...] = xp.astype(xp.where(grow, 0.0, good), xp.float32)
 
     # ---- checkpoints ------------------------------------------------------------------------
 
@@ -82,6 +83,7 @@ class DynamicLossScale:
         self.growth_factor = float(state["growth_factor"])
         self.backoff_factor = float(state["backoff_factor"])
         self.growth_interval = int(state["growth_interval"])
-        self.scale = xp.asarray(float(state["scale"]), dtype=xp.float32, device=self.device)
-        self.good_steps = xp.asarray(float(state["good_steps"]), dtype=xp.float32,
+        self.scale[...] = xp.asarray(float(state["scale"]), dtype=xp.float32,
                                      device=self.device)
+        self.good_steps[...] = xp.asarray(float(state["good_steps"]), dtype=xp.float32,
+                                          device=self.device)

@@ -68,7 +68,8 @@ from .data.transforms import RESAMPLE, TRAIN_INTERPOLATIONS
 from .data.workers import workers_that_fit
 from .ema import WeightEMA
 from .evaluate import evaluate, json_line, top_k
-from .gaps import make_rng
+from .gaps import KeyedRandom, make_rng, seed_array
+from .graphs import CupyRecorder, StepGraph
 from .guard import StepMonitor, grad_norm, quiet_float_warnings
 from .mixup import mix_batch
 from .loss_scale import DynamicLossScale
@@ -89,8 +90,8 @@ from .variants import list_models
 
 LOG_EVERY = 10  # steps between reads of the loss and the non-finite counters: one host sync
 # Flags that may differ when resuming: where the run is, not what it computes.
-RESUME_MAY_CHANGE = ("data", "workers", "backend", "out", "resume", "stop_after",
-                     "max_nonfinite_steps")
+RESUME_MAY_CHANGE = ("data", "workers", "backend", "cuda_graphs", "out", "resume",
+                     "stop_after", "max_nonfinite_steps")
 # What a checkpoint written before these flags existed ran with
 BEFORE_THESE_FLAGS = {**DATA_DEFAULTS, "cooldown_epochs": 0, "recipe": None,
                       "precision": "float32", "warmup_prefix": True}
@@ -249,6 +250,10 @@ def build_parser(defaults=True):
         "one machine)")
     add("--backend", default="numpy", choices=["numpy", "cupy"],
         help="numpy on the CPU, cupy on an NVIDIA GPU")
+    add("--cuda-graphs", action=argparse.BooleanOptionalAction, default=False,
+        help="cupy: record each step's forward and backward once as a CUDA graph and replay "
+        "it (t2t_ref/graphs.py): one launch where there were about a thousand, for small "
+        "images whose steps the launches bound; one process only")
     add("--dtype", default="float32", choices=["float32", "float64"],
         help="the weights' dtype (and the computation's, under --precision float32)")
     add("--precision", default="float32", choices=list(PRECISIONS),
@@ -312,6 +317,8 @@ def resolve_config(args, given=None):
         train_transform_of(config), erasing_of(config), eval_transform_of(config)
     except ValueError as err:
         raise UsageError(str(err)) from None
+    if config.get("cuda_graphs") and config["backend"] != "cupy":
+        raise UsageError("--cuda-graphs records CUDA kernels: use it with --backend cupy")
     if builtin and config["synthetic_train"] < config["batch_size"]:
         raise UsageError(f"--synthetic-train {config['synthetic_train']} images make no whole "
                          f"batch of --batch-size {config['batch_size']}: give at least "
@@ -531,35 +538,76 @@ def waited(batches, position, timings):
 
 
 def train_step(model, optimizer, ema, monitor, x, targets, step, lr, label_smoothing=0.0,
-               clip_grad=None, scaler=None):
+               clip_grad=None, scaler=None, recorded=None):
     """One optimizer step, as the tutorial writes it: forward, loss, backward, clip, AdamW,
     EMA. model is a DataParallel: under MPI x (b, 3, S, S) is this rank's piece of the batch,
     and the loss and gradients are those of the mean over the whole (global) batch. A step
     whose loss or gradient norm is NaN or inf changes nothing (found_inf stays on the device:
     see guard.py). scaler (fp16): the backward starts from the scaled loss gradient, the
     gradients are unscaled before anything reads them, and an overflow halves the scale.
+    recorded: a RecordedForwardBackward (--cuda-graphs) that replays the forward and backward.
     Returns the global batch's size."""
+    if recorded is None:
+        loss, grads = forward_backward(model, x, targets, label_smoothing, scaler)
+        samples = model.samples
+    else:
+        loss, grads = recorded(x, targets)
+        samples = x.shape[0]  # (one process)
+    if scaler is not None:
+        scaler.unscale(grads)  # in float32; an overflow shows as an inf norm below
+    if clip_grad is not None:
+        norm = clip_grad_norm(grads, clip_grad)
+    else:
+        norm = grad_norm(grads)
+    found_inf = monitor.step(step, loss, norm, samples,
+                             scaled=scaler is not None)  # on the device
+    optimizer.step(model.params, grads, lr, found_inf=found_inf)
+    if ema is not None:
+        ema.update(model.params, found_inf=found_inf)
+    if scaler is not None:
+        scaler.update(found_inf)
+    model.grads = {}
+    return samples
+
+
+def forward_backward(model, x, targets, label_smoothing=0.0, scaler=None):
+    """A step's forward, loss and backward (what --cuda-graphs records): -> (the global
+    batch's mean loss, 0-d; the gradients, model.grads)."""
     logits = model.forward(x)  # (b, K)
     loss, dlogits = cross_entropy(logits, targets, label_smoothing)  # mean over this piece
     loss, dlogits = model.batch_mean(loss, dlogits)  # mean over the global batch
     if scaler is not None:
         dlogits = scaler.scale_gradient(dlogits)  # d(scale * loss)
     model.backward(dlogits)  # model.grads: summed over threads and ranks
-    if scaler is not None:
-        scaler.unscale(model.grads)  # in float32; an overflow shows as an inf norm below
-    if clip_grad is not None:
-        norm = clip_grad_norm(model.grads, clip_grad)
-    else:
-        norm = grad_norm(model.grads)
-    found_inf = monitor.step(step, loss, norm, model.samples,
-                             scaled=scaler is not None)  # on the device
-    optimizer.step(model.params, model.grads, lr, found_inf=found_inf)
-    if ema is not None:
-        ema.update(model.params, found_inf=found_inf)
-    if scaler is not None:
-        scaler.update(found_inf)
-    model.grads = {}
-    return model.samples
+    return loss, model.grads
+
+
+class RecordedForwardBackward:
+    """forward_backward recorded once as a CUDA graph and replayed at every step
+    (graphs.StepGraph; --cuda-graphs). What changes from step to step reaches the graph
+    through its inputs: x, the targets, and the step's dropout seed, which batch_inputs left
+    in model.rng and which goes in as a device array (gaps.seed_array). One process only:
+    under MPI the ranks' sums are host calls between the kernels."""
+
+    def __init__(self, model, label_smoothing, scaler, recorder):
+        if model.world.size > 1:
+            raise UsageError("--cuda-graphs runs in one process: under MPI the gradient "
+                             "allreduce sits between the recorded kernels; drop the flag")
+        self.model, self.label_smoothing, self.scaler = model, label_smoothing, scaler
+        self.graph = StepGraph(self._forward_backward, recorder)
+
+    def _forward_backward(self, x, targets, seed):
+        model = self.model
+        rng, model.rng = model.rng, KeyedRandom(seed)
+        try:
+            return forward_backward(model, x, targets, self.label_smoothing, self.scaler)
+        finally:
+            model.rng = rng
+
+    def __call__(self, x, targets):
+        model = self.model
+        seed = seed_array(model.xp, model.rng.seed, model.device)
+        return self.graph(x, targets, seed)
 
 
 class Run:
@@ -720,6 +768,9 @@ def prepare(config, resume=None, world=None):
     scaler = DynamicLossScale(xp, device) if config.get("precision") == "fp16" else None
     if scaler is not None and resume is not None and "loss_scale" in resume[1]:
         scaler.load_state_dict(resume[1]["loss_scale"])
+    # --cuda-graphs: the forward and backward recorded once, replayed each step (graphs.py)
+    recorded = RecordedForwardBackward(model, config["label_smoothing"], scaler,
+                                       CupyRecorder()) if config.get("cuda_graphs") else None
     data = dataset_fingerprint(config, class_names, train_set, val_set)
     if resume is not None and resume[1].get("data", data) != data:  # (older checkpoints: none)
         run.say(f"note: the data is not what the checkpoint was trained on ({resume[1]['data']} "
@@ -729,7 +780,7 @@ def prepare(config, resume=None, world=None):
         class_names=class_names, model=model, optimizer=optimizer, ema=ema, loader=loader,
         partners=partners, val_loader=val_loader, steps_per_epoch=steps_per_epoch,
         schedule=schedule, mixing=mixing, position=position, history=history, monitor=monitor,
-        scaler=scaler, data=data,
+        scaler=scaler, recorded=recorded, data=data,
         fingerprint=None if world.size == 1 else {
             "code version": mpi.code_version(),
             **{f"--{k.replace('_', '-')}": v for k, v in config.items()
@@ -947,7 +998,7 @@ def fit(run):
                         x, t = batch_inputs(run, batch, pair)
                         images_done = train_step(model, run.optimizer, run.ema, run.monitor, x,
                                                  t, position.step, lr, config["label_smoothing"],
-                                                 config["clip_grad"], run.scaler)
+                                                 config["clip_grad"], run.scaler, run.recorded)
                         position.step += 1
                         position.batch += 1
                         position.epoch_images += images_done

@@ -1,0 +1,143 @@
+"""CUDA graphs: a training step's forward and backward recorded once, then replayed each step.
+
+On CuPy every array operation is a kernel launch that costs 5-15 us of Python and driver time
+whatever its size. At small images the GPU's work per kernel is shorter than that, so the
+step's time is the count of launches (about 1,000 for T2T-ViT-7's forward and backward at
+32x32: 36 ms per step on an H200's host, where the GPU is busy a fraction of it). A CUDA graph
+records the kernels one call of a function queues, with their arguments and memory addresses,
+and replays them all with one launch: the Python code runs once.
+
+    step = StepGraph(fn, CupyRecorder())
+    outputs = step(x, targets, seed)   # 1st call eager (warm-up), 2nd recorded and replayed,
+                                       # later ones: inputs copied in, one replay
+
+What that asks of fn, and of everything it reads (t2t_ref's forward and backward do it;
+tests/graph_sim.py checks it on the CPU by replaying a recorded step on array_api_strict):
+- every value that changes from step to step is read from a device array that stays where it
+  is and is overwritten in place: the batch, the targets and the dropout seed (StepGraph copies
+  them into its own input arrays), the parameters (AdamW updates the flat buffer in place), the
+  fp16 loss scale (loss_scale.py updates it in place). A Python number baked into a kernel's
+  arguments (a learning rate, a step count, a seed) would be replayed as it was recorded;
+- no transfer between host and device (CuPy refuses one while recording);
+- the same shapes: a batch of another size runs eagerly (or gets its own recording, up to
+  `max_graphs`);
+- the outputs are the recording's arrays, overwritten by each replay: read them before the next
+  call.
+
+Recording needs the warm-up call first: kernels compile and per-shape caches (rows of ones,
+the soft split's indices, the dropout hash's element table) fill eagerly, so the recording
+makes no array that outlives it. If recording fails (some call is not allowed while
+recording), StepGraph says so once and runs fn eagerly from then on: slower, never wrong.
+Every array the graph reads must live as long as it: the model's buffers do, and so do those
+caches (each holds up to 64 shapes before it starts over; a training run uses a handful).
+
+Memory: each recording allocates from a memory pool of its own, kept as long as the graph, so
+that no other allocation can take the addresses the graph writes to, and no cleanup of CuPy's
+default pool (free_all_blocks, which CuPy also does when an allocation fails) can release
+them. The graph holds its step's activations for good: about the memory of one step more.
+"""
+
+import sys
+from collections import Counter
+
+__all__ = ["CupyRecorder", "StepGraph"]
+
+
+class _Recording:
+    def __init__(self, inputs, outputs, replay, keep):
+        self.inputs, self.outputs, self.replay, self.keep = inputs, outputs, replay, keep
+
+
+class StepGraph:
+    """fn(*inputs) recorded once per input signature (shapes and dtypes) and replayed.
+
+    fn: a function of device arrays (see the module docstring for what it must do).
+    recorder: CupyRecorder() on a GPU; tests use graph_sim.SimulatedRecorder.
+    warmup: eager calls of a signature before it is recorded. max_graphs: recordings kept
+    (each holds a step's memory); calls of further signatures run eagerly.
+    """
+
+    def __init__(self, fn, recorder, warmup=1, max_graphs=1):
+        self.fn, self.recorder = fn, recorder
+        self.warmup, self.max_graphs = warmup, max_graphs
+        self.recordings = {}  # signature -> _Recording
+        self.calls = Counter()  # eager calls per signature
+        self.failed = None  # why recording failed (then every call is eager)
+
+    def __call__(self, *inputs):
+        signature = tuple((tuple(a.shape), str(a.dtype)) for a in inputs)
+        recording = self.recordings.get(signature)
+        if recording is None:
+            if (self.failed is not None or self.calls[signature] < self.warmup
+                    or len(self.recordings) >= self.max_graphs):
+                self.calls[signature] += 1
+                return self.recorder.warm(self.fn, inputs)
+            recording = self._record(signature, inputs)
+            if recording is None:
+                return self.recorder.warm(self.fn, inputs)
+        else:
+            for kept, x in zip(recording.inputs, inputs):
+                kept[...] = x  # one copy each, queued before the replay
+        recording.replay()
+        return recording.outputs
+
+    def _record(self, signature, inputs):
+        from .backend import array_namespace
+        xp = array_namespace(*inputs)
+        kept = [xp.asarray(x, copy=True) for x in inputs]  # the graph reads its inputs here
+        try:
+            outputs, replay, keep = self.recorder.record(self.fn, kept)
+        except Exception as error:  # noqa: BLE001 - any refusal: eager from now on
+            self.failed = f"{type(error).__name__}: {error}".splitlines()[0]
+            print(f"note: CUDA graph recording failed ({self.failed}); the steps run without "
+                  "one", file=sys.stderr)
+            return None
+        recording = self.recordings[signature] = _Recording(kept, outputs, replay, keep)
+        return recording
+
+
+class CupyRecorder:
+    """Records fn(*inputs) on CuPy into a CUDA graph (stream capture on a stream of its own,
+    allocations from a memory pool of its own: see the module docstring); the replay is
+    launched on the caller's current stream, in order with the work around it."""
+
+    def __init__(self):
+        import cupy
+        self.stream = cupy.cuda.Stream(non_blocking=True)
+
+    def warm(self, fn, inputs):
+        """fn(*inputs) eagerly on the recording stream (in order with the caller's work): what
+        a library sets up at its first use on a stream (cuBLAS's workspace) is set up before
+        the recording, as PyTorch warms up before torch.cuda.graph."""
+        import cupy
+        caller = cupy.cuda.get_current_stream()
+        self.stream.wait_event(caller.record())
+        with self.stream:
+            outputs = fn(*inputs)
+        caller.wait_event(self.stream.record())
+        return outputs
+
+    def record(self, fn, inputs):
+        """-> (outputs, replay, what must be kept alive with the graph)."""
+        import cupy
+        pool = cupy.cuda.MemoryPool()
+        caller = cupy.cuda.get_current_stream()
+        self.stream.wait_event(caller.record())  # the inputs' copies are queued there
+        outputs = graph = None
+        with cupy.cuda.using_allocator(pool.malloc), self.stream:
+            self.stream.begin_capture()
+            try:
+                outputs = fn(*inputs)
+            finally:
+                try:
+                    graph = self.stream.end_capture()
+                except Exception:  # the capture was already broken: fn's error says why
+                    if outputs is not None:
+                        raise
+        # the warm-up call's activations, cached in the default pool, are not needed again
+        cupy.get_default_memory_pool().free_all_blocks()
+
+        def replay():
+            graph.launch(cupy.cuda.get_current_stream())
+
+        return outputs, replay, (graph, pool)

@@ -1,0 +1,187 @@
+"""--cuda-graphs without a GPU: a training step's forward and backward recorded once and
+replayed (t2t_ref/graphs.py) trains exactly as eager steps do. tests/graph_sim.py replays the
+recording on array_api_strict as a GPU replays a graph: the same operations on the same arrays
+with the same Python numbers, none of the step's Python run again. So a per-step value that
+reaches the recording as a Python number, or through an array that is rebound instead of
+overwritten, comes back as the recorded step's, and the replayed run parts from the eager
+one; the planted faults below show that this test sees it."""
+
+import numpy as np
+import pytest
+
+import t2t_ref
+from t2t_ref import train
+from t2t_ref.backend import get_namespace, to_device, to_numpy
+from t2t_ref.gaps import KeyedRandom, make_rng
+from t2t_ref.graphs import StepGraph
+from t2t_ref.guard import StepMonitor
+from t2t_ref.loss_scale import DynamicLossScale
+from t2t_ref.optim import AdamW
+from t2t_ref.parallel import DataParallel
+from t2t_ref.train import RecordedForwardBackward, step_seed, train_step
+
+from graph_sim import SimulatedRecorder
+from reliability import tried
+
+STRICT = "array_api_strict"
+STEPS = 5
+
+
+def _run(name, recorder=None, scaler=False, clip=None, recorded_class=RecordedForwardBackward,
+         scaler_class=DynamicLossScale):
+    """STEPS training steps on array_api_strict (dropout 0.1, drop path 0.1, each step its own
+    seed, learning rate and batch), eager or through a recording -> the final state."""
+    xp, device = get_namespace(STRICT)
+    model = DataParallel(t2t_ref.create_model(name, num_classes=5, img_size=32, backend=STRICT,
+                                              drop_rate=0.1, drop_path_rate=0.1)).train()
+    optimizer = AdamW(model.params)
+    monitor = StepMonitor(xp, device, limit=3)
+    # growth every step: the scale the backward starts from changes at every step
+    loss_scale = scaler_class(xp, device, init_scale=4.0, growth_interval=1) if scaler else None
+    recorded = None if recorder is None else recorded_class(model, 0.1, loss_scale, recorder)
+    rng = np.random.default_rng(0)
+    for step in range(STEPS):
+        x = to_device(rng.normal(size=(4, 3, 32, 32)).astype(np.float32), xp, device)
+        y = to_device(rng.integers(0, 5, 4), xp, device)
+        model.rng = make_rng(xp, step_seed(0, step))  # as train.batch_inputs does
+        train_step(model, optimizer, None, monitor, x, y, step, 1e-3 * (step + 1),
+                   label_smoothing=0.1, clip_grad=clip, scaler=loss_scale, recorded=recorded)
+    state = {"params": to_numpy(model.params.flat), "m": to_numpy(optimizer.exp_avg.flat),
+             "monitor": monitor.read()}
+    if loss_scale is not None:
+        state["scale"] = float(to_numpy(loss_scale.scale))
+    return state
+
+
+def _differences(a, b):
+    return [key for key in a if not np.array_equal(np.asarray(a[key]), np.asarray(b[key]))
+            and key != "monitor"] + \
+        [f"monitor {k}" for k in a["monitor"]
+         if not np.array_equal(a["monitor"][k], b["monitor"][k], equal_nan=True)]
+
+
+@pytest.mark.parametrize("name, scaler, clip", [("t2t_vit_7", False, 1.0),
+                                                ("t2t_vit_t_14", True, None)])
+def test_replayed_steps_train_exactly_as_eager_ones(name, scaler, clip):
+    """Step 0 eager (the warm-up), step 1 recorded, steps 2-4 replayed: the weights, AdamW's
+    moments, the monitor's loss and counts and the loss scale equal the eager run's, bit for
+    bit (dropout and drop path draw each step's own masks from the seed on the device)."""
+    recorder = SimulatedRecorder()
+    eager = _run(name, scaler=scaler, clip=clip)
+    replayed = _run(name, recorder, scaler=scaler, clip=clip)
+    assert recorder.replays == STEPS - 2 and len(recorder.tapes) == 1
+    assert len(recorder.tapes[0]) > 500, "the recording holds the forward and backward"
+    assert _differences(eager, replayed) == [], _differences(eager, replayed)
+
+
+class RebindingLossScale(DynamicLossScale):
+    """The fault loss_scale.py had: update() binds new arrays instead of overwriting."""
+
+    def update(self, found_inf):
+        xp = self.xp
+        self.scale = self.scale * xp.where(found_inf, xp.full_like(self.scale, 0.5), 2.0)
+
+
+class SeedBakedIn(RecordedForwardBackward):
+    """A recording that takes its dropout seed from model.rng's Python number."""
+
+    def _forward_backward(self, x, targets, seed):
+        return train.forward_backward(self.model, x, targets, self.label_smoothing,
+                                      self.scaler)
+
+
+@pytest.mark.parametrize("fault", ["loss scale rebound", "seed as a Python number"])
+def test_the_replay_sees_a_value_baked_into_the_recording(fault):
+    """The comparison above can fail: a loss scale rebound at each step (the recording keeps
+    multiplying by the first array), or dropout keyed by the recorded step's seed, make the
+    replayed run part from the eager one."""
+    options = dict(scaler=True, scaler_class=RebindingLossScale) \
+        if fault == "loss scale rebound" else dict(recorded_class=SeedBakedIn)
+    eager = _run("t2t_vit_7", **options)
+    replayed = _run("t2t_vit_7", SimulatedRecorder(), **options)
+    assert "params" in _differences(eager, replayed)
+
+
+def _strict_array(values):
+    xp, device = get_namespace(STRICT)
+    return to_device(np.asarray(values, dtype=np.float32), xp, device)
+
+
+@pytest.mark.parametrize("fault", ["host transfer", "host data"])
+def test_a_recording_that_fails_runs_eagerly_from_then_on(fault, capsys):
+    """A function that reads a value on the host (float(x)), or copies host data to the
+    device, cannot be recorded (CuPy refuses both while capturing): StepGraph says so once,
+    then calls it eagerly, with the right results."""
+    xp, device = get_namespace(STRICT)
+
+    def fn(x):
+        if fault == "host transfer":
+            return x * float(xp.sum(x))
+        return x * xp.asarray(2.0, device=device)
+
+    step = StepGraph(fn, SimulatedRecorder())
+    for values in ([1.0, 2.0], [3.0, 4.0], [5.0, 6.0]):
+        x = _strict_array(values)
+        expected = np.asarray(values) * (sum(values) if fault == "host transfer" else 2.0)
+        np.testing.assert_array_equal(to_numpy(step(x)), expected)
+    assert step.failed is not None and step.recordings == {}
+    assert capsys.readouterr().err.count("CUDA graph recording failed") == 1
+
+
+def test_each_signature_is_recorded_once_and_others_run_eagerly():
+    """The first call of a shape is eager, the second recorded, later ones replayed; with
+    max_graphs=1 a second shape (an epoch's short last batch) stays eager."""
+    xp, _ = get_namespace(STRICT)
+    calls = []
+
+    def fn(x):
+        calls.append(x.shape)
+        return xp.sum(x * x)
+
+    recorder = SimulatedRecorder()
+    step = StepGraph(fn, recorder)
+    for values in ([1.0, 2.0], [3.0, 4.0], [5.0, 6.0], [7.0], [8.0], [9.0, 1.0]):
+        out = step(_strict_array(values))
+        assert float(to_numpy(out)) == sum(v * v for v in values)
+    assert calls == [(2,), (2,), (1,), (1,)]  # eager, recording, the 1-element ones eager
+    assert recorder.replays == 2
+
+
+def test_a_seed_array_draws_the_masks_of_its_seed():
+    """What the recording's dropout reads: KeyedRandom over a device seed is keyed as the
+    int seed is (tests/test_random.py checks every backend)."""
+    xp, device = get_namespace(STRICT)
+    from t2t_ref.gaps import seed_array
+    a = KeyedRandom(seed_array(xp, 12345, device)).keep_mask(xp, (3, 8), 0.5, xp.float32,
+                                                               device)
+    b = KeyedRandom(12345).keep_mask(xp, (3, 8), 0.5, xp.float32, device)
+    np.testing.assert_array_equal(to_numpy(a), to_numpy(b))
+
+
+@tried("command line", "`train --cuda-graphs` (or `bench --cuda-graphs`) on --backend numpy",
+       "exit 2: `error: --cuda-graphs records CUDA kernels: use it with --backend cupy`")
+def test_cuda_graphs_need_the_cupy_backend(tmp_path, capsys):
+    from t2t_ref import bench
+    assert train.main(["--cuda-graphs", "--out", str(tmp_path / "o")]) == 2
+    assert bench.main(["--quick", "--cuda-graphs"]) == 2
+    for line in capsys.readouterr().err.strip().splitlines():
+        assert line == "error: --cuda-graphs records CUDA kernels: use it with --backend cupy"
+
+
+@pytest.mark.parametrize("mode", ["train", "infer"])
+def test_the_bench_times_the_replayed_steps(mode):
+    """bench --cuda-graphs: its steps replay (a training step's forward and backward, an
+    inference step's forward), and change the weights as its eager steps do."""
+    from t2t_ref import bench
+    config = bench.parse_config(f"t2t_vit_7-32-b2-{mode}")
+    sides = {}
+    for graphs in (False, True):
+        recorder = SimulatedRecorder()
+        side = bench.Ours(config, STRICT, graphs=graphs, recorder=recorder)
+        side.prepare()
+        for _ in range(4):
+            side.step()
+        sides[graphs] = to_numpy(side.model.params.flat)
+        if graphs:
+            assert recorder.replays == 2, recorder.replays
+    np.testing.assert_array_equal(sides[True], sides[False])
