@@ -93,6 +93,14 @@ stage default_run 100 $PY -m t2t_ref.train --backend cupy --out "$WORK/default"
 stage bench_small 60 ok=1 $PY -m t2t_ref.bench --backend cupy --repeats 7 --warmup 2 \
     --json "$LOGS/bench_small.json" --config t2t_vit_7-32-b64-train
 
+# 6b. --cuda-graphs (t2t_ref/graphs.py): replayed steps against eager ones, and their speed
+#     (gpu_graphs.py); the default run again, its steps replayed; the 32x32 step and T2T-ViT-7's
+#     inference against PyTorch eager, replayed (bench: a missed target is not a failure here)
+stage graphs 90 $PY scripts/gpu_graphs.py
+stage default_graphs 100 $PY -m t2t_ref.train --backend cupy --cuda-graphs --out "$WORK/default_graphs"
+stage bench_graphs 100 ok=1 $PY -m t2t_ref.bench --backend cupy --cuda-graphs --repeats 7 --warmup 2 \
+    --json "$LOGS/bench_graphs.json" --config t2t_vit_7-32-b64-train --config t2t_vit_7-224-b64-infer
+
 # 7. the loader at 224 with the recipe's augmentation: images/s for 1, 2 and all cores
 stage loader 60 $PY -m t2t_ref.bench --loader --json "$LOGS/loader.json"
 
@@ -117,14 +125,17 @@ echo
 echo "================ summary ($(( $(date +%s) - START )) s) ================"
 head -n 3 "$LOGS/machine.log"
 cat "$SUMMARY"
-grep -h -E "PASS|FAIL" "$LOGS/parity.log" "$LOGS/parity_half.log" "$LOGS/gemm.log" 2>/dev/null
+grep -h -E "PASS|FAIL|^speed|recording failed" "$LOGS/parity.log" "$LOGS/parity_half.log" \
+    "$LOGS/gemm.log" "$LOGS/graphs.log" 2>/dev/null
 grep -h -E "against numpy|against itself|against NumPy|^  (call|without|every|as it is)" "$LOGS/trace.log" 2>/dev/null
 { tr "\r" "\n" < "$LOGS/resume.log"; } 2>/dev/null | grep -E "^epoch [0-9]+:|^done" | tail -n 3
-for b in bench bench_small bench_half bench_plain; do
+for b in bench bench_small bench_graphs bench_half bench_plain; do
     echo "-- $b"
     grep -h -E "^== |agree|against float32|ms per step|peak memory|FAILED" "$LOGS/$b.log" 2>/dev/null
 done
 echo "-- loader"
 grep -h -E "worker|share" "$LOGS/loader.log" 2>/dev/null
-echo "-- default run"
-{ tr "\r" "\n" < "$LOGS/default_run.log"; } 2>/dev/null | grep -E "^epoch [0-9]+:|^done|^time:" | tail -n 5
+for run in default_run default_graphs; do
+    echo "-- $run"
+    { tr "\r" "\n" < "$LOGS/$run.log"; } 2>/dev/null | grep -E "^epoch [0-9]+:|^done|^time:|^note" | tail -n 5
+done

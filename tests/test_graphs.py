@@ -185,3 +185,30 @@ def test_the_bench_times_the_replayed_steps(mode):
         if graphs:
             assert recorder.replays == 2, recorder.replays
     np.testing.assert_array_equal(sides[True], sides[False])
+
+
+@pytest.fixture(scope="module")
+def gpu_graphs():
+    import importlib.util
+    import pathlib
+    path = pathlib.Path(__file__).resolve().parent.parent / "scripts" / "gpu_graphs.py"
+    spec = importlib.util.spec_from_file_location("gpu_graphs", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+CPU_CASES = (("t2t_vit_7", "float32", False, 1.0, 0.1), ("t2t_vit_t_14", "float32", True, None, 0.0))
+
+
+def test_the_device_scripts_graph_check_passes_and_can_fail(gpu_graphs, capsys, monkeypatch):
+    """scripts/gpu_graphs.py's comparisons (the device script's `graphs` stage) on
+    array_api_strict with the CPU's recorder: all pass; with the dropout seed baked into the
+    recording, the training case with dropout fails and says which state parted."""
+    assert gpu_graphs.check(STRICT, SimulatedRecorder, cases=CPU_CASES, steps=4) == 0
+    out = capsys.readouterr().out
+    assert out.count("PASS") == 3 and "FAIL" not in out, out
+    monkeypatch.setattr(gpu_graphs, "RecordedForwardBackward", SeedBakedIn)
+    assert gpu_graphs.check(STRICT, SimulatedRecorder, cases=CPU_CASES[:1], steps=4) == 1
+    out = capsys.readouterr().out
+    assert out.startswith("FAIL training t2t_vit_7") and "weights" in out, out
