@@ -252,8 +252,8 @@ def build_parser(defaults=True):
         help="numpy on the CPU, cupy on an NVIDIA GPU")
     add("--cuda-graphs", action=argparse.BooleanOptionalAction, default=False,
         help="cupy: record each step's forward and backward once as a CUDA graph and replay "
-        "it (t2t_ref/graphs.py): one launch where there were about a thousand, for small "
-        "images whose steps the launches bound; one process only")
+        "it (t2t_ref/graphs.py): one launch where there were thousands of array calls, for "
+        "small images whose steps the launches bound; one process only")
     add("--dtype", default="float32", choices=["float32", "float64"],
         help="the weights' dtype (and the computation's, under --precision float32)")
     add("--precision", default="float32", choices=list(PRECISIONS),
