@@ -47,7 +47,12 @@ from .pretrained import PretrainedError, imagenet_classes, model_from_weights, r
 from .recipe import eval_transform_of
 from .variants import list_models
 
-USER_ERRORS = (DataError, CheckpointError, BackendError, PretrainedError, PrecisionError)
+class UsageError(ValueError):
+    """Flags that do not go together; the message is one line."""
+
+
+USER_ERRORS = (DataError, CheckpointError, BackendError, PretrainedError, PrecisionError,
+               UsageError)
 
 
 def top_k(num_classes):
@@ -58,7 +63,7 @@ def top_k(num_classes):
     return k if k >= 2 else None
 
 
-def evaluate(model, loader, progress=True, desc="eval", between_batches=None):
+def evaluate(model, loader, progress=True, desc="eval", between_batches=None, forward=None):
     """Mean loss (no smoothing), top-1 and top-k accuracy (in %) of model over loader:
     {"loss", "top1", "top<k>" (k = top_k(classes), left out for 2 classes), "images",
     "nonfinite"}.
@@ -72,6 +77,8 @@ def evaluate(model, loader, progress=True, desc="eval", between_batches=None):
     DataParallel with a world of several ranks, the loader serving each its piece of every
     batch) the sums are added over the ranks: every rank returns the whole set's numbers.
     between_batches(): called before each batch (training's stop signals: it may raise).
+    forward(x) -> logits: what computes a batch (default: model.forward(x, keep_cache=False));
+    `evaluate --cuda-graphs` passes the forward recorded as a CUDA graph (graphs.py).
     """
     if isinstance(model, T2TViT):
         model = DataParallel(model)
@@ -95,7 +102,8 @@ def evaluate(model, loader, progress=True, desc="eval", between_batches=None):
         x = model_input(images, xp=xp, device=device, dtype=model.dtype)  # (B, 3, S, S)
         y = to_device(labels, xp, device)
         with quiet_float_warnings():  # non-finite outputs are counted below
-            logits = model.forward(x, keep_cache=False)  # (B, K)
+            logits = forward(x) if forward is not None else \
+                model.forward(x, keep_cache=False)  # (B, K)
             if len(labels) == 0:  # none of this batch here: the forward kept step with the
                 continue          # other ranks (it gathers their counts)
             loss, _ = cross_entropy(logits, y)
@@ -285,6 +293,9 @@ def build_parser():
     parser.add_argument("--backend", default="numpy", choices=["numpy", "cupy"])
     parser.add_argument("--precision", default="float32", choices=list(PRECISIONS),
                         help="bf16 or fp16: inference in half precision (t2t_ref/precision.py)")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="cupy: record the forward once as a CUDA graph and replay it for "
+                        "each batch (t2t_ref/graphs.py); one process only")
     parser.add_argument("--ema", action="store_true",
                         help="evaluate the checkpoint's EMA weights instead of the raw ones")
     parser.add_argument("--model", default=None, choices=list_models(), metavar="NAME",
@@ -302,8 +313,9 @@ class Job:
     """What main() evaluates: model, loader, the summary's name and the JSON's extra fields,
     and under MPI what every rank must hold alike (fingerprint)."""
 
-    def __init__(self, model, loader, name, extra, world):
+    def __init__(self, model, loader, name, extra, world, cuda_graphs=False):
         self.model, self.loader, self.name, self.extra = model, loader, name, extra
+        self.cuda_graphs = cuda_graphs
         self.fingerprint = None if world.size == 1 else {
             "code version": mpi.code_version(), "model": extra["model"],
             "weights (CRC-32)": zlib.crc32(memoryview(to_numpy(model.params.flat)).cast("B")),
@@ -314,6 +326,11 @@ def prepare(argv, world):
     """The command line -> a Job (a user error raised as it comes)."""
     args = build_parser().parse_args(argv)
     piece = (world.rank, world.size) if world.size > 1 else None
+    if args.cuda_graphs and args.backend != "cupy":
+        raise UsageError("--cuda-graphs records CUDA kernels: use it with --backend cupy")
+    if args.cuda_graphs and world.size > 1:
+        raise UsageError("--cuda-graphs runs in one process: under MPI the ranks' counts are "
+                         "gathered between the recorded kernels; drop the flag")
 
     def workers(size):  # --workers, else the cores less one, as many as /dev/shm has room for
         if args.workers is not None:
@@ -345,7 +362,7 @@ def prepare(argv, world):
         extra = dict(weights=args.weights, which=weight_file.which, model=model.name,
                      img_size=model.img_size, crop_pct=transform.crop_pct,
                      interpolation=transform.interpolation, precision=args.precision)
-        return Job(model, loader, name, extra, world)
+        return Job(model, loader, name, extra, world, args.cuda_graphs)
     if args.backend == "cupy":
         mpi.use_local_gpu(world)
     model, meta, ema = model_from_checkpoint(args.checkpoint, args.backend,
@@ -363,7 +380,7 @@ def prepare(argv, world):
         checkpoint=args.checkpoint, model=meta["model"],
         crop_pct=None if transform.as_drawn else transform.crop_pct,
         interpolation=None if transform.as_drawn else transform.interpolation,
-        precision=args.precision), world)
+        precision=args.precision), world, args.cuda_graphs)
 
 
 def main(argv=None):
@@ -382,9 +399,14 @@ def main(argv=None):
         return user_error(err)
     start = time.perf_counter()
     try:
+        forward = None
+        if job.cuda_graphs:  # the forward recorded once, replayed for every full batch
+            from .graphs import CupyRecorder, StepGraph
+            model = job.model.eval()
+            forward = StepGraph(lambda x: model.forward(x, keep_cache=False), CupyRecorder())
         with job.loader:
             result = evaluate(DataParallel(job.model, world=world), job.loader,
-                              progress=world.rank == 0)
+                              progress=world.rank == 0, forward=forward)
     except USER_ERRORS as err:  # on every rank alike: the counts were summed over them
         return user_error(err) if world.rank == 0 else 2
     if world.rank == 0:

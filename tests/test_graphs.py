@@ -158,14 +158,50 @@ def test_a_seed_array_draws_the_masks_of_its_seed():
     np.testing.assert_array_equal(to_numpy(a), to_numpy(b))
 
 
-@tried("command line", "`train --cuda-graphs` (or `bench --cuda-graphs`) on --backend numpy",
+@tried("command line", "`train`, `evaluate` or `bench` with `--cuda-graphs` on --backend numpy",
        "exit 2: `error: --cuda-graphs records CUDA kernels: use it with --backend cupy`")
 def test_cuda_graphs_need_the_cupy_backend(tmp_path, capsys):
-    from t2t_ref import bench
+    from t2t_ref import bench, evaluate
     assert train.main(["--cuda-graphs", "--out", str(tmp_path / "o")]) == 2
+    assert evaluate.main(["--checkpoint", str(tmp_path / "none.safetensors"),
+                          "--cuda-graphs"]) == 2
     assert bench.main(["--quick", "--cuda-graphs"]) == 2
-    for line in capsys.readouterr().err.strip().splitlines():
-        assert line == "error: --cuda-graphs records CUDA kernels: use it with --backend cupy"
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == ["error: --cuda-graphs records CUDA kernels: use it with --backend cupy"] * 3
+
+
+class Batches:
+    """A loader's evaluation batches: uint8 images (B, 3, 32, 32) and labels, the last one
+    short (it runs eagerly)."""
+
+    def __init__(self, count=9, batch=4):
+        rng = np.random.default_rng(3)
+        self.images = rng.integers(0, 256, (count, 3, 32, 32), dtype=np.uint8)
+        self.labels = rng.integers(0, 5, count)
+        self.batch = batch
+
+    def __len__(self):
+        return -(-len(self.labels) // self.batch)
+
+    def epoch_batches(self, epoch):
+        for start in range(0, len(self.labels), self.batch):
+            rows = slice(start, start + self.batch)
+            yield self.images[rows], self.labels[rows], None
+
+
+def test_evaluate_with_a_replayed_forward_scores_as_eager():
+    """evaluate --cuda-graphs: the forward recorded once and replayed for each full batch
+    gives the eager evaluation's loss and accuracies exactly."""
+    from t2t_ref.evaluate import evaluate
+    model = t2t_ref.create_model("t2t_vit_7", num_classes=5, img_size=32, backend=STRICT)
+    eager = evaluate(model, Batches(), progress=False)
+    recorder = SimulatedRecorder()
+    graphed = StepGraph(lambda x: model.forward(x, keep_cache=False), recorder)
+    assert evaluate(model, Batches(), progress=False, forward=graphed) == eager
+    assert recorder.replays == 0 and graphed.calls  # 2 full batches: warm-up, recorded
+    replayed = evaluate(model, Batches(count=17), progress=False, forward=graphed)
+    assert replayed == evaluate(model, Batches(count=17), progress=False)
+    assert recorder.replays == 4
 
 
 @pytest.mark.parametrize("mode", ["train", "infer"])
