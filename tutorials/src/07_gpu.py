@@ -295,6 +295,84 @@ else:
     assert difference < 1e-5, "the fused kernel must compute what the plain op computes"
 
 # %% [markdown]
+# ## Record once, replay: CUDA graphs
+# Each array operation costs CuPy 5-15 us of Python and driver time, whatever its size. A
+# T2T-ViT-7 forward and backward is a few thousand of them, so at 32x32 the GPU waits for
+# Python. A **CUDA graph** records the kernels one call of a function queues, with their
+# arguments and the addresses of their arrays, and replays them all with one launch: the Python
+# runs once. What that means for the code is easiest to see with a toy recorder on the CPU:
+# it keeps each operation with its arguments, and a replay calls them again, as a GPU would,
+# without running the Python that made them.
+
+# %%
+class Tape:
+    """A toy recording: (function, arguments, output array) per operation."""
+
+    def __init__(self):
+        self.ops = []
+
+    def op(self, fn, *args):
+        out = fn(*args)
+        self.ops.append((fn, args, out))
+        return out
+
+    def replay(self):  # the same functions, the same arguments, into the same arrays
+        for fn, args, out in self.ops:
+            out[...] = fn(*args)
+
+
+def sgd_step(tape, w, grad, lr):  # w <- w - lr * grad, recorded
+    update = tape.op(np.multiply, grad, lr)
+    tape.op(np.subtract, w, update)
+    w[...] = tape.ops[-1][2]       # (this in-place write is Python: a replay skips it)
+
+
+for how in ("a Python number", "a device array"):
+    w, grad = np.ones(3), np.full(3, 0.5)
+    lr_array = np.array(0.1)
+    tape = Tape()
+    sgd_step(tape, w, grad, 0.1 if how == "a Python number" else lr_array)  # recorded, lr 0.1
+    lr_array[...] = 0.01                                    # the schedule lowers lr...
+    tape.replay()                                           # ...and the step is replayed
+    print(f"lr as {how}: the replayed update is {tape.ops[0][2][0]:.3f} per element")
+    assert np.isclose(tape.ops[0][2][0], 0.05 if how == "a Python number" else 0.005)
+
+# %% [markdown]
+# A Python number is baked into the recording: the replay still steps with lr 0.1. Whatever
+# changes from step to step must reach the graph through an array it reads where it lies and
+# that is overwritten in place: the batch, the labels, the dropout seed (`gaps.seed_array`),
+# the fp16 loss scale. That is how `t2t_ref/graphs.py` records a training step's forward and
+# backward (`train --cuda-graphs`); the optimizer, whose learning rate and step count change,
+# stays outside it. The tests replay a whole recorded step on `array_api_strict` in the same
+# way (`tests/graph_sim.py`) and check that replayed steps train bit for bit as eager ones.
+
+# %%
+if not GPU:
+    print("skipped: needs a CUDA GPU and CuPy")
+else:
+    from t2t_ref.graphs import CupyRecorder, StepGraph
+
+    small = t2t_ref.create_model("t2t_vit_7", num_classes=10, img_size=32, backend="cupy", seed=0).eval()
+    x32 = to_device(rng.standard_normal((64, 3, 32, 32), dtype=np.float32), xp_gpu, gpu)
+    forward = StepGraph(lambda x: small.forward(x, keep_cache=False), CupyRecorder())
+    eager_logits = to_numpy(small.forward(x32, keep_cache=False))
+    for _ in range(3):                                   # warm-up, record, replay
+        replayed_logits = to_numpy(forward(x32))
+    assert np.allclose(replayed_logits, eager_logits, rtol=1e-5, atol=1e-5)
+
+    def ms(fn, repeats=20):
+        fn()
+        gpu.synchronize()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        gpu.synchronize()
+        return 1e3 * (time.perf_counter() - start) / repeats
+
+    print(f"T2T-ViT-7 forward at 32x32, batch 64: eager "
+          f"{ms(lambda: small.forward(x32, keep_cache=False)):.2f} ms, replayed {ms(lambda: forward(x32)):.2f} ms")
+
+# %% [markdown]
 # ## What we saw
 # - One code base, two devices: the namespace comes from the arrays, and `to_device` /
 #   `to_numpy` are the only host <-> device copies, explicit and rare.
@@ -305,6 +383,8 @@ else:
 #   `free_all_blocks()` hands it back.
 # - Chains of elementwise and row operations pay a launch and a memory pass each; the fused
 #   kernels of `cupy_kernels.py` do the same math in one, and are tested against the plain ops.
+# - A CUDA graph replays a step's kernels with one launch; it replays Python numbers as they
+#   were recorded, so what changes per step lives in arrays overwritten in place.
 #
 # That is the end of the tutorials. The [README](../README.md) lists the project's other entry
 # points: training (`python -m t2t_ref.train`), evaluation, and the tests.
