@@ -26,13 +26,7 @@ import threading
 import array_api_strict
 import numpy as np
 
-from strict_watch import HOST_METHODS
-
-EXCLUDED = ("__init__", "__new__", "__repr__", "__str__", "__getattribute__", "__setattr__",
-            "__class__", "__hash__", "__array_namespace__", "__init_subclass__",
-            "__subclasshook__", "__reduce__", "__reduce_ex__", "__sizeof__", "__format__",
-            "__dir__", "__delattr__", "__getstate__", "__module__", "__doc__", "__slots__",
-            "__annotations__", "__weakref__")
+from strict_watch import HOST_METHODS, patched_strict
 
 
 class RecordingRefused(RuntimeError):
@@ -50,8 +44,7 @@ def _is_array(x):
 def _recording(tape):
     """Patch array_api_strict so that every outermost call is appended to tape as
     (original function, args, kwargs, result); host transfers raise RecordingRefused."""
-    Array = ARRAY
-    local, patched = threading.local(), []
+    local = threading.local()
 
     def recorded(name, function):
         @functools.wraps(function)
@@ -73,26 +66,8 @@ def _recording(tape):
             return result
         return wrapper
 
-    for name in dir(Array):
-        if (name.startswith("__") and name.endswith("__") and name not in EXCLUDED
-                and callable(getattr(Array, name, None))):
-            original = getattr(Array, name)
-            setattr(Array, name, recorded(name, original))
-            patched.append((Array, name, original))
-    for name in ("to_device",):
-        original = getattr(Array, name)
-        setattr(Array, name, recorded(name, original))
-        patched.append((Array, name, original))
-    for name in dir(array_api_strict):
-        value = getattr(array_api_strict, name)
-        if not name.startswith("_") and callable(value) and not isinstance(value, type):
-            setattr(array_api_strict, name, recorded(name, value))
-            patched.append((array_api_strict, name, value))
-    try:
+    with patched_strict(recorded, methods=("to_device",)):
         yield
-    finally:
-        for owner, name, original in reversed(patched):
-            setattr(owner, name, original)
 
 
 def _arrays_in(values):

@@ -73,11 +73,41 @@ class Calls:
         return sum(self.by_name.values())
 
 
+# Array's dunder methods that are not array operations
+NOT_OPERATORS = ("__init__", "__new__", "__repr__", "__str__", "__getattribute__", "__setattr__",
+                 "__class__", "__hash__", "__array_namespace__", "__init_subclass__",
+                 "__subclasshook__", "__reduce__", "__reduce_ex__", "__sizeof__", "__format__",
+                 "__dir__", "__delattr__", "__getstate__", "__module__", "__doc__", "__slots__",
+                 "__annotations__", "__weakref__")
+
+
+@contextlib.contextmanager
+def patched_strict(wrap, methods=()):
+    """Within the block, every array operator (and each of `methods`) of array_api_strict's
+    Array and every function of its namespace is wrap(name, original)."""
+    Array, patched = _array_class(), []
+    operators = [n for n in dir(Array) if n.startswith("__") and n.endswith("__")
+                 and n not in NOT_OPERATORS and callable(getattr(Array, n, None))]
+    for name in (*operators, *methods):
+        original = getattr(Array, name)
+        setattr(Array, name, wrap(name, original))
+        patched.append((Array, name, original))
+    for name in dir(array_api_strict):
+        value = getattr(array_api_strict, name)
+        if not name.startswith("_") and callable(value) and not isinstance(value, type):
+            setattr(array_api_strict, name, wrap(name, value))
+            patched.append((array_api_strict, name, value))
+    try:
+        yield
+    finally:
+        for owner, name, original in reversed(patched):
+            setattr(owner, name, original)
+
+
 @contextlib.contextmanager
 def array_calls():
     """Yield a Calls: how many namespace functions and array operators our code called."""
-    Array = _array_class()
-    calls, patched = Calls(), []
+    calls = Calls()
 
     def count(name, function):
         @functools.wraps(function)
@@ -92,27 +122,5 @@ def array_calls():
                 calls._local.depth = depth
         return counted
 
-    operators = [n for n in dir(Array) if n.startswith("__") and n.endswith("__")
-                 and n not in ("__init__", "__new__", "__repr__", "__str__", "__getattribute__",
-                               "__setattr__", "__class__", "__hash__", "__eq__", "__ne__",
-                               "__array_namespace__", "__init_subclass__", "__subclasshook__",
-                               "__reduce__", "__reduce_ex__", "__sizeof__", "__format__",
-                               "__dir__", "__delattr__", "__getstate__", "__module__",
-                               "__doc__", "__slots__", "__annotations__", "__weakref__",
-                               "__lt__", "__le__", "__gt__", "__ge__")
-                 and callable(getattr(Array, n, None))]
-    operators += ["__lt__", "__le__", "__gt__", "__ge__", "__eq__", "__ne__"]
-    for name in operators:
-        original = getattr(Array, name)
-        setattr(Array, name, count(name, original))
-        patched.append((Array, name, original))
-    for name in dir(array_api_strict):
-        value = getattr(array_api_strict, name)
-        if not name.startswith("_") and callable(value) and not isinstance(value, type):
-            setattr(array_api_strict, name, count(name, value))
-            patched.append((array_api_strict, name, value))
-    try:
+    with patched_strict(count):
         yield calls
-    finally:
-        for owner, name, original in reversed(patched):
-            setattr(owner, name, original)
