@@ -847,7 +847,8 @@ def run_config(config, args, peak_gflops):
     times = time_interleaved([ours, theirs], make_timer(args.backend), args.warmup, args.repeats,
                              args.pause)
     result = {"config": config.name, **asdict(config), "flops": flops, **parity,
-              "precision": args.precision, "parity_tolerance": PARITY_TOLERANCE,
+              "precision": args.precision, "cuda_graphs": args.cuda_graphs,
+              "parity_tolerance": PARITY_TOLERANCE,
               "anchor_ms": ANCHOR_MS.get(config.name),
               "ours": summarize(times["t2t_ref"], flops, config.batch, peak_gflops),
               "torch": summarize(times["PyTorch"], flops, config.batch, peak_gflops)}
@@ -1008,7 +1009,10 @@ def print_result(r):
           f"({r['profile_ms']:.1f} ms; timed median {ours['ms']:.1f} ms)"
           + (f",\n   summed over the threads that ran it (the main thread and the model's "
              f"worker threads: {r['profile_thread_ms']:.1f} thread-ms in all, the % column's whole)"
-             if threads > 1 else ""))
+             if threads > 1 else "")
+          + ("\n   (--cuda-graphs: t2t_ref's forward and backward replay a CUDA graph, which the "
+             "profile does not see inside; what runs outside it is listed)"
+             if r.get("cuda_graphs") else ""))
     print(f"   {'op':<46}{'calls':>6}{'thread-ms' if threads > 1 else 'ms/step':>10}{'%':>7}")
     shown = [p for p in r["profile"] if p["pct"] >= PROFILE_MIN_PCT]
     rest = [p for p in r["profile"] if p["pct"] < PROFILE_MIN_PCT]
