@@ -15,6 +15,12 @@ LOGS="$WORK/logs"              # one log per stage; packed into $OUT/logs.tgz at
 mkdir -p "$OUT" "$LOGS"
 DEADLINE=${DEADLINE:-470}      # seconds for the whole script: stages are cut to fit it
 STAGES=${STAGES:-}             # e.g. "tests parity bench": only these (default: all)
+case ${PRESET:-} in            # named sets of stages, for a session with little device time
+    graphs) STAGES="install start graphs default_graphs evaluate_graphs bench_graphs loader";;
+    half) STAGES="install start parity_half trace gemm bench_half";;
+    "") ;;
+    *) echo "PRESET must be graphs or half"; exit 2;;
+esac
 # TESTS_K (pytest -k, default "cupy") and BENCH_CONFIGS narrow the tests and bench stages
 PY=${PY:-python3}
 export PYTHONUNBUFFERED=1

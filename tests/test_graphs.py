@@ -248,3 +248,16 @@ def test_the_device_scripts_graph_check_passes_and_can_fail(gpu_graphs, capsys, 
     assert gpu_graphs.check(STRICT, SimulatedRecorder, cases=CPU_CASES[:1], steps=4) == 1
     out = capsys.readouterr().out
     assert out.startswith("FAIL training t2t_vit_7") and "weights" in out, out
+
+
+def test_cupy_replayed_steps_train_as_eager_ones(gpu_graphs):
+    """On a GPU (skipped elsewhere): the real recorder, CUDA stream capture, against eager
+    steps; T2T-ViT-7 with dropout, drop path and clipping, 4 steps (2 replayed)."""
+    from conftest import cupy_or_skip
+    cupy_or_skip()
+    from t2t_ref.graphs import CupyRecorder
+    states, recorder = gpu_graphs.training_states("cupy", CupyRecorder, *CPU_CASES[0], steps=4)
+    assert "failed" not in states["graphs"], states["graphs"]["failed"]
+    for key, eager in states["eager"].items():
+        error = gpu_graphs.rel_error(eager, states["graphs"][key])
+        assert error <= gpu_graphs.TOL, f"{key}: replayed {error:.1e} from eager"
