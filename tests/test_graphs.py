@@ -261,3 +261,26 @@ def test_cupy_replayed_steps_train_as_eager_ones(gpu_graphs):
     for key, eager in states["eager"].items():
         error = gpu_graphs.rel_error(eager, states["graphs"][key])
         assert error <= gpu_graphs.TOL, f"{key}: replayed {error:.1e} from eager"
+
+
+def test_a_replayed_step_leaves_few_calls_outside_the_graph():
+    """What --cuda-graphs saves, counted on array_api_strict: a replayed training step of
+    T2T-ViT-7 makes under a hundred array calls of its own (the inputs' copies, the seed,
+    clipping, the monitor, AdamW's plain flat update: one kernel on CuPy), where an eager step
+    makes thousands (BENCHMARKS.md, "Array calls per layer")."""
+    from strict_watch import array_calls
+    xp, device = get_namespace(STRICT)
+    model = DataParallel(t2t_ref.create_model("t2t_vit_7", num_classes=5, img_size=32,
+                                              backend=STRICT)).train()
+    optimizer, monitor = AdamW(model.params), StepMonitor(xp, device, limit=3)
+    recorded = RecordedForwardBackward(model, 0.1, None, SimulatedRecorder())
+    rng, counts = np.random.default_rng(0), []
+    for step in range(3):  # eager (warm-up), recorded, replayed
+        x = to_device(rng.normal(size=(2, 3, 32, 32)).astype(np.float32), xp, device)
+        y = to_device(rng.integers(0, 5, 2), xp, device)
+        model.rng = make_rng(xp, step)
+        with array_calls() as calls:
+            train_step(model, optimizer, None, monitor, x, y, step, 1e-3, 0.1, 1.0,
+                       recorded=recorded)
+        counts.append(calls.total)
+    assert counts[0] > 2000 and counts[2] < 100, counts
