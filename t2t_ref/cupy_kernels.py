@@ -5,7 +5,8 @@ GPU's memory. The plain array-API ops (ops/*.py) are chains of such operations: 
 forward is about a dozen, LayerNorm's backward ten, AdamW thirteen per tensor. Each kernel
 here does one of those chains in one launch, reading each input once:
 
-    GELU forward / backward          one elementwise kernel each
+    GELU forward / backward          one elementwise kernel each (the backward recomputes
+                                     Phi(x) from x instead of storing it)
     dropout's keep mask              one elementwise kernel (gaps.KeyedRandom's hash)
     LayerNorm forward / backward     one warp per row (row sums by warp shuffles); the
                                      backward's weight and bias gradients are column sums,
@@ -111,30 +112,26 @@ template <typename T> __device__ __forceinline__ T warp_sum(T v) {
     if (row >= (rows)) return;  /* the whole warp leaves: shuffles stay full-warp */
 
 // ---- GELU (ops/gelu.py): y = x Phi(x), Phi(x) = (1 + erf(x / sqrt 2)) / 2 -----------------
-// x, y stored as S; the cache (x_wide, a copy of x in the compute type T, or null when S is T;
-// cdf) in T, as the plain op's float32 island keeps it
+// x, y stored as S, computed in T. The backward reads x again and recomputes Phi(x): erf costs
+// the GPU less than storing Phi (4 bytes an element of the MLP's widest activation) and
+// reading it back; the plain op keeps it, where erf is the costly part (NumPy)
 template <typename S>
-__global__ void gelu_forward(const S* x, S* y, typename Compute<S>::type* x_wide,
-                             typename Compute<S>::type* cdf, long long n) {
+__global__ void gelu_forward(const S* x, S* y, long long n) {
     typedef typename Compute<S>::type T;
     GRID_STRIDE_LOOP(i, n) {
         T xi = load(x[i]);
-        T c = T(0.5) * (T(1) + erf_(xi * T(0.70710678118654752440)));
-        cdf[i] = c;
-        if (x_wide != nullptr) x_wide[i] = xi;
-        y[i] = store<S>(xi * c);
+        y[i] = store<S>(xi * (T(0.5) * (T(1) + erf_(xi * T(0.70710678118654752440)))));
     }
 }
 
 // dx = dy (Phi(x) + x phi(x)), phi(x) = exp(-x^2 / 2) / sqrt(2 pi)
 template <typename S>
-__global__ void gelu_backward(const typename Compute<S>::type* x,
-                              const typename Compute<S>::type* cdf, const S* dy, S* dx,
-                              long long n) {
+__global__ void gelu_backward(const S* x, const S* dy, S* dx, long long n) {
     typedef typename Compute<S>::type T;
     GRID_STRIDE_LOOP(i, n) {
-        T xi = x[i];
-        T slope = cdf[i] + xi * exp_(T(-0.5) * xi * xi) * T(0.39894228040143267794);
+        T xi = load(x[i]);
+        T cdf = T(0.5) * (T(1) + erf_(xi * T(0.70710678118654752440)));
+        T slope = cdf + xi * exp_(T(-0.5) * xi * xi) * T(0.39894228040143267794);
         dx[i] = store<S>(load(dy[i]) * slope);
     }
 }
@@ -372,28 +369,23 @@ def _row_grid(rows):
 # ---- GELU ------------------------------------------------------------------------------------
 
 def gelu_forward(x):
-    """As ops.gelu.gelu_forward: -> (y, (x, cdf)); for a half x, y is half and the cache
-    float32 (x widened, cdf), as the plain op's float32 island leaves it."""
+    """As ops.gelu.gelu_forward: -> (y, (x,)). The cache is x alone (the plain op's also keeps
+    Phi(x)): the backward kernel recomputes Phi. For a half x, y is half."""
     import cupy
     x = _contiguous(x)
-    compute = _compute_dtype(x.dtype)
-    y, cdf = cupy.empty_like(x), cupy.empty(x.shape, dtype=compute)
-    x_wide = cupy.empty(x.shape, dtype=compute) if compute != x.dtype else None
-    _kernel("gelu_forward", x.dtype)(
-        *_elementwise_grid(x.size),
-        (x, y, np.uint64(0) if x_wide is None else x_wide, cdf, np.int64(x.size)))
-    return y, (x if x_wide is None else x_wide, cdf)
+    y = cupy.empty_like(x)
+    _kernel("gelu_forward", x.dtype)(*_elementwise_grid(x.size), (x, y, np.int64(x.size)))
+    return y, (x,)
 
 
 def gelu_backward(dy, cache):
-    """As ops.gelu.gelu_backward: -> dx."""
+    """As ops.gelu.gelu_backward, from gelu_forward's cache (x,): -> dx."""
     import cupy
-    x, cdf = cache
+    (x,) = cache
     dy = _contiguous(dy)
     dx = cupy.empty_like(dy)
     _kernel("gelu_backward", dy.dtype)(*_elementwise_grid(x.size),
-                                       (_contiguous(x), _contiguous(cdf), dy, dx,
-                                        np.int64(x.size)))
+                                       (x, dy, dx, np.int64(x.size)))
     return dx
 
 

@@ -15,8 +15,9 @@ INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
 
 def gelu_forward(x):
-    """x (any shape) -> y (same shape). cache = (x, cdf) with cdf = Phi(x).
-    In half precision on float32 copies (erf stays float32), y back in the half type."""
+    """x (any shape) -> y (same shape). cache = (x, cdf) with cdf = Phi(x) (CuPy's kernel
+    keeps x alone and recomputes Phi in its backward). In half precision on float32 copies
+    (erf stays float32), y back in the half type."""
     if is_half(x.dtype):
         if cupy_kernels.applies_half(x):  # CuPy: one kernel reading half, computing float32
             return cupy_kernels.gelu_forward(x)
