@@ -23,12 +23,18 @@ tests/graph_sim.py checks it on the CPU by replaying a recorded step on array_ap
 - the same shapes: a batch of another size runs eagerly (or gets its own recording, up to
   `max_graphs`);
 - the outputs are the recording's arrays, overwritten by each replay: read them before the next
-  call.
+  call;
+- called twice on the same inputs, it gives the same outputs (the check below calls it once
+  more): t2t_ref's draws each call's dropout masks afresh from the seed.
 
 Recording needs the warm-up call first: kernels compile and per-shape caches (rows of ones,
 the soft split's indices, the dropout hash's element table) fill eagerly, so the recording
 makes no array that outlives it. If recording fails (some call is not allowed while
 recording), StepGraph says so once and runs fn eagerly from then on: slower, never wrong.
+The first replay with new inputs is checked: fn runs eagerly on them first, and the replay
+must give its outputs (to float rounding; one host transfer, once). A replay that differs (a
+per-step value baked in, an address gone stale) is said in one line and dropped, and fn runs
+eagerly from then on.
 Every array the graph reads must live as long as it: the model's buffers do, and so do those
 caches (each holds up to 64 shapes before it starts over; a training run uses a handful).
 
@@ -40,6 +46,8 @@ them. The graph holds its step's activations for good: about the memory of one s
 
 import sys
 from collections import Counter
+
+import numpy as np
 
 __all__ = ["CupyRecorder", "StepGraph"]
 
@@ -55,15 +63,17 @@ class StepGraph:
     fn: a function of device arrays (see the module docstring for what it must do).
     recorder: CupyRecorder() on a GPU; tests use graph_sim.SimulatedRecorder.
     warmup: eager calls of a signature before it is recorded. max_graphs: recordings kept
-    (each holds a step's memory); calls of further signatures run eagerly.
+    (each holds a step's memory); calls of further signatures run eagerly. verify: check the
+    first replay on new inputs against an eager call (see the module docstring).
     """
 
-    def __init__(self, fn, recorder, warmup=1, max_graphs=1):
+    def __init__(self, fn, recorder, warmup=1, max_graphs=1, verify=True):
         self.fn, self.recorder = fn, recorder
-        self.warmup, self.max_graphs = warmup, max_graphs
+        self.warmup, self.max_graphs, self.verify = warmup, max_graphs, verify
         self.recordings = {}  # signature -> _Recording
         self.calls = Counter()  # eager calls per signature
         self.failed = None  # why recording failed (then every call is eager)
+        self.unchecked = set()  # signatures whose first replay on new inputs is to be checked
 
     def __call__(self, *inputs):
         signature = tuple((tuple(a.shape), str(a.dtype)) for a in inputs)
@@ -77,9 +87,25 @@ class StepGraph:
             if recording is None:
                 return self.recorder.warm(self.fn, inputs)
         else:
+            expected = None
+            if signature in self.unchecked:  # the first replay on new inputs: eager first
+                self.unchecked.discard(signature)
+                expected = [_copy(a) for a in _arrays_of(self.recorder.warm(self.fn, inputs))]
             for kept, x in zip(recording.inputs, inputs):
                 kept[...] = x  # one copy each, queued before the replay
+            recording.replay()
+            if expected is not None:
+                error = _worst_difference(expected, _arrays_of(recording.outputs))
+                if error is not None:
+                    del self.recordings[signature]
+                    self.failed = f"a replay differed from the eager call by {error:.1e}"
+                    print(f"note: CUDA graph dropped ({self.failed}); the steps run without "
+                          "one", file=sys.stderr)
+                    return self.recorder.warm(self.fn, inputs)
+            return recording.outputs
         recording.replay()
+        if self.verify:
+            self.unchecked.add(signature)
         return recording.outputs
 
     def _record(self, signature, inputs):
@@ -95,6 +121,52 @@ class StepGraph:
             return None
         recording = self.recordings[signature] = _Recording(kept, outputs, replay, keep)
         return recording
+
+
+def _arrays_of(value):
+    """The arrays in fn's outputs, in order (tuples and lists walked; flat buffers whole)."""
+    if isinstance(value, (tuple, list)):
+        return [a for v in value for a in _arrays_of(v)]
+    if hasattr(value, "flat") and hasattr(value, "layout"):  # flat.FlatTensors
+        return [value.flat]
+    return [value] if hasattr(value, "shape") and hasattr(value, "dtype") else []
+
+
+def _copy(a):
+    from .backend import array_namespace
+    return array_namespace(a).asarray(a, copy=True)
+
+
+# how far a replay may be from the eager call: float rounding (cuBLAS may pick another
+# algorithm while recording), far below what a wrong replay gives
+TOLERANCE = {"float64": 1e-10, "float32": 1e-5, "float16": 1e-2, "bfloat16": 1e-2}
+
+
+def _worst_difference(expected, got):
+    """None if every array of got equals expected's to TOLERANCE (max|a - b| over
+    max(|a| + |b|), in float64 for floats); else the worst relative difference."""
+    from .backend import array_namespace, to_numpy
+    if len(expected) != len(got):
+        return float("inf")
+    for a, b in zip(expected, got):
+        if tuple(a.shape) != tuple(b.shape):
+            return float("inf")
+        xp = array_namespace(a)
+        kind = str(a.dtype).rsplit(".", 1)[-1]  # (array_api_strict's: "array_api_strict.float32")
+        if kind not in TOLERANCE:  # integers, booleans: exactly
+            if not bool(to_numpy(xp.all(a == b))):
+                return float("inf")
+            continue
+        a64, b64 = xp.astype(a, xp.float64), xp.astype(b, xp.float64)
+        both = to_numpy(xp.stack([xp.max(xp.abs(a64 - b64)),
+                                  xp.max(xp.abs(a64) + xp.abs(b64))])) if a.size else \
+            np.zeros(2)
+        error = float(both[0] / max(both[1], 1e-300)) if np.all(np.isfinite(both)) else \
+            (0.0 if bool(to_numpy(xp.all((a64 == b64) | (xp.isnan(a64) & xp.isnan(b64)))))
+             else float("inf"))
+        if not error <= TOLERANCE[kind]:
+            return error
+    return None
 
 
 class CupyRecorder:

@@ -589,12 +589,12 @@ class RecordedForwardBackward:
     in model.rng and which goes in as a device array (gaps.seed_array). One process only:
     under MPI the ranks' sums are host calls between the kernels."""
 
-    def __init__(self, model, label_smoothing, scaler, recorder):
+    def __init__(self, model, label_smoothing, scaler, recorder, verify=True):
         if model.world.size > 1:
             raise UsageError("--cuda-graphs runs in one process: under MPI the gradient "
                              "allreduce sits between the recorded kernels; drop the flag")
         self.model, self.label_smoothing, self.scaler = model, label_smoothing, scaler
-        self.graph = StepGraph(self._forward_backward, recorder)
+        self.graph = StepGraph(self._forward_backward, recorder, verify=verify)
 
     def _forward_backward(self, x, targets, seed):
         model = self.model

@@ -28,7 +28,7 @@ STEPS = 5
 
 
 def _run(name, recorder=None, scaler=False, clip=None, recorded_class=RecordedForwardBackward,
-         scaler_class=DynamicLossScale):
+         scaler_class=DynamicLossScale, verify=True):
     """STEPS training steps on array_api_strict (dropout 0.1, drop path 0.1, each step its own
     seed, learning rate and batch), eager or through a recording -> the final state."""
     xp, device = get_namespace(STRICT)
@@ -38,7 +38,8 @@ def _run(name, recorder=None, scaler=False, clip=None, recorded_class=RecordedFo
     monitor = StepMonitor(xp, device, limit=3)
     # growth every step: the scale the backward starts from changes at every step
     loss_scale = scaler_class(xp, device, init_scale=4.0, growth_interval=1) if scaler else None
-    recorded = None if recorder is None else recorded_class(model, 0.1, loss_scale, recorder)
+    recorded = None if recorder is None else recorded_class(model, 0.1, loss_scale, recorder,
+                                                             verify=verify)
     rng = np.random.default_rng(0)
     for step in range(STEPS):
         x = to_device(rng.normal(size=(4, 3, 32, 32)).astype(np.float32), xp, device)
@@ -86,20 +87,40 @@ class SeedBakedIn(RecordedForwardBackward):
     """A recording that takes its dropout seed from model.rng's Python number."""
 
     def _forward_backward(self, x, targets, seed):
-        return train.forward_backward(self.model, x, targets, self.label_smoothing,
-                                      self.scaler)
+        model = self.model
+        rng, model.rng = model.rng, KeyedRandom(model.rng.seed)  # baked in when recorded
+        try:
+            return train.forward_backward(model, x, targets, self.label_smoothing, self.scaler)
+        finally:
+            model.rng = rng
 
 
-@pytest.mark.parametrize("fault", ["loss scale rebound", "seed as a Python number"])
+FAULTS = {"loss scale rebound": dict(scaler=True, scaler_class=RebindingLossScale),
+          "seed as a Python number": dict(recorded_class=SeedBakedIn)}
+
+
+@pytest.mark.parametrize("fault", FAULTS)
 def test_the_replay_sees_a_value_baked_into_the_recording(fault):
     """The comparison above can fail: a loss scale rebound at each step (the recording keeps
     multiplying by the first array), or dropout keyed by the recorded step's seed, make the
-    replayed run part from the eager one."""
-    options = dict(scaler=True, scaler_class=RebindingLossScale) \
-        if fault == "loss scale rebound" else dict(recorded_class=SeedBakedIn)
-    eager = _run("t2t_vit_7", **options)
-    replayed = _run("t2t_vit_7", SimulatedRecorder(), **options)
+    replayed run part from the eager one (StepGraph's own check of its first replay off)."""
+    eager = _run("t2t_vit_7", **FAULTS[fault])
+    replayed = _run("t2t_vit_7", SimulatedRecorder(), verify=False, **FAULTS[fault])
     assert "params" in _differences(eager, replayed)
+
+
+@pytest.mark.parametrize("fault", FAULTS)
+def test_a_replay_that_parts_from_eager_is_dropped(fault, capsys):
+    """StepGraph checks its first replay on new inputs against an eager call on them: with a
+    value baked into the recording, it says so in one line, drops the graph and goes on
+    eagerly, and the run ends where the eager one does."""
+    eager = _run("t2t_vit_7", **FAULTS[fault])
+    capsys.readouterr()
+    guarded = _run("t2t_vit_7", SimulatedRecorder(), **FAULTS[fault])
+    assert _differences(eager, guarded) == []
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        "note: CUDA graph dropped (a replay differed from the eager call by "), lines
 
 
 def _strict_array(values):
@@ -129,8 +150,9 @@ def test_a_recording_that_fails_runs_eagerly_from_then_on(fault, capsys):
 
 
 def test_each_signature_is_recorded_once_and_others_run_eagerly():
-    """The first call of a shape is eager, the second recorded, later ones replayed; with
-    max_graphs=1 a second shape (an epoch's short last batch) stays eager."""
+    """The first call of a shape is eager, the second recorded, later ones replayed (the
+    first of them checked against an eager call); with max_graphs=1 a second shape (an
+    epoch's short last batch) stays eager."""
     xp, _ = get_namespace(STRICT)
     calls = []
 
@@ -143,8 +165,9 @@ def test_each_signature_is_recorded_once_and_others_run_eagerly():
     for values in ([1.0, 2.0], [3.0, 4.0], [5.0, 6.0], [7.0], [8.0], [9.0, 1.0]):
         out = step(_strict_array(values))
         assert float(to_numpy(out)) == sum(v * v for v in values)
-    assert calls == [(2,), (2,), (1,), (1,)]  # eager, recording, the 1-element ones eager
-    assert recorder.replays == 2
+    # eager, recording, the check's eager call, the 1-element ones eager
+    assert calls == [(2,), (2,), (2,), (1,), (1,)]
+    assert recorder.replays == 2 and step.failed is None
 
 
 def test_a_seed_array_draws_the_masks_of_its_seed():
@@ -275,7 +298,7 @@ def test_a_replayed_step_leaves_few_calls_outside_the_graph():
     optimizer, monitor = AdamW(model.params), StepMonitor(xp, device, limit=3)
     recorded = RecordedForwardBackward(model, 0.1, None, SimulatedRecorder())
     rng, counts = np.random.default_rng(0), []
-    for step in range(3):  # eager (warm-up), recorded, replayed
+    for step in range(4):  # eager (warm-up), recorded, checked against eager, replayed
         x = to_device(rng.normal(size=(2, 3, 32, 32)).astype(np.float32), xp, device)
         y = to_device(rng.integers(0, 5, 2), xp, device)
         model.rng = make_rng(xp, step)
@@ -283,4 +306,4 @@ def test_a_replayed_step_leaves_few_calls_outside_the_graph():
             train_step(model, optimizer, None, monitor, x, y, step, 1e-3, 0.1, 1.0,
                        recorded=recorded)
         counts.append(calls.total)
-    assert counts[0] > 2000 and counts[2] < 100, counts
+    assert counts[0] > 2000 and counts[3] < 100, counts
