@@ -109,6 +109,9 @@ def test_the_replay_sees_a_value_baked_into_the_recording(fault):
     assert "params" in _differences(eager, replayed)
 
 
+@tried("faults", "`--cuda-graphs` whose replay differs from an eager step (a per-step value "
+       "baked into the recording)", "one line `note: CUDA graph dropped (a replay differed "
+       "from the eager call by ...)`; the run goes on eagerly and ends as an eager run does")
 @pytest.mark.parametrize("fault", FAULTS)
 def test_a_replay_that_parts_from_eager_is_dropped(fault, capsys):
     """StepGraph checks its first replay on new inputs against an eager call on them: with a
@@ -128,6 +131,9 @@ def _strict_array(values):
     return to_device(np.asarray(values, dtype=np.float32), xp, device)
 
 
+@tried("faults", "`--cuda-graphs` where a step cannot be recorded (a host transfer, or host "
+       "data copied up, while recording)", "one line `note: CUDA graph recording failed "
+       "(...)`; the steps run eagerly, with the right results")
 @pytest.mark.parametrize("fault", ["host transfer", "host data"])
 def test_a_recording_that_fails_runs_eagerly_from_then_on(fault, capsys):
     """A function that reads a value on the host (float(x)), or copies host data to the
