@@ -47,6 +47,7 @@ from .pretrained import PretrainedError, imagenet_classes, model_from_weights, r
 from .recipe import eval_transform_of
 from .variants import list_models
 
+
 class UsageError(ValueError):
     """Flags that do not go together; the message is one line."""
 
