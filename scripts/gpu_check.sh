@@ -17,7 +17,7 @@ DEADLINE=${DEADLINE:-470}      # seconds for the whole script: stages are cut to
 STAGES=${STAGES:-}             # e.g. "tests parity bench": only these (default: all)
 case ${PRESET:-} in            # named sets of stages, for a session with little device time
     graphs) STAGES="install start graphs default_graphs evaluate_graphs bench_graphs loader";;
-    half) STAGES="install start parity_half trace gemm bench_half";;
+    half) STAGES="install start parity_half trace gemm matmuls bench_half";;
     "") ;;
     *) echo "PRESET must be graphs or half"; exit 2;;
 esac
@@ -122,6 +122,9 @@ stage parity_half 90 sh -c "$PY scripts/gpu_parity.py --precision bf16 --variant
 #    where a half-precision model first parts ways with NumPy's, op by op (gpu_trace.py)
 stage trace 60 sh -c "$PY scripts/gpu_trace.py --variant t2t_vit_t_14 --precision bf16; $PY scripts/gpu_trace.py --variant t2t_vit_t_14 --precision fp16"
 stage gemm 40 $PY scripts/gpu_gemm.py
+#    every product of one T2T-ViT-14 step (224, batch 64), timed beside torch.matmul on the same
+#    memory: which products make the half-precision step slow (gpu_matmuls.py)
+stage matmuls 90 sh -c "$PY scripts/gpu_matmuls.py --precision bf16; $PY scripts/gpu_matmuls.py --precision fp16"
 stage bench_half 150 sh -c "$PY -m t2t_ref.bench --backend cupy --precision bf16 --repeats 5 --warmup 2 --json $LOGS/bench_bf16.json --config t2t_vit_14-224-b64-train; a=\$?; $PY -m t2t_ref.bench --backend cupy --precision fp16 --repeats 5 --warmup 2 --json $LOGS/bench_fp16.json --config t2t_vit_14-224-b64-train; exit \$((a | \$?))"
 
 # 9. the plain ops on CuPy (kernels off), for the kernels' share of the speed
@@ -137,6 +140,7 @@ cat "$SUMMARY"
 grep -h -E "PASS|FAIL|^speed|recording failed" "$LOGS/parity.log" "$LOGS/parity_half.log" \
     "$LOGS/gemm.log" "$LOGS/graphs.log" 2>/dev/null
 grep -h -E "against numpy|against itself|against NumPy|^  (call|without|every|as it is)" "$LOGS/trace.log" 2>/dev/null
+grep -h -A6 -E " products in " "$LOGS/matmuls.log" 2>/dev/null; grep -h "^per step" "$LOGS/matmuls.log" 2>/dev/null
 { tr "\r" "\n" < "$LOGS/resume.log"; } 2>/dev/null | grep -E "^epoch [0-9]+:|^done" | tail -n 3
 echo "-- evaluate_graphs (one checkpoint, eager then replayed: the same numbers expected)"
 grep -h '^{"loss"' "$LOGS/evaluate_graphs.log" 2>/dev/null | cut -c1-90

@@ -100,3 +100,36 @@ def test_exact_ops_check_runs_every_case_and_agrees_with_itself(gpu_trace, dtype
     results = gpu_trace.exact_ops(xp, dt)
     assert len(results) == 13 and all(count == 0 for _, count, _ in results), results
     assert all(size > 0 for _, _, size in results)
+
+
+@pytest.fixture(scope="module")
+def gpu_matmuls():
+    path = _PATH.parent / "gpu_matmuls.py"
+    spec = importlib.util.spec_from_file_location("gpu_matmuls", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_matmul_census_keeps_every_product_of_a_step(gpu_matmuls):
+    """scripts/gpu_matmuls.py (the device script's `matmuls` stage) on NumPy: one bf16
+    training step's products, all of them (Linear's forward and both backward products per
+    layer, attention's two and four, the bias gradients' column sums), grouped with their
+    layouts; gaps.matmul is itself again afterwards."""
+    from t2t_ref import gaps
+    from t2t_ref.ops import linear
+    calls = gpu_matmuls.step_calls("t2t_vit_7", 32, 2, "bf16", "numpy")
+    assert linear.matmul is gaps.matmul and gaps.matmul.__name__ == "matmul"
+    callers = {c[3] for c in calls}
+    assert {"linear_forward", "linear_backward", "scaled_dot_product_attention_forward",
+            "scaled_dot_product_attention_backward", "column_sum"} <= callers, callers
+    count = lambda name: sum(c[3] == name for c in calls)  # noqa: E731
+    assert count("linear_backward") == 2 * count("linear_forward")  # dx and dW per layer
+    assert count("scaled_dot_product_attention_backward") == \
+        2 * count("scaled_dot_product_attention_forward")
+    grouped = gpu_matmuls.groups(calls)
+    assert sum(len(v) for v in grouped.values()) == len(calls)
+    # the weight gradient's x^T is a transposed view, read as such; its result float32
+    assert any(sig[1].startswith("T") and sig[4] == "bf16>f32" for sig in grouped)
+    rows = gpu_matmuls.table(dict(list(grouped.items())[:3]), gpu_matmuls.host_ms)
+    assert all(ours > 0 and theirs > 0 for _, _, _, ours, theirs in rows)
