@@ -198,6 +198,9 @@ class CupyRecorder:
         self.stream.wait_event(caller.record())  # the inputs' copies are queued there
         outputs = graph = None
         with cupy.cuda.using_allocator(pool.malloc), self.stream:
+            # once eagerly from the graph's own pool first: the pool then holds every block
+            # the recording asks for, so nothing is allocated from the driver while capturing
+            fn(*inputs)
             self.stream.begin_capture()
             try:
                 outputs = fn(*inputs)
@@ -207,6 +210,7 @@ class CupyRecorder:
                 except Exception:  # the capture was already broken: fn's error says why
                     if outputs is not None:
                         raise
+        caller.wait_event(self.stream.record())  # replays (on the caller's stream) come after
         # the warm-up call's activations, cached in the default pool, are not needed again
         cupy.get_default_memory_pool().free_all_blocks()
 
