@@ -538,7 +538,7 @@ def waited(batches, position, timings):
 
 
 def train_step(model, optimizer, ema, monitor, x, targets, step, lr, label_smoothing=0.0,
-               clip_grad=None, scaler=None, recorded=None):
+               clip_grad=None, scaler=None, recorded=None, counts=None):
     """One optimizer step, as the tutorial writes it: forward, loss, backward, clip, AdamW,
     EMA. model is a DataParallel: under MPI x (b, 3, S, S) is this rank's piece of the batch,
     and the loss and gradients are those of the mean over the whole (global) batch. A step
@@ -546,9 +546,10 @@ def train_step(model, optimizer, ema, monitor, x, targets, step, lr, label_smoot
     see guard.py). scaler (fp16): the backward starts from the scaled loss gradient, the
     gradients are unscaled before anything reads them, and an overflow halves the scale.
     recorded: a RecordedForwardBackward (--cuda-graphs) that replays the forward and backward.
+    counts: every rank's sample count of this step, if gathered already (agreed_stop).
     Returns the global batch's size."""
     if recorded is None:
-        loss, grads = forward_backward(model, x, targets, label_smoothing, scaler)
+        loss, grads = forward_backward(model, x, targets, label_smoothing, scaler, counts)
         samples = model.samples
     else:
         loss, grads = recorded(x, targets)
@@ -570,10 +571,10 @@ def train_step(model, optimizer, ema, monitor, x, targets, step, lr, label_smoot
     return samples
 
 
-def forward_backward(model, x, targets, label_smoothing=0.0, scaler=None):
+def forward_backward(model, x, targets, label_smoothing=0.0, scaler=None, counts=None):
     """A step's forward, loss and backward (what --cuda-graphs records): -> (the global
-    batch's mean loss, 0-d; the gradients, model.grads)."""
-    logits = model.forward(x)  # (b, K)
+    batch's mean loss, 0-d; the gradients, model.grads). counts: as DataParallel.forward's."""
+    logits = model.forward(x) if counts is None else model.forward(x, counts=counts)  # (b, K)
     loss, dlogits = cross_entropy(logits, targets, label_smoothing)  # mean over this piece
     loss, dlogits = model.batch_mean(loss, dlogits)  # mean over the global batch
     if scaler is not None:
@@ -986,7 +987,8 @@ def fit(run):
                                          config["backend"]) \
                         if run.partners is not None else itertools.repeat(None)
                     for batch, pair in zip(batches, partners):
-                        total, signum = agreed_stop(run, len(batch.labels))
+                        counts, signum = agreed_stop(run, len(batch.labels))
+                        total = sum(counts)
                         if signum is not None or (config["stop_after"] is not None
                                                   and position.step >= config["stop_after"]):
                             raise Interrupted(signum)  # between two steps: a consistent state
@@ -998,7 +1000,8 @@ def fit(run):
                         x, t = batch_inputs(run, batch, pair)
                         images_done = train_step(model, run.optimizer, run.ema, run.monitor, x,
                                                  t, position.step, lr, config["label_smoothing"],
-                                                 config["clip_grad"], run.scaler, run.recorded)
+                                                 config["clip_grad"], run.scaler, run.recorded,
+                                                 counts)
                         position.step += 1
                         position.batch += 1
                         position.epoch_images += images_done
@@ -1049,9 +1052,10 @@ def fit(run):
 
 
 def agreed_stop(run, count):
-    """(the global batch's size, the stop signal every rank acts on now, or None), from this
-    rank's count of samples and its stop request: a signal StopSignals caught, or under MPI a
-    SIGTERM (mpi.py). One exchange with the other ranks, so that they stop together."""
+    """(every rank's count of samples in this step, the stop signal every rank acts on now,
+    or None), from this rank's count and its stop request: a signal StopSignals caught, or
+    under MPI a SIGTERM (mpi.py). One exchange with the other ranks, so that they stop
+    together; the step's forward takes the counts from it."""
     return run.world.start_step(count, run.stop.requested or run.world.terminating)
 
 

@@ -248,3 +248,44 @@ def test_map_in_threads_nested_or_concurrent_runs_and_restores_blas():
 def time_waster(k):
     x = np.random.default_rng(k).random((200, 200))
     return float(np.sum(x @ x))
+
+
+class CountingComm:
+    """A stand-in communicator of two ranks whose other rank mirrors this one: counts the
+    allgathers a piece of code makes."""
+
+    def __init__(self):
+        self.allgathers = 0
+
+    def Get_rank(self):
+        return 0
+
+    def Get_size(self):
+        return 2
+
+    def allgather(self, value):
+        self.allgathers += 1
+        return [value, value]
+
+
+def test_a_training_step_gathers_the_ranks_counts_once(monkeypatch):
+    """Under MPI the start of a step gathers every rank's sample count with the stop
+    requests (World.start_step); the forward takes them from there instead of a second
+    allgather, and counts that do not fit this rank's piece are refused."""
+    from t2t_ref.parallel import mpi
+    from t2t_ref.parallel.mpi import World
+    monkeypatch.setattr(mpi, "_watcher", {"world": None})  # (a World of ranks registers)
+    comm = CountingComm()
+    world = World(comm)
+    model = DataParallel(t2t_ref.create_model("t2t_vit_7", num_classes=3, img_size=32),
+                         threads=1, world=world).eval()
+    x = np.random.default_rng(0).normal(size=(2, 3, 32, 32)).astype(np.float32)
+    counts, stop = world.start_step(2, None)
+    assert (counts, stop, comm.allgathers) == ([2, 2], None, 1)
+    given = model.forward(x, keep_cache=False, counts=counts)
+    assert comm.allgathers == 1 and model.samples == 4
+    gathered = model.forward(x, keep_cache=False)  # (evaluation: no start of a step)
+    assert comm.allgathers == 2
+    np.testing.assert_array_equal(given, gathered)
+    with pytest.raises(ValueError, match="do not fit"):
+        model.forward(x, counts=[3, 2])

@@ -97,11 +97,17 @@ class DataParallel:
         """Into how many pieces a batch of this size is cut now."""
         return len(piece_sizes(batch, thread_count(self.model.backend, self.threads)))
 
-    def forward(self, x, keep_cache=True):
+    def forward(self, x, keep_cache=True, counts=None):
         """As the model's forward, on this rank's piece x (b, 3, S, S) of the global batch;
-        the piece's pieces run in threads. Returns this rank's logits (b, K)."""
+        the piece's pieces run in threads. Returns this rank's logits (b, K). counts: every
+        rank's b for this step where the caller has them (training gathers them with the stop
+        requests: World.start_step), else gathered here."""
         model = self.model
-        counts = self.world.gather_counts(x.shape[0])  # every rank's b (host ints)
+        if counts is None:
+            counts = self.world.gather_counts(x.shape[0])  # every rank's b (host ints)
+        elif len(counts) != self.world.size or counts[self.world.rank] != x.shape[0]:
+            raise ValueError(f"counts {counts} do not fit this rank's {x.shape[0]} samples "
+                             f"among {self.world.size} ranks")
         offset = sum(counts[:self.world.rank])  # this piece's first sample, globally
         object.__setattr__(self, "samples", sum(counts))
         object.__setattr__(self, "_share", (x.shape[0], sum(counts)))

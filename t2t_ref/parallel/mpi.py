@@ -158,13 +158,14 @@ class World:
 
     def start_step(self, count, stop):
         """At the start of a training step, with this rank's count of samples and stop request
-        (a signal's number, or None: stop.py): (the global batch's size, the request of the
-        lowest rank that has one, or None), the same on every rank, so that every rank stops
-        at the same step. One allgather of small ints."""
+        (a signal's number, or None: stop.py): (every rank's count, the request of the lowest
+        rank that has one, or None), the same on every rank, so that every rank stops at the
+        same step. One allgather of small ints; the step's forward takes the counts from here
+        (DataParallel.forward's `counts`) instead of gathering them again."""
         if self.size == 1:
-            return count, stop
+            return [count], stop
         ranks = self.comm.allgather((int(count), int(stop or 0)))
-        return sum(c for c, _ in ranks), next((s for _, s in ranks if s), None)
+        return [c for c, _ in ranks], next((s for _, s in ranks if s), None)
 
     def abort(self, code):
         """End every rank now (after a failure on this one that the others cannot know of)."""
