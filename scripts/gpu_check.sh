@@ -124,7 +124,7 @@ stage trace 60 sh -c "$PY scripts/gpu_trace.py --variant t2t_vit_t_14 --precisio
 stage gemm 40 $PY scripts/gpu_gemm.py
 #    every product of one T2T-ViT-14 step (224, batch 64), timed beside torch.matmul on the same
 #    memory: which products make the half-precision step slow (gpu_matmuls.py)
-stage matmuls 90 sh -c "$PY scripts/gpu_matmuls.py --precision bf16; $PY scripts/gpu_matmuls.py --precision fp16"
+stage matmuls 120 sh -c "for p in fp16 bf16 float32; do $PY scripts/gpu_matmuls.py --precision \$p; done"
 stage bench_half 150 sh -c "$PY -m t2t_ref.bench --backend cupy --precision bf16 --repeats 5 --warmup 2 --json $LOGS/bench_bf16.json --config t2t_vit_14-224-b64-train; a=\$?; $PY -m t2t_ref.bench --backend cupy --precision fp16 --repeats 5 --warmup 2 --json $LOGS/bench_fp16.json --config t2t_vit_14-224-b64-train; exit \$((a | \$?))"
 
 # 9. the plain ops on CuPy (kernels off), for the kernels' share of the speed
