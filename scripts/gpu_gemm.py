@@ -15,6 +15,21 @@ import sys
 import numpy as np
 
 
+def cuda_ms(function, repeats=20):
+    """Median GPU time of function() in ms, by CUDA events, after one untimed call."""
+    import cupy
+    start, stop = cupy.cuda.Event(), cupy.cuda.Event()
+    function()
+    times = []
+    for _ in range(repeats):
+        start.record()
+        function()
+        stop.record()
+        stop.synchronize()
+        times.append(cupy.cuda.get_elapsed_time(start, stop))
+    return float(np.median(times))
+
+
 def main():
     import cupy
 
@@ -30,18 +45,7 @@ def main():
     except ImportError:
         pass
     failed = False
-    start, stop = cupy.cuda.Event(), cupy.cuda.Event()
-
-    def ms(function, repeats=20):
-        function()
-        times = []
-        for _ in range(repeats):
-            start.record()
-            function()
-            stop.record()
-            stop.synchronize()
-            times.append(cupy.cuda.get_elapsed_time(start, stop))
-        return float(np.median(times))
+    ms = cuda_ms
 
     for dtype in dtypes:
         try:

@@ -28,6 +28,7 @@ from collections import defaultdict
 
 import numpy as np
 
+import gpu_gemm  # beside this script: its CUDA-event timer
 import t2t_ref
 from t2t_ref import gaps
 from t2t_ref.backend import get_namespace, to_device
@@ -114,18 +115,8 @@ def step_calls(model_name, img_size, batch, precision, backend):
     return calls
 
 
-def cuda_ms(function, repeats=5):
-    import cupy
-    start, stop = cupy.cuda.Event(), cupy.cuda.Event()
-    function()
-    times = []
-    for _ in range(repeats):
-        start.record()
-        function()
-        stop.record()
-        stop.synchronize()
-        times.append(cupy.cuda.get_elapsed_time(start, stop))
-    return statistics.median(times)
+def cuda_ms(function):
+    return gpu_gemm.cuda_ms(function, repeats=5)
 
 
 def host_ms(function, repeats=5):

@@ -104,6 +104,7 @@ def test_exact_ops_check_runs_every_case_and_agrees_with_itself(gpu_trace, dtype
 
 @pytest.fixture(scope="module")
 def gpu_matmuls():
+    sys.path.insert(0, str(_PATH.parent))  # as when it runs: it imports gpu_gemm beside it
     path = _PATH.parent / "gpu_matmuls.py"
     spec = importlib.util.spec_from_file_location("gpu_matmuls", path)
     module = importlib.util.module_from_spec(spec)
