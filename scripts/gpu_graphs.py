@@ -20,6 +20,7 @@ import argparse
 import statistics
 import sys
 import time
+import traceback
 
 import numpy as np
 
@@ -76,6 +77,7 @@ def training_states(backend, make_recorder, name, precision, scaled, clip, drop,
             states[way]["loss scale"] = to_numpy(scaler.scale)
         if recorded is not None and recorded.graph.failed is not None:
             states[way]["failed"] = recorded.graph.failed
+            _print_error(recorded.graph)
     return states, recorder
 
 
@@ -94,6 +96,12 @@ def inference_logits(backend, make_recorder, name="t2t_vit_7", batch=8, size=32,
     return pairs, graph
 
 
+def _print_error(graph):
+    """The whole traceback of a failed recording (StepGraph says one line), for the log."""
+    if graph.error is not None:
+        print("".join(traceback.format_exception(graph.error)), end="")
+
+
 def check(backend, make_recorder, cases=TRAINING_CASES, steps=6):
     """Parts 1 and 2: printed lines, and how many failed."""
     failed = 0
@@ -108,6 +116,7 @@ def check(backend, make_recorder, cases=TRAINING_CASES, steps=6):
               f"replayed against eager: " + ", ".join(f"{k} {e:.1e}" for k, e in errors.items())
               + (f"; recording failed: {graphs['failed']}" if "failed" in graphs else ""))
     pairs, graph = inference_logits(backend, make_recorder)
+    _print_error(graph)
     error = max(rel_error(a, b) for a, b in pairs)
     ok = graph.failed is None and error <= TOL
     failed += not ok

@@ -72,7 +72,8 @@ class StepGraph:
         self.warmup, self.max_graphs, self.verify = warmup, max_graphs, verify
         self.recordings = {}  # signature -> _Recording
         self.calls = Counter()  # eager calls per signature
-        self.failed = None  # why recording failed (then every call is eager)
+        self.failed = None  # why recording failed (then every call is eager), in one line
+        self.error = None  # the exception that ended the recording, for a traceback
         self.unchecked = set()  # signatures whose first replay on new inputs is to be checked
 
     def __call__(self, *inputs):
@@ -115,6 +116,7 @@ class StepGraph:
         try:
             outputs, replay, keep = self.recorder.record(self.fn, kept)
         except Exception as error:  # noqa: BLE001 - any refusal: eager from now on
+            self.error = error
             self.failed = f"{type(error).__name__}: {error}".splitlines()[0]
             print(f"note: CUDA graph recording failed ({self.failed}); the steps run without "
                   "one", file=sys.stderr)
