@@ -316,3 +316,19 @@ def test_a_replayed_step_leaves_few_calls_outside_the_graph():
                        recorded=recorded)
         counts.append(calls.total)
     assert counts[0] > 2000 and counts[3] < 100, counts
+
+
+def test_graphs_by_default_only_where_they_can_run(tmp_path, monkeypatch):
+    """With CUDA graphs on by default (train.CUDA_GRAPHS_BY_DEFAULT), a run without the flag
+    records nothing on NumPy, and says nothing about it; --no-cuda-graphs is accepted there
+    too; only an explicit --cuda-graphs off CuPy is refused."""
+    monkeypatch.setattr(train, "CUDA_GRAPHS_BY_DEFAULT", True)
+    args = ["--synthetic-train", "64", "--synthetic-val", "32", "--batch-size", "32",
+            "--workers", "0"]
+    for flags in ([], ["--no-cuda-graphs"]):
+        config = train.resolve_config(train.build_parser().parse_args(
+            args + flags + ["--out", str(tmp_path / f"run{len(flags)}")]))
+        run = train.prepare(config)
+        assert run.recorded is None and config["cuda_graphs"] in (None, False)
+    with pytest.raises(train.UsageError, match="use it with --backend cupy"):
+        train.resolve_config(train.build_parser().parse_args(args + ["--cuda-graphs"]))
