@@ -64,9 +64,10 @@ def _differences(a, b):
 @pytest.mark.parametrize("name, scaler, clip", [("t2t_vit_7", False, 1.0),
                                                 ("t2t_vit_t_14", True, None)])
 def test_replayed_steps_train_exactly_as_eager_ones(name, scaler, clip):
-    """Step 0 eager (the warm-up), step 1 recorded, steps 2-4 replayed: the weights, AdamW's
-    moments, the monitor's loss and counts and the loss scale equal the eager run's, bit for
-    bit (dropout and drop path draw each step's own masks from the seed on the device)."""
+    """Step 0 eager (the warm-up), step 1 recorded, steps 2-4 replayed (step 2's replay also
+    checked against an eager call, and kept: three replays ran): the weights, AdamW's moments,
+    the monitor's loss and counts and the loss scale equal the eager run's, bit for bit
+    (dropout and drop path draw each step's own masks from the seed on the device)."""
     recorder = SimulatedRecorder()
     eager = _run(name, scaler=scaler, clip=clip)
     replayed = _run(name, recorder, scaler=scaler, clip=clip)
