@@ -79,35 +79,42 @@ class StepGraph:
     def __call__(self, *inputs):
         signature = tuple((tuple(a.shape), str(a.dtype)) for a in inputs)
         recording = self.recordings.get(signature)
+        if recording is not None:
+            if signature in self.unchecked:
+                return self._checked_replay(signature, recording, inputs)
+            return self._replay(recording, inputs)
+        if (self.failed is not None or self.calls[signature] < self.warmup
+                or len(self.recordings) >= self.max_graphs):
+            self.calls[signature] += 1
+            return self.recorder.warm(self.fn, inputs)
+        recording = self._record(signature, inputs)
         if recording is None:
-            if (self.failed is not None or self.calls[signature] < self.warmup
-                    or len(self.recordings) >= self.max_graphs):
-                self.calls[signature] += 1
-                return self.recorder.warm(self.fn, inputs)
-            recording = self._record(signature, inputs)
-            if recording is None:
-                return self.recorder.warm(self.fn, inputs)
-        else:
-            expected = None
-            if signature in self.unchecked:  # the first replay on new inputs: eager first
-                self.unchecked.discard(signature)
-                expected = [_copy(a) for a in _arrays_of(self.recorder.warm(self.fn, inputs))]
-            for kept, x in zip(recording.inputs, inputs):
-                kept[...] = x  # one copy each, queued before the replay
-            recording.replay()
-            if expected is not None:
-                error = _worst_difference(expected, _arrays_of(recording.outputs))
-                if error is not None:
-                    del self.recordings[signature]
-                    self.failed = f"a replay differed from the eager call by {error:.1e}"
-                    print(f"note: CUDA graph dropped ({self.failed}); the steps run without "
-                          "one", file=sys.stderr)
-                    return self.recorder.warm(self.fn, inputs)
-            return recording.outputs
-        recording.replay()
+            return self.recorder.warm(self.fn, inputs)
+        recording.replay()  # on the inputs it was recorded from, already in place
         if self.verify:
             self.unchecked.add(signature)
         return recording.outputs
+
+    def _replay(self, recording, inputs):
+        for kept, x in zip(recording.inputs, inputs):
+            kept[...] = x  # one copy each, queued before the replay
+        recording.replay()
+        return recording.outputs
+
+    def _checked_replay(self, signature, recording, inputs):
+        """The first replay on new inputs, after an eager call on them: the same outputs, or
+        the graph is dropped and the eager call's outputs are made again."""
+        self.unchecked.discard(signature)
+        expected = [_copy(a) for a in _arrays_of(self.recorder.warm(self.fn, inputs))]
+        outputs = self._replay(recording, inputs)
+        error = _worst_difference(expected, _arrays_of(outputs))
+        if error is None:
+            return outputs
+        del self.recordings[signature]
+        self.failed = f"a replay differed from the eager call by {error:.1e}"
+        print(f"note: CUDA graph dropped ({self.failed}); the steps run without one",
+              file=sys.stderr)
+        return self.recorder.warm(self.fn, inputs)  # (the replay wrote over its outputs)
 
     def _record(self, signature, inputs):
         from .backend import array_namespace
