@@ -25,6 +25,7 @@ import traceback
 import numpy as np
 
 import t2t_ref
+from gpu_parity import rel_error  # beside this script
 from t2t_ref.backend import get_namespace, to_device, to_numpy
 from t2t_ref.gaps import make_rng
 from t2t_ref.graphs import StepGraph
@@ -38,11 +39,6 @@ TOL = 1e-6
 # (model, precision, loss scale, clip, dropout and drop path)
 TRAINING_CASES = (("t2t_vit_7", "float32", False, 1.0, 0.1),
                   ("t2t_vit_t_14", "fp16", True, None, 0.0))
-
-
-def rel_error(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(a) + np.abs(b)), 1e-300))
 
 
 def training_states(backend, make_recorder, name, precision, scaled, clip, drop, steps=6,

@@ -76,6 +76,7 @@ import threadpoolctl
 from .backend import keep_freed_memory, to_device, to_numpy
 from .cli import HelpFormatter, run as run_cli, user_error
 from .gaps import make_rng
+from .graphs import NEEDS_CUPY
 from .loss_scale import DynamicLossScale
 from .model import PATCH, create_model
 from .ops.cross_entropy import cross_entropy
@@ -1121,7 +1122,7 @@ def main(argv=None):
     if args.threads < 1 or args.workers < 0 or (args.pause or 0.0) < 0.0:
         return user_error("--threads must be >= 1, --workers and --pause >= 0")
     if args.cuda_graphs and args.backend != "cupy":
-        return user_error("--cuda-graphs records CUDA kernels: use it with --backend cupy")
+        return user_error(NEEDS_CUPY)
     if args.pause is None:
         args.pause = 0.15 if args.backend == "numpy" and args.threads > 1 else 0.0
     try:

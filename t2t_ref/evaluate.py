@@ -37,6 +37,7 @@ from .data import (ArrayDataset, DataError, FileDataset, Loader, default_workers
 from .data.folder import scan_split, short_list
 from .data.transforms import RESAMPLE
 from .data.workers import workers_that_fit
+from .graphs import NEEDS_CUPY
 from .guard import quiet_float_warnings
 from .model import T2TViT, create_model
 from .parallel import DataParallel, mpi
@@ -328,7 +329,7 @@ def prepare(argv, world):
     args = build_parser().parse_args(argv)
     piece = (world.rank, world.size) if world.size > 1 else None
     if args.cuda_graphs and args.backend != "cupy":
-        raise UsageError("--cuda-graphs records CUDA kernels: use it with --backend cupy")
+        raise UsageError(NEEDS_CUPY)
     if args.cuda_graphs and world.size > 1:
         raise UsageError("--cuda-graphs runs in one process: under MPI the ranks' counts are "
                          "gathered between the recorded kernels; drop the flag")

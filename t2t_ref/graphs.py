@@ -49,7 +49,10 @@ from collections import Counter
 
 import numpy as np
 
-__all__ = ["CupyRecorder", "StepGraph"]
+__all__ = ["CupyRecorder", "StepGraph", "NEEDS_CUPY"]
+
+# what train, evaluate and bench say to --cuda-graphs off CuPy
+NEEDS_CUPY = "--cuda-graphs records CUDA kernels: use it with --backend cupy"
 
 
 class _Recording:

@@ -69,7 +69,7 @@ from .data.workers import workers_that_fit
 from .ema import WeightEMA
 from .evaluate import evaluate, json_line, top_k
 from .gaps import KeyedRandom, make_rng, seed_array
-from .graphs import CupyRecorder, StepGraph
+from .graphs import NEEDS_CUPY, CupyRecorder, StepGraph
 from .guard import StepMonitor, grad_norm, quiet_float_warnings
 from .mixup import mix_batch
 from .loss_scale import DynamicLossScale
@@ -322,7 +322,7 @@ def resolve_config(args, given=None):
     except ValueError as err:
         raise UsageError(str(err)) from None
     if config.get("cuda_graphs") and config["backend"] != "cupy":
-        raise UsageError("--cuda-graphs records CUDA kernels: use it with --backend cupy")
+        raise UsageError(NEEDS_CUPY)
     if builtin and config["synthetic_train"] < config["batch_size"]:
         raise UsageError(f"--synthetic-train {config['synthetic_train']} images make no whole "
                          f"batch of --batch-size {config['batch_size']}: give at least "

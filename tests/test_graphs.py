@@ -6,6 +6,8 @@ reaches the recording as a Python number, or through an array that is rebound in
 overwritten, comes back as the recorded step's, and the replayed run parts from the eager
 one; the planted faults below show that this test sees it."""
 
+import sys
+
 import numpy as np
 import pytest
 
@@ -259,6 +261,7 @@ def gpu_graphs():
     import importlib.util
     import pathlib
     path = pathlib.Path(__file__).resolve().parent.parent / "scripts" / "gpu_graphs.py"
+    sys.path.insert(0, str(path.parent))  # as when it runs: it imports gpu_parity beside it
     spec = importlib.util.spec_from_file_location("gpu_graphs", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
