@@ -291,9 +291,8 @@ def nan_filled_allocations():
         yield
     finally:
         cupy.cuda.set_allocator(cupy.get_default_memory_pool().malloc)
-        from t2t_ref.ops import rows, soft_split
-        rows._ONES.clear()  # arrays cached while the poisoned pool was in use
-        soft_split._INDEX.clear()
+        from t2t_ref import device_cache
+        device_cache.clear_all()  # arrays cached while the poisoned pool was in use
 
 
 if __name__ == "__main__":

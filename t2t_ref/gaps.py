@@ -16,6 +16,7 @@ import numpy as np
 import scipy.special
 
 from .backend import array_namespace, backend_name, device_of, to_device, to_numpy
+from .device_cache import DeviceCache
 
 
 # float32 erf as Eigen and XLA compute it: erf(x) = x P(x^2) / Q(x^2) with x clamped to [-4, 4]
@@ -346,14 +347,9 @@ def keyed_bits(xp, key, first_sample, samples, per_sample, device):
     return out
 
 
-_ELEMENT_HASHES = {}  # (backend, device, n) -> hash32(arange(n)): the same in every draw
+_ELEMENT_HASHES = DeviceCache()  # n -> hash32(arange(n)): the same in every draw
 
 
 def _element_hashes(xp, n, device):
-    key = (backend_name(xp), str(device), n)
-    hashes = _ELEMENT_HASHES.get(key)
-    if hashes is None:
-        if len(_ELEMENT_HASHES) > 64:
-            _ELEMENT_HASHES.clear()
-        hashes = _ELEMENT_HASHES[key] = _hash32(xp.arange(n, dtype=xp.uint32, device=device))
-    return hashes
+    return _ELEMENT_HASHES.get(
+        xp, device, (n,), lambda: _hash32(xp.arange(n, dtype=xp.uint32, device=device)))

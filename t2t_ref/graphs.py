@@ -35,8 +35,9 @@ The first replay with new inputs is checked: fn runs eagerly on them first, and 
 must give its outputs (to float rounding; one host transfer, once). A replay that differs (a
 per-step value baked in, an address gone stale) is said in one line and dropped, and fn runs
 eagerly from then on.
-Every array the graph reads must live as long as it: the model's buffers do, and so do those
-caches (each holds up to 64 shapes before it starts over; a training run uses a handful).
+Every array the graph reads must live as long as it: the model's buffers do, and the
+recording keeps every array those caches hold (device_cache.held()), so a cache that starts
+over (past 64 shapes: a program sweeping sizes) drops its references, not the graph's.
 
 Memory: each recording allocates from a memory pool of its own, kept as long as the graph, so
 that no other allocation can take the addresses the graph writes to, and no cleanup of CuPy's
@@ -48,6 +49,8 @@ import sys
 from collections import Counter
 
 import numpy as np
+
+from . import device_cache
 
 __all__ = ["CupyRecorder", "StepGraph", "NEEDS_CUPY"]
 
@@ -131,6 +134,8 @@ class StepGraph:
             print(f"note: CUDA graph recording failed ({self.failed}); the steps run without "
                   "one", file=sys.stderr)
             return None
+        # the per-shape caches' arrays, read by address in the graph: kept with it
+        keep = (keep, device_cache.held())
         recording = self.recordings[signature] = _Recording(kept, outputs, replay, keep)
         return recording
 

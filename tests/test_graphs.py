@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import t2t_ref
-from t2t_ref import train
+from t2t_ref import device_cache, train
 from t2t_ref.backend import get_namespace, to_device, to_numpy
 from t2t_ref.gaps import KeyedRandom, make_rng
 from t2t_ref.graphs import StepGraph
@@ -178,6 +178,56 @@ def test_each_signature_is_recorded_once_and_others_run_eagerly():
     # eager, recording, the check's eager call, the 1-element ones eager
     assert calls == [(2,), (2,), (2,), (1,), (1,)]
     assert recorder.replays == 2 and step.failed is None
+
+
+def _ids_within(value):
+    """id() of every object inside nested tuples and lists (value itself included)."""
+    found = {id(value)}
+    if isinstance(value, (tuple, list)):
+        for v in value:
+            found |= _ids_within(v)
+    return found
+
+
+def test_a_recording_keeps_the_cached_arrays_it_reads():
+    """A graph reads the per-shape caches (rows of ones; on NumPy and CuPy the soft split's
+    indices too) by address. The recording keeps every array they hold, so a cache that starts
+    over (a program sweeping image sizes) cannot free memory that a replay still reads; and
+    the recording does read them."""
+    device_cache.clear_all()
+    xp, device = get_namespace(STRICT)
+    model = t2t_ref.create_model("t2t_vit_7", num_classes=5, img_size=32, backend=STRICT)
+    dlogits = to_device(np.ones((2, 5), np.float32), xp, device)
+
+    def forward_backward(x):
+        model.forward(x)
+        return model.backward(dlogits)
+
+    class AddressesOnly(SimulatedRecorder):
+        """What CupyRecorder keeps of a recording: the graph, which holds raw addresses and
+        no array objects (the simulation's tape, which does, is kept by its replay alone)."""
+
+        def record(self, fn, inputs):
+            outputs, replay, _ = super().record(fn, inputs)
+            return outputs, replay, ("a graph",)
+
+    recorder = AddressesOnly()
+    step = StepGraph(forward_backward, recorder)
+    x = to_device(np.random.default_rng(0).normal(size=(2, 3, 32, 32)).astype(np.float32),
+                  xp, device)
+    step(x)
+    step(x)  # recorded
+    cached = [a for value in device_cache.held() for a in (value if isinstance(value, tuple)
+                                                            else (value,))]
+    read = {id(a) for _, args, kwargs, _ in recorder.tapes[0]
+            for a in (*args, *kwargs.values())}
+    assert len(cached) >= 4 and sum(id(a) in read for a in cached) >= 4, \
+        "the recording reads the cached rows of ones"
+    device_cache.clear_all()  # the caches start over: only the recording still holds them
+    (recording,) = step.recordings.values()
+    kept = _ids_within(recording.keep)
+    lost = [tuple(a.shape) for a in cached if id(a) not in kept]
+    assert lost == [], f"cached arrays the recording does not keep: {lost}"
 
 
 def test_a_seed_array_draws_the_masks_of_its_seed():

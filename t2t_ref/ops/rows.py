@@ -7,6 +7,7 @@ NumPy at these shapes). The results equal the plain sums up to float rounding.
 """
 
 from ..backend import array_namespace, backend_name, device_of
+from ..device_cache import DeviceCache
 from ..gaps import matmul, wide_dtype
 
 
@@ -48,16 +49,11 @@ def column_sum(x):
     return xp.reshape(matmul(ones, rows, out_dtype=wide_dtype(x)), (x.shape[-1],))
 
 
-_ONES = {}  # (backend, device, M, dtype) -> ones (1, M): read only, made once per shape
+_ONES = DeviceCache(limit=256)  # (M, dtype) -> ones (1, M): read only, made once per shape
 
 
 def _ones_row(xp, M, dtype, device):
     """A (1, M) row of ones, kept for the next call of the same shape: a training step sums
     the same few shapes' columns over and over (on a GPU, a fill kernel each time saved)."""
-    key = (backend_name(xp), str(device), M, str(dtype))
-    ones = _ONES.get(key)
-    if ones is None:
-        if len(_ONES) > 256:  # many shapes (a user sweeping sizes): start over
-            _ONES.clear()
-        ones = _ONES[key] = xp.ones((1, M), dtype=dtype, device=device)
-    return ones
+    return _ONES.get(xp, device, (M, str(dtype)),
+                     lambda: xp.ones((1, M), dtype=dtype, device=device))

@@ -25,6 +25,7 @@ import math
 import numpy as np
 
 from ..backend import array_namespace, backend_name, device_of
+from ..device_cache import DeviceCache
 
 GATHER_FORWARD = ("numpy", "cupy")  # backends whose soft split makes tokens by a gather
 GATHER_BACKWARD = ("cupy",)  # and whose backward is a gather too (fewer launches)
@@ -122,21 +123,15 @@ def pixel_sources(C, H, W, k, s, p):
     return np.where(valid, index, 0).reshape(-1), valid.reshape(C * H * W, m * m)
 
 
-_INDEX = {}  # (backend, device, what, shape...) -> index arrays on the device: made once
+_INDEX = DeviceCache()  # (what, shape...) -> index arrays on the device: made once
 
 
 def _on_device(xp, device, key, make):
     """make()'s host arrays as arrays of xp on device, kept for the next call with key."""
-    key = (backend_name(xp), str(device), *key)
-    arrays = _INDEX.get(key)
-    if arrays is None:
-        if len(_INDEX) > 64:  # many shapes (a user sweeping sizes): start over
-            _INDEX.clear()
-        arrays = _INDEX[key] = tuple(
-            xp.asarray(a.astype(np.int32 if a.dtype.kind == "i" and a.size and
-                                a.max() < 2 ** 31 else a.dtype), device=device)
-            for a in make())
-    return arrays
+    return _INDEX.get(xp, device, key, lambda: tuple(
+        xp.asarray(a.astype(np.int32 if a.dtype.kind == "i" and a.size and
+                            a.max() < 2 ** 31 else a.dtype), device=device)
+        for a in make()))
 
 
 def tokens_by_gather(x, kernel, stride, padding):
