@@ -18,8 +18,10 @@ STAGES=${STAGES:-}             # e.g. "tests parity bench": only these (default:
 case ${PRESET:-} in            # named sets of stages, for a session with little device time
     graphs) STAGES="install start graphs default_graphs evaluate_graphs bench_graphs loader";;
     half) STAGES="install start parity_half trace gemm matmuls bench_half";;
+    # the open questions in one run: graphs' checks and speed, then where bf16 goes wrong
+    next) STAGES="install start graphs default_graphs evaluate_graphs bench_graphs loader parity_half trace";;
     "") ;;
-    *) echo "PRESET must be graphs or half"; exit 2;;
+    *) echo "PRESET must be graphs, half or next"; exit 2;;
 esac
 # TESTS_K (pytest -k, default "cupy") and BENCH_CONFIGS narrow the tests and bench stages
 PY=${PY:-python3}
