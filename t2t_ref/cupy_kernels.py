@@ -353,6 +353,17 @@ def _kernel(name, dtype):
     return function
 
 
+def _check_dtypes(kernel, dtype, **arrays):
+    """Raise unless every array is of dtype: a kernel reads each buffer as the one type it
+    was instantiated for, so a float32 gradient beside a bfloat16 cache would be read as
+    garbage (pairs of bf16 values taken for one float, then memory past the buffer's end)."""
+    wrong = {name: a.dtype.name for name, a in arrays.items() if a.dtype != dtype}
+    if wrong:
+        raise TypeError(f"cupy_kernels.{kernel}<{dtype.name}>: "
+                        + ", ".join(f"{name} is {d}" for name, d in wrong.items())
+                        + f" (all must be {dtype.name}); a t2t_ref bug: an op changed the dtype")
+
+
 def _contiguous(x):
     import cupy
     return cupy.ascontiguousarray(x)
@@ -382,6 +393,7 @@ def gelu_backward(dy, cache):
     """As ops.gelu.gelu_backward, from gelu_forward's cache (x,): -> dx."""
     import cupy
     (x,) = cache
+    _check_dtypes("gelu_backward", dy.dtype, x=x)
     dy = _contiguous(dy)
     dx = cupy.empty_like(dy)
     _kernel("gelu_backward", dy.dtype)(*_elementwise_grid(x.size),
@@ -416,6 +428,7 @@ def layernorm_backward(dy, cache):
     xhat, rstd, weight = cache
     dy = _contiguous(dy)
     compute = _compute_dtype(dy.dtype)
+    _check_dtypes("layernorm_backward", compute, xhat=xhat, rstd=rstd)
     D = dy.shape[-1]
     rows = dy.size // D
     dx, dy_xhat = cupy.empty_like(dy), cupy.empty(dy.shape, dtype=compute)
@@ -442,6 +455,7 @@ def softmax_forward(x):
 def softmax_backward(dp, p):
     """As ops.softmax.softmax_backward: -> dx."""
     import cupy
+    _check_dtypes("softmax_backward", dp.dtype, p=p)
     dp = _contiguous(dp)
     D = dp.shape[-1]
     dx = cupy.empty_like(dp)
@@ -483,6 +497,7 @@ def adamw_update(p, g, m, v, decays, *, beta1, beta2, eps, lr, weight_decay, ste
     """One AdamW update in place of the flat 1-D buffers p, m, v (optim.AdamW's formulas);
     decays is a uint8 array, 1 where the element gets weight decay; found_inf a 0-d bool
     array (True: skip) and skipped a 0-d float64 array (steps skipped so far), or None."""
+    _check_dtypes("adamw_update", p.dtype, g=g, m=m, v=v)
     null = np.uint64(0)  # a null pointer, passed by value
     _kernel("adamw_update", p.dtype)(
         *_elementwise_grid(p.size),

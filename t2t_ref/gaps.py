@@ -125,6 +125,18 @@ def matmul(a, b, out_dtype=None):
     return product if product.dtype == out_dtype else xp.astype(product, out_dtype)
 
 
+def where(condition, x, y):
+    """xp.where(condition, x, y) in x's dtype, half types included. CuPy 14's where has no
+    bfloat16 loop: it picks the first loop bfloat16 casts to safely, float32, and returns
+    float32 (NumPy keeps bfloat16). A gradient turned float32 that way reached the fused
+    kernels beside bfloat16 caches, which they then read as float32 (the first GPU run's
+    wrong bf16 T2T-ViT-t-14 gradients). Both values are exact in float32: the cast back
+    changes none."""
+    xp = array_namespace(x)
+    out = xp.where(condition, x, y)
+    return out if out.dtype == x.dtype else xp.astype(out, x.dtype)
+
+
 # ---- cache-sized pieces on NumPy: one rule, for every chain of elementwise passes ---------------
 #
 # A chain of NumPy operations over a long array streams the whole array through memory once per

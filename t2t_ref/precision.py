@@ -61,11 +61,15 @@ def compute_dtype(xp, precision, master_dtype):
     return ml_dtypes.bfloat16
 
 
-# bf16 on CuPy is refused until the fault below is found: on the first GPU run (an H200,
-# CuPy 14.2, 2026-11-28) T2T-ViT-t-14's gradients under bf16 were 0.6 to 0.8 off (relative), a
-# different amount each run on the same inputs (fp16, float32 and T2T-ViT-7's bf16 were right):
-# a read of memory nothing wrote, or a race (BENCHMARKS.md, "Second device session").
-# scripts/gpu_trace.py localises it in the device script's trace stage, which sets this.
+# bf16 on CuPy is refused until a GPU confirms the fix of this fault: on the first GPU run (an
+# H200, CuPy 14.2, 2026-11-28) T2T-ViT-t-14's gradients under bf16 were 0.6 to 0.8 off
+# (relative), a different amount each run on the same inputs. Found since, on the CPU: CuPy 14's
+# where has no bfloat16 loop and returns float32, so the soft split's backward (a gather and a
+# where, on CuPy only) turned the gradient float32; the fused softmax backward then read the
+# bfloat16 attention map as float32, past its end into whatever the memory pool held. Fixed
+# (gaps.where keeps the dtype; the kernels refuse operands of another dtype) and tested with
+# where typed as CuPy types it (tests/test_precision.py); the device script's parity_half stage
+# sets this to check it.
 ALLOW_GPU_BF16 = "T2T_REF_ALLOW_GPU_BF16"
 
 
@@ -83,7 +87,7 @@ def _check_gpu_bfloat16(bfloat16):
     if bf16_refused("cupy"):
         raise PrecisionError(
             "precision bf16 on a GPU gave wrong gradients in its first test and is off until "
-            "that is fixed: use --precision fp16 (checked on the GPU), or set "
+            "a GPU confirms the fix: use --precision fp16 (checked on the GPU), or set "
             f"{ALLOW_GPU_BF16}=1 to run it anyway")
     import cupy
     capability = int(cupy.cuda.Device().compute_capability)  # "75" for 7.5

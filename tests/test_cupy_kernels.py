@@ -150,6 +150,46 @@ def test_every_launch_matches_its_kernels_parameters(monkeypatch):
         assert got == expected, f"{name}: launched with {got}, the kernel takes {expected}"
 
 
+def test_a_kernel_refuses_operands_of_another_dtype(monkeypatch):
+    """A kernel reads every buffer as the one dtype it was compiled for: a float32 gradient
+    beside a bfloat16 cache (the first GPU run's bf16 fault) or a float64 gradient beside a
+    float32 master buffer is refused with the names and dtypes, before anything is launched;
+    matching operands launch."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    bf16 = np.dtype(ml_dtypes.bfloat16)
+    fake = _RecordingCupy()
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    cupy_kernels._module.cache_clear()
+    cupy_kernels._functions.clear()
+    try:
+        x = np.ones((2, 3, 8), bf16)
+        wrong = x.astype(np.float32)
+        _, gelu_cache = cupy_kernels.gelu_forward(x)
+        p, _ = cupy_kernels.softmax_forward(x)
+        _, norm_cache = cupy_kernels.layernorm_forward(x, np.ones(8, np.float32),
+                                                        np.zeros(8, np.float32), 1e-5)
+        flat = np.zeros(10, np.float32)
+        calls = {
+            "gelu_backward": lambda dy: cupy_kernels.gelu_backward(dy, gelu_cache),
+            "softmax_backward": lambda dy: cupy_kernels.softmax_backward(dy, p),
+            "layernorm_backward": lambda dy: cupy_kernels.layernorm_backward(
+                dy.astype(np.float64) if dy.dtype == np.float32 else dy, norm_cache),
+            "adamw_update": lambda dy: cupy_kernels.adamw_update(
+                flat, flat.astype(np.float64) if dy.dtype == np.float32 else flat,
+                flat.copy(), flat.copy(), np.ones(10, np.uint8), beta1=0.9, beta2=0.999,
+                eps=1e-8, lr=1e-3, weight_decay=0.0, step_count=1)}
+        for name, call in calls.items():
+            before = len(fake.launches)
+            with pytest.raises(TypeError, match=rf"cupy_kernels\.{name}<.*>: .* is .*t2t_ref bug"):
+                call(wrong)
+            assert len(fake.launches) == before, f"{name} launched with a wrong dtype"
+            call(x)  # the right dtypes: launched
+            assert len(fake.launches) == before + 1, name
+    finally:
+        cupy_kernels._module.cache_clear()
+        cupy_kernels._functions.clear()
+
+
 def test_the_bf16_rounding_by_hand_equals_round_to_nearest_even():
     """Before sm_80 the kernels round float32 to bfloat16 with integer arithmetic (store<bf16_t>
     in cupy_kernels.SOURCE, restated here on uint32 arrays): it must be ml_dtypes' rounding,

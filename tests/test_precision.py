@@ -2,6 +2,7 @@
 failure and its fix, and the policy's errors. NumPy computes float16 and ml_dtypes' bfloat16,
 so all of this runs without a GPU."""
 
+import contextlib
 import sys
 
 import numpy as np
@@ -95,6 +96,82 @@ def test_layernorm_takes_the_float32_master_weights_and_the_rest_half(name):
     model.forward(x)
     model.backward(np.ones((2, 10), np.float32))
     assert all(model.grads[n].dtype == np.float32 for n in norms)
+
+
+def _cupy_typed_where(where):
+    """xp.where as CuPy 14 types it: no bfloat16 loop, so bfloat16 operands come out float32
+    (the first loop bfloat16 casts to safely); float16 has its loop."""
+    def typed(condition, x, y):
+        out = where(condition, x, y)
+        return xp_float32(out) if str(out.dtype) == "bfloat16" else out
+    xp_float32 = lambda a: a.astype(np.float32)  # noqa: E731
+    return typed
+
+
+@contextlib.contextmanager
+def _gradients_checked_against_outputs(failures):
+    """Every t2t_ref.ops X_forward that returns (output, cache) has its output's dtype noted
+    under its cache; X_backward(gradient, cache) then appends to failures when the gradient's
+    dtype differs. (CuPy's fused kernels read a gradient and a cache as one dtype: a gradient
+    that changed dtype reads garbage there, while NumPy's plain ops compute on.)"""
+    noted, kept, running = {}, [], set()
+    originals = {}
+
+    def wrap(function):
+        name = function.__name__
+
+        def checked(*args, **kwargs):
+            if name in running:  # a half-precision op running itself on float32 copies
+                return function(*args, **kwargs)  # (its float32 island): not checked
+            if name.endswith("_backward") and len(args) >= 2 and id(args[1]) in noted:
+                expected = noted[id(args[1])]
+                if hasattr(args[0], "dtype") and args[0].dtype != expected:
+                    failures.append(f"{name}: gradient {args[0].dtype}, output was {expected}")
+            running.add(name)
+            try:
+                out = function(*args, **kwargs)
+            finally:
+                running.discard(name)
+            if (name.endswith("_forward") and isinstance(out, tuple) and len(out) == 2
+                    and hasattr(out[0], "dtype")):
+                noted[id(out[1])] = out[0].dtype
+                kept.append(out[1])  # (ids stay unique while the cache lives)
+            return out
+        return checked
+
+    for module in [m for n, m in sys.modules.items() if n.startswith("t2t_ref")]:
+        for attr, obj in list(vars(module).items()):
+            if (callable(obj) and getattr(obj, "__module__", "").startswith("t2t_ref.ops")
+                    and getattr(obj, "__name__", "").endswith(("_forward", "_backward"))):
+                originals[(module, attr)] = obj
+                setattr(module, attr, wrap(obj))
+    try:
+        yield
+    finally:
+        for (module, attr), obj in originals.items():
+            setattr(module, attr, obj)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+@pytest.mark.parametrize("name", ["t2t_vit_7", "t2t_vit_t_14", "t2t_vit_14_se"])
+def test_gradients_keep_their_outputs_dtype_with_cupys_where(name, precision, monkeypatch):
+    """Each op's backward gets a gradient of its forward output's dtype, with where typed as
+    CuPy 14 types it (bfloat16 in, float32 out) and the soft split's backward done by
+    gathers, as on CuPy. The first GPU run's bf16 T2T-ViT-t-14 gradients were 0.6-0.8 off,
+    moving between runs: the soft split's where had turned the gradient float32, and the
+    fused softmax backward read the bf16 attention map as float32."""
+    import array_api_compat.numpy as xp_numpy
+    from t2t_ref.ops import soft_split
+    monkeypatch.setattr(xp_numpy, "where", _cupy_typed_where(xp_numpy.where))
+    monkeypatch.setattr(soft_split, "GATHER_BACKWARD", ("numpy",))
+    model = t2t_ref.create_model(name, num_classes=10, img_size=32, precision=precision)
+    x = np.random.default_rng(0).normal(size=(2, 3, 32, 32)).astype(np.float32)
+    failures = []
+    with _gradients_checked_against_outputs(failures):
+        model.eval().forward(x)
+        dx = model.backward(np.ones((2, 10), np.float32))
+    assert failures == [], failures[:5]
+    assert dx.dtype == np.float32
 
 
 def test_the_official_performer_is_not_finite_in_float16_and_ours_is():

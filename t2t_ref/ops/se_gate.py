@@ -11,7 +11,7 @@ over the transposed (B, D, N) tokens).
 """
 
 from ..backend import array_namespace
-from ..gaps import is_half, wide
+from ..gaps import is_half, where, wide
 from .attention import self_attention_backward, self_attention_forward
 from .dropout import dropout_backward, dropout_forward
 from .linear import linear_backward, linear_forward
@@ -21,13 +21,13 @@ def relu_forward(z):
     """z (any shape) -> max(z, 0). cache = the mask z > 0."""
     xp = array_namespace(z)
     positive = z > 0
-    return xp.where(positive, z, xp.zeros_like(z)), positive
+    return where(positive, z, xp.zeros_like(z)), positive  # (gaps.where: half stays half)
 
 
 def relu_backward(dy, cache):
     """forward was y = max(z, 0), so dz = dy where z > 0, else 0."""
     xp = array_namespace(dy)
-    return xp.where(cache, dy, xp.zeros_like(dy))
+    return where(cache, dy, xp.zeros_like(dy))
 
 
 def sigmoid_forward(z):

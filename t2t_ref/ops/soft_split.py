@@ -26,6 +26,7 @@ import numpy as np
 
 from ..backend import array_namespace, backend_name, device_of
 from ..device_cache import DeviceCache
+from ..gaps import where
 
 GATHER_FORWARD = ("numpy", "cupy")  # backends whose soft split makes tokens by a gather
 GATHER_BACKWARD = ("cupy",)  # and whose backward is a gather too (fewer launches)
@@ -161,7 +162,7 @@ def fold_by_gather(dtokens, image_size, kernel, stride, padding):
     m = valid.shape[1]
     taken = xp.reshape(xp.take(flat, sources, axis=1), (B, C * H * W, m))
     zero = xp.zeros((), dtype=dtokens.dtype, device=device_of(dtokens))
-    taken = xp.where(valid, taken, zero)  # (B, C*H*W, m)
+    taken = where(valid, taken, zero)  # (B, C*H*W, m), in the gradient's dtype
     dx = taken[:, :, 0]
     for a in range(1, m):  # m <= 4 for T2T's splits: adds in the gradient's own dtype, as
         dx = dx + taken[:, :, a]  # fold's, rather than a reduction
