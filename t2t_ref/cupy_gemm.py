@@ -12,17 +12,29 @@ row-major C = A B (M x N) is computed as the column-major C^T = B^T A^T (N x M):
 first operand is our b, its second our a. `plan` works out the arguments from shapes and
 strides alone (pure Python); `matmul` makes the call. tests/test_cupy_gemm.py checks both on
 the CPU against a NumPy model of the cuBLAS call.
+
+While a CUDA graph records (capture.py), every product on CuPy comes here, float32 ones too,
+and cuBLAS is called through ctypes (`DirectCublas`): CuPy's own cuBLAS wrappers refuse any
+call while a stream captures (CuPy issue #6290), though cuBLAS's products can be captured
+(from CUDA 12.2 on cuBLAS takes its workspace from the stream's pool, cudaMallocAsync).
 """
 
+import ctypes
 import dataclasses
+import re
 
 import numpy as np
 
+from . import capture
+
 # Values of the CUDA and cuBLAS enums (library_types.h, cublas_api.h): fixed by the ABI.
-CUDA_TYPES = {"float32": 0, "float16": 2, "bfloat16": 14}  # CUDA_R_32F, _16F, _16BF
+CUDA_TYPES = {"float32": 0, "float64": 1, "float16": 2, "bfloat16": 14}  # CUDA_R_32F, ...
 OP_N, OP_T = 0, 1  # CUBLAS_OP_N, CUBLAS_OP_T
 COMPUTE_32F = 68  # CUBLAS_COMPUTE_32F: sums in float32 whatever the operands
-GEMM_DEFAULT_TENSOR_OP = 99  # CUBLAS_GEMM_DEFAULT_TENSOR_OP
+COMPUTE_64F = 70  # CUBLAS_COMPUTE_64F: float64 operands, float64 sums
+GEMM_DEFAULT_TENSOR_OP = 99  # CUBLAS_GEMM_DEFAULT_TENSOR_OP: half operands
+GEMM_DEFAULT = -1  # CUBLAS_GEMM_DEFAULT: float32 and float64 operands (the tensor-op hint may
+# let cuBLAS round float32 operands to half, CUBLAS_COMPUTE_32F_FAST_16F: not for them)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,9 +108,10 @@ def _strides_in_elements(x):
 def matmul(a, b, out_dtype):
     """a @ b for CuPy float16 or bfloat16 stacks (..., M, K) @ (..., K, N) with the same batch
     shape (2-D included): float32 sums, the result in out_dtype (a half type or float32).
-    float32 operands work too (scripts/gpu_gemm.py times them against CuPy's matmul)."""
+    float32 and float64 operands work too (their own precision's sums): while a CUDA graph
+    records, every product comes here (scripts/gpu_gemm.py times float32 against CuPy's)."""
     import cupy
-    from cupy_backends.cuda.libs import cublas
+    cublas = _cublas()
     if a.ndim != b.ndim or a.ndim < 2 or a.shape[:-2] != b.shape[:-2] or a.dtype != b.dtype:
         raise ValueError(f"cupy_gemm.matmul: {a.shape} {a.dtype} @ {b.shape} {b.dtype}: "
                          "needs two stacks of one dtype with the same batch shape")
@@ -115,7 +128,12 @@ def matmul(a, b, out_dtype):
     if operand(b.shape, _strides_in_elements(b)) is None:
         b = cupy.ascontiguousarray(b)
     the_plan = plan(a.shape, _strides_in_elements(a), b.shape, _strides_in_elements(b))
-    one, zero = np.ones((), np.float32), np.zeros((), np.float32)  # host scalars, compute type
+    # alpha and beta: host scalars of the compute type (read when the call is made, and baked
+    # into a graph's recording: 1 and 0 do not change)
+    compute, scalar = (COMPUTE_64F, np.float64) if a.dtype.name == "float64" else \
+        (COMPUTE_32F, np.float32)
+    algo = GEMM_DEFAULT if a.dtype.name in ("float32", "float64") else GEMM_DEFAULT_TENSOR_OP
+    one, zero = np.ones((), scalar), np.zeros((), scalar)
     p, half = the_plan, CUDA_TYPES[a.dtype.name]
     if a.ndim == 2:  # one matrix: gemmEx, as CuPy's own 2-D matmul. The strided-batched call
         # with a batch of 1 ran at half its speed on an H200 (Linear's (12608, 384) @
@@ -124,7 +142,7 @@ def matmul(a, b, out_dtype):
             cupy.cuda.device.get_cublas_handle(), p.first.op, p.second.op, p.m, p.n, p.k,
             one.ctypes.data, b.data.ptr, half, p.first.ld, a.data.ptr, half, p.second.ld,
             zero.ctypes.data, c.data.ptr, CUDA_TYPES[c.dtype.name], p.ldc,
-            COMPUTE_32F, GEMM_DEFAULT_TENSOR_OP)
+            compute, algo)
         return c
     cublas.gemmStridedBatchedEx(
         cupy.cuda.device.get_cublas_handle(), p.first.op, p.second.op, p.m, p.n, p.k,
@@ -133,5 +151,88 @@ def matmul(a, b, out_dtype):
         a.data.ptr, half, p.second.ld, p.second.batch_stride,
         zero.ctypes.data,
         c.data.ptr, CUDA_TYPES[c.dtype.name], p.ldc, p.stride_c,
-        p.batch, COMPUTE_32F, GEMM_DEFAULT_TENSOR_OP)
+        p.batch, compute, algo)
     return c
+
+
+# ---- cuBLAS through ctypes, while a CUDA graph records ----------------------------------------
+
+def _cublas():
+    """The cuBLAS calls to make: CuPy's wrappers, or, while a CUDA graph records, DirectCublas
+    on the libcublas CuPy loaded (made once)."""
+    if capture.active():
+        global _DIRECT
+        if _DIRECT is None:
+            import cupy
+            _DIRECT = DirectCublas(loaded_library("libcublas"),
+                                   lambda: cupy.cuda.get_current_stream().ptr)
+        return _DIRECT
+    from cupy_backends.cuda.libs import cublas
+    return cublas
+
+
+_DIRECT = None
+
+
+def loaded_library(name, maps="/proc/self/maps"):
+    """The path of the shared library `name` (e.g. "libcublas") mapped into this process: the
+    very file CuPy's cuBLAS wrappers call into (they load it when imported)."""
+    from cupy_backends.cuda.libs import cublas  # noqa: F401 - loads libcublas
+    pattern = re.compile(rf"/{re.escape(name)}\.so(\.[0-9]+)*$")
+    with open(maps) as lines:
+        for line in lines:
+            path = line.split(maxsplit=5)[-1].strip()
+            if pattern.search(path):
+                return path
+    raise RuntimeError(f"{name} is not loaded in this process (is CuPy's cuBLAS usable?)")
+
+
+class DirectCublas:
+    """cublasGemmEx and cublasGemmStridedBatchedEx called through ctypes, with the arguments
+    of CuPy's wrappers (cupy_backends.cuda.libs.cublas), each call on the current stream as
+    theirs are, without their refusal while a stream captures. The prototypes are
+    cublas_api.h's: handles, streams and pointers as void *, the enums as int, the strides
+    long long."""
+
+    def __init__(self, library, current_stream):
+        lib = ctypes.CDLL(library)
+        self.current_stream = current_stream  # () -> the current stream's handle (an int)
+        P, I, L = ctypes.c_void_p, ctypes.c_int, ctypes.c_longlong
+        self._set_stream = _function(lib, ("cublasSetStream_v2", "cublasSetStream"), [P, P])
+        self._gemm = _function(lib, ("cublasGemmEx",),
+                               [P, I, I, I, I, I, P, P, I, I, P, I, I, P, P, I, I, I, I])
+        self._batched = _function(lib, ("cublasGemmStridedBatchedEx",),
+                                  [P, I, I, I, I, I, P, P, I, I, L, P, I, I, L, P, P, I, I, L,
+                                   I, I, I])
+
+    def _on_current_stream(self, handle):
+        _check(self._set_stream(handle, self.current_stream()), "cublasSetStream")
+
+    def gemmEx(self, handle, transa, transb, m, n, k, alpha, A, Atype, lda, B, Btype, ldb,
+               beta, C, Ctype, ldc, computeType, algo):
+        self._on_current_stream(handle)
+        _check(self._gemm(handle, transa, transb, m, n, k, alpha, A, Atype, lda, B, Btype, ldb,
+                          beta, C, Ctype, ldc, computeType, algo), "cublasGemmEx")
+
+    def gemmStridedBatchedEx(self, handle, transa, transb, m, n, k, alpha, A, Atype, lda,
+                             strideA, B, Btype, ldb, strideB, beta, C, Ctype, ldc, strideC,
+                             batchCount, computeType, algo):
+        self._on_current_stream(handle)
+        _check(self._batched(handle, transa, transb, m, n, k, alpha, A, Atype, lda, strideA, B,
+                             Btype, ldb, strideB, beta, C, Ctype, ldc, strideC, batchCount,
+                             computeType, algo), "cublasGemmStridedBatchedEx")
+
+
+def _function(lib, names, argtypes):
+    """The first of names that lib exports, with its argument types; status (int) returned."""
+    for name in names:
+        function = getattr(lib, name, None)
+        if function is not None:
+            function.argtypes, function.restype = argtypes, ctypes.c_int
+            return function
+    raise RuntimeError(f"{lib._name} exports none of {', '.join(names)}")
+
+
+def _check(status, call):
+    if status != 0:  # CUBLAS_STATUS_SUCCESS
+        raise RuntimeError(f"{call} failed with cuBLAS status {status}")

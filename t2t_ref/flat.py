@@ -18,6 +18,7 @@ dict) does not change; assigning to a name copies into its view instead of rebin
 
 import math
 
+from . import capture
 from .backend import array_namespace
 
 
@@ -63,10 +64,13 @@ class FlatTensors(dict):
     def update(self, other=(), **kwargs):
         """Copy each value into its name's view. Given every tensor (a backward's gradients),
         on NumPy and CuPy that is one concatenation written straight into the buffer: on a
-        GPU one kernel, where copying name by name was a kernel per tensor (110-190)."""
+        GPU one kernel, where copying name by name was a kernel per tensor (110-190). Not
+        while a CUDA graph records (capture.py): CuPy's concatenation of more than 8 arrays
+        uploads their addresses from a host buffer that a replay would read again after
+        CuPy has reused it; a replay makes the copies' launches free anyway."""
         tensors = dict(other, **kwargs)
         native = _native_module(self.flat)
-        if native is None or tensors.keys() != self.keys() or any(
+        if native is None or capture.active() or tensors.keys() != self.keys() or any(
                 native.may_share_memory(value, self.flat) for value in tensors.values()):
             for name, value in tensors.items():  # (a view of this buffer among them: its
                 self[name] = value                # values may move before they are read)

@@ -15,6 +15,7 @@ import threading
 import numpy as np
 import scipy.special
 
+from . import capture
 from .backend import array_namespace, backend_name, device_of, to_device, to_numpy
 from .device_cache import DeviceCache
 
@@ -114,12 +115,14 @@ def matmul(a, b, out_dtype=None):
     matmul of half stacks would multiply float32 copies)."""
     xp = array_namespace(a)
     out_dtype = a.dtype if out_dtype is None else out_dtype
-    if not is_half(a.dtype):
-        product = xp.matmul(a, b)
-    elif (backend_name(xp) == "cupy" and a.dtype == b.dtype and a.ndim == b.ndim >= 2
-          and a.shape[:-2] == b.shape[:-2]):
+    half = is_half(a.dtype)
+    if ((half or capture.active()) and backend_name(xp) == "cupy" and a.dtype == b.dtype
+            and a.ndim == b.ndim >= 2 and a.shape[:-2] == b.shape[:-2]):
+        # (while a CUDA graph records, every product: CuPy's matmul may not call cuBLAS then)
         from . import cupy_gemm
         product = cupy_gemm.matmul(a, b, out_dtype)
+    elif not half:
+        product = xp.matmul(a, b)
     else:  # NumPy: the same sums on float32 copies
         product = xp.matmul(xp.astype(a, xp.float32), xp.astype(b, xp.float32))
     return product if product.dtype == out_dtype else xp.astype(product, out_dtype)

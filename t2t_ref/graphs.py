@@ -19,7 +19,10 @@ tests/graph_sim.py checks it on the CPU by replaying a recorded step on array_ap
   them into its own input arrays), the parameters (AdamW updates the flat buffer in place), the
   fp16 loss scale (loss_scale.py updates it in place). A Python number baked into a kernel's
   arguments (a learning rate, a step count, a seed) would be replayed as it was recorded;
-- no transfer between host and device (CuPy refuses one while recording);
+- no transfer between host and device (CuPy refuses one while recording), and none hidden
+  inside a library call either: while recording (capture.py), products go to cuBLAS through
+  ctypes (CuPy's cuBLAS wrappers refuse to run then) and FlatTensors copies gradients one by
+  one (CuPy's concatenation of many arrays uploads their addresses from a host buffer);
 - the same shapes: a batch of another size runs eagerly (or gets its own recording, up to
   `max_graphs`);
 - the outputs are the recording's arrays, overwritten by each replay: read them before the next
@@ -50,7 +53,7 @@ from collections import Counter
 
 import numpy as np
 
-from . import device_cache
+from . import capture, device_cache
 
 __all__ = ["CupyRecorder", "StepGraph", "NEEDS_CUPY"]
 
@@ -220,7 +223,8 @@ class CupyRecorder:
             fn(*inputs)
             self.stream.begin_capture()
             try:
-                outputs = fn(*inputs)
+                with capture.recording():  # (cuBLAS through ctypes; no uploads: capture.py)
+                    outputs = fn(*inputs)
             finally:
                 try:
                     graph = self.stream.end_capture()

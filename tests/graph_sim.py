@@ -26,6 +26,8 @@ import threading
 import array_api_strict
 import numpy as np
 
+from t2t_ref import capture
+
 from strict_watch import HOST_METHODS, patched_strict
 
 
@@ -109,7 +111,7 @@ class SimulatedRecorder:
 
     def record(self, fn, inputs):
         tape = []
-        with _recording(tape):
+        with _recording(tape), capture.recording():  # as CupyRecorder records
             outputs = fn(*inputs)
         self.tapes.append(tape)
         first = [True]

@@ -145,7 +145,7 @@ def test_operand_refuses_layouts_cublas_cannot_read():
 
 # ---- the whole of cupy_gemm.matmul, with a stand-in CuPy and cuBLAS (no GPU) -----------------
 
-DTYPE_OF_CUDA_TYPE = {0: "float32", 2: "float16", 14: "bfloat16"}
+DTYPE_OF_CUDA_TYPE = {0: "float32", 1: "float64", 2: "float16", 14: "bfloat16"}
 
 
 class _DeviceArray(np.ndarray):
@@ -186,9 +186,14 @@ def _stand_in_cublas(calls):
     def gemmStridedBatchedEx(handle, transa, transb, m, n, k, alpha, A, Atype, lda, strideA,
                              B, Btype, ldb, strideB, beta, C, Ctype, ldc, strideC, batchCount,
                              computeType, algo):
-        assert (computeType, algo) == (cupy_gemm.COMPUTE_32F, cupy_gemm.GEMM_DEFAULT_TENSOR_OP)
-        assert ctypes.c_float.from_address(alpha).value == 1.0
-        assert ctypes.c_float.from_address(beta).value == 0.0
+        double = DTYPE_OF_CUDA_TYPE[Atype] == "float64"  # float64: float64 sums and scalars
+        compute = cupy_gemm.COMPUTE_64F if double else cupy_gemm.COMPUTE_32F
+        full = DTYPE_OF_CUDA_TYPE[Atype] in ("float32", "float64")  # no tensor-op hint for them
+        assert (computeType, algo) == (compute, cupy_gemm.GEMM_DEFAULT if full else
+                                       cupy_gemm.GEMM_DEFAULT_TENSOR_OP)
+        scalar = ctypes.c_double if double else ctypes.c_float
+        assert scalar.from_address(alpha).value == 1.0
+        assert scalar.from_address(beta).value == 0.0
         plan = cupy_gemm.Plan(m=m, n=n, k=k, first=cupy_gemm.Operand(transa, lda, strideA),
                               second=cupy_gemm.Operand(transb, ldb, strideB), ldc=ldc,
                               stride_c=strideC, batch=batchCount)
@@ -229,12 +234,13 @@ def stand_in_gpu(monkeypatch):
     yield calls
 
 
-@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "float64"])
 @pytest.mark.parametrize("case", CASES)
 def test_matmul_calls_cublas_so_that_it_computes_a_at_b(stand_in_gpu, case, dtype):
     """cupy_gemm.matmul end to end on the CPU: its one cuBLAS call (operand order, pointers,
     types, leading dimensions, strides; the copy of an operand cuBLAS cannot read) computes
-    a @ b, in the half type and in float32."""
+    a @ b, in the half type and in float32 (float32 and float64 operands: what every product
+    is while a CUDA graph records)."""
     dtype = _numpy_dtype(dtype)
     a, b, a_memory, b_memory = _stacks(case, np.random.default_rng(CASES.index(case)))
 
@@ -246,7 +252,7 @@ def test_matmul_calls_cublas_so_that_it_computes_a_at_b(stand_in_gpu, case, dtyp
 
     a_dev, b_dev = on_device(a, a_memory), on_device(b, b_memory)
     exact = a_dev.astype(np.float64) @ b_dev.astype(np.float64)
-    for out_dtype in (dtype, np.dtype(np.float32)):
+    for out_dtype in ((dtype,) * 2 if dtype == np.float64 else (dtype, np.dtype(np.float32))):
         got = cupy_gemm.matmul(a_dev, b_dev, out_dtype)
         assert got.dtype == out_dtype and got.shape == exact.shape
         np.testing.assert_array_equal(np.asarray(got).view(np.uint8),
@@ -255,6 +261,131 @@ def test_matmul_calls_cublas_so_that_it_computes_a_at_b(stand_in_gpu, case, dtyp
     assert len(stand_in_gpu) == 2, "one cuBLAS call per product"
     one_matrix = [isinstance(call, tuple) and call[0] == "gemmEx" for call in stand_in_gpu]
     assert one_matrix == [a.ndim == 2] * 2, "gemmEx for one matrix, strided-batched for stacks"
+
+
+# ---- while a CUDA graph records: cuBLAS through ctypes (capture.py) ----------------------------
+
+def test_while_a_graph_records_every_product_goes_to_cublas_directly(stand_in_gpu, monkeypatch):
+    """CuPy's cuBLAS wrappers refuse any call while a stream captures, so while a graph records,
+    gaps.matmul sends float32 products to cupy_gemm too, and cupy_gemm calls cuBLAS through
+    DirectCublas; outside a recording float32 stays with CuPy's matmul and the half products
+    with CuPy's cuBLAS wrappers."""
+    from t2t_ref import capture, gaps
+    direct = []
+    monkeypatch.setattr(cupy_gemm, "_DIRECT", _stand_in_cublas(direct))
+    a, b, _, _ = _stacks("q @ k^T", np.random.default_rng(0))
+    a, b = a.astype(np.float32).view(_DeviceArray), b.astype(np.float32).view(_DeviceArray)
+    exact = a.astype(np.float64) @ b.astype(np.float64)
+    sent = []
+    monkeypatch.setattr(gaps, "backend_name", lambda xp: "cupy")  # these arrays stand for CuPy's
+    real = cupy_gemm.matmul
+    monkeypatch.setattr(cupy_gemm, "matmul", lambda *args: sent.append(args) or real(*args))
+    np.testing.assert_allclose(gaps.matmul(a, b), exact, rtol=1e-6)
+    assert sent == [] and stand_in_gpu == [] and direct == [], "float32 eagerly: CuPy's matmul"
+    with capture.recording():
+        np.testing.assert_allclose(gaps.matmul(a, b), exact, rtol=1e-6)
+        assert capture.active()
+    assert not capture.active()
+    assert len(sent) == 1 and len(direct) == 1 and stand_in_gpu == [], \
+        "while recording: cupy_gemm, and cuBLAS through ctypes"
+    half_a, half_b = a.astype(np.float16).view(_DeviceArray), b.astype(np.float16).view(_DeviceArray)
+    gaps.matmul(half_a, half_b)
+    assert len(sent) == 2 and len(stand_in_gpu) == 1 and len(direct) == 1, \
+        "half products eagerly: cupy_gemm through CuPy's wrappers"
+
+
+STUB_CUBLAS = r"""
+/* cuBLAS's prototypes (cublas_api.h), recording their arguments: DirectCublas's ctypes
+   declarations must pass each one at its declared width (a long long stride as an int would
+   arrive cut, a pointer as an int would arrive as garbage) */
+static long long args[32];
+static int status = 0;
+long long stub_arg(int i) { return args[i]; }
+void stub_fail_with(int s) { status = s; }
+int cublasSetStream_v2(void *handle, void *stream) {
+    args[30] = (long long)handle; args[31] = (long long)stream; return 0; }
+int cublasGemmEx(void *handle, int transa, int transb, int m, int n, int k, const void *alpha,
+                 const void *A, int Atype, int lda, const void *B, int Btype, int ldb,
+                 const void *beta, void *C, int Ctype, int ldc, int computeType, int algo) {
+    long long a[] = {(long long)handle, transa, transb, m, n, k, (long long)alpha,
+                     (long long)A, Atype, lda, (long long)B, Btype, ldb, (long long)beta,
+                     (long long)C, Ctype, ldc, computeType, algo};
+    for (int i = 0; i < 19; i++) args[i] = a[i];
+    return status; }
+int cublasGemmStridedBatchedEx(void *handle, int transa, int transb, int m, int n, int k,
+                               const void *alpha, const void *A, int Atype, int lda,
+                               long long strideA, const void *B, int Btype, int ldb,
+                               long long strideB, const void *beta, void *C, int Ctype,
+                               int ldc, long long strideC, int batchCount, int computeType,
+                               int algo) {
+    long long a[] = {(long long)handle, transa, transb, m, n, k, (long long)alpha,
+                     (long long)A, Atype, lda, strideA, (long long)B, Btype, ldb, strideB,
+                     (long long)beta, (long long)C, Ctype, ldc, strideC, batchCount,
+                     computeType, algo};
+    for (int i = 0; i < 23; i++) args[i] = a[i];
+    return status; }
+"""
+
+
+@pytest.fixture(scope="module")
+def stub_cublas(tmp_path_factory):
+    """A shared library with cuBLAS's three entry points that records their arguments, built
+    with the machine's C compiler (skipped without one)."""
+    import shutil
+    import subprocess
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        pytest.skip("no C compiler (cc or gcc) to build the stand-in libcublas")
+    folder = tmp_path_factory.mktemp("stub_cublas")
+    source, library = folder / "stub.c", folder / "libcublas.so.99"
+    source.write_text(STUB_CUBLAS)
+    subprocess.run([compiler, "-shared", "-fPIC", "-O0", "-o", str(library), str(source)],
+                   check=True, capture_output=True)
+    return str(library)
+
+
+def test_direct_cublas_passes_every_argument_at_its_declared_width(stub_cublas):
+    """DirectCublas's ctypes calls against a C library with cuBLAS's prototypes: every
+    argument arrives as passed (pointers and strides past 2^32 included), the handle's stream
+    is set to the current one first, and a failed status is one error naming the call."""
+    import ctypes
+    direct = cupy_gemm.DirectCublas(stub_cublas, current_stream=lambda: 0x7F00_0000_1234)
+    stub = ctypes.CDLL(stub_cublas)
+    stub.stub_arg.restype, stub.stub_arg.argtypes = ctypes.c_longlong, [ctypes.c_int]
+    handle, big = 0x5555_0000_0010, 0x7E00_0000_0000  # addresses above 4 GiB
+    gemm = (handle, 1, 0, 300, 200, 100, big + 8, big + 16, 14, 192, big + 24, 14, 100,
+            big + 32, big + 40, 0, 300, 68, 99)
+    direct.gemmEx(*gemm)
+    assert [stub.stub_arg(i) for i in range(19)] == list(gemm)
+    assert (stub.stub_arg(30), stub.stub_arg(31)) == (handle, 0x7F00_0000_1234)
+    batched = (handle, 0, 1, 3136, 3136, 64, big + 8, big + 16, 2, 192, 3 * 2**31, big + 24, 2,
+               192, 5 * 2**31, big + 32, big + 40, 2, 3136, 7 * 2**31, 64, 68, 99)
+    direct.gemmStridedBatchedEx(*batched)
+    assert [stub.stub_arg(i) for i in range(23)] == list(batched)
+    stub.stub_fail_with(7)
+    with pytest.raises(RuntimeError, match="cublasGemmEx failed with cuBLAS status 7"):
+        direct.gemmEx(*gemm)
+    stub.stub_fail_with(0)
+
+
+def test_the_loaded_libcublas_is_found_by_its_mapping(tmp_path, monkeypatch):
+    """DirectCublas opens the very libcublas the process mapped (CuPy's), found in
+    /proc/self/maps by its name: not libcublasLt, whatever folder it came from."""
+    import types
+    monkeypatch.setitem(sys.modules, "cupy_backends", types.ModuleType("cupy_backends"))
+    monkeypatch.setitem(sys.modules, "cupy_backends.cuda", types.ModuleType("cupy_backends.cuda"))
+    libs = types.ModuleType("cupy_backends.cuda.libs")
+    libs.cublas = types.ModuleType("cublas")
+    monkeypatch.setitem(sys.modules, "cupy_backends.cuda.libs", libs)
+    maps = tmp_path / "maps"
+    maps.write_text(
+        "7f00-7f01 r-xp 00000000 08:01 1 /usr/lib/x86_64-linux-gnu/libc.so.6\n"
+        "7f02-7f03 r-xp 00000000 08:01 2 /opt/venv/nvidia/cu13/lib/libcublasLt.so.13\n"
+        "7f04-7f05 r-xp 00000000 08:01 3 /opt/venv/nvidia/cu13/lib/libcublas.so.13\n")
+    assert cupy_gemm.loaded_library("libcublas", maps) == \
+        "/opt/venv/nvidia/cu13/lib/libcublas.so.13"
+    with pytest.raises(RuntimeError, match="libcurand is not loaded"):
+        cupy_gemm.loaded_library("libcurand", maps)
 
 
 # ---- on a GPU --------------------------------------------------------------------------------
@@ -288,3 +419,33 @@ def test_half_product_on_the_gpu_equals_float32_sums(case, dtype):
         np.testing.assert_allclose(got.astype(np.float64), exact, rtol=2 * rounding,
                                    atol=2 * rounding * np.abs(exact).max(),
                                    err_msg=f"{case} {np.dtype(dtype)} -> {out_dtype}")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_products_record_into_a_cuda_graph_and_replay(dtype):
+    """On a GPU: gaps.matmul recorded into a CUDA graph (CuPy's own cuBLAS wrappers would
+    refuse while the stream captures), then replayed on new operands written in place."""
+    cupy = cupy_or_skip()
+    from t2t_ref import capture, gaps
+    rng = np.random.default_rng(5)
+    a = cupy.asarray(rng.normal(size=(4, 3, 64, 32)).astype(dtype))
+    b = cupy.asarray(rng.normal(size=(4, 3, 32, 48)).astype(dtype))
+    w = cupy.asarray(rng.normal(size=(32, 16)).astype(dtype))
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with stream:
+        gaps.matmul(a, b)  # warm-up: cuBLAS sets itself up outside the recording
+        stream.begin_capture()
+        try:
+            with capture.recording():
+                c, rows = gaps.matmul(a, b), gaps.matmul(a[0, 0], w)  # a stack, one matrix
+        finally:
+            graph = stream.end_capture()
+        a[...] = cupy.asarray(rng.normal(size=a.shape).astype(dtype))
+        graph.launch(stream)
+        expected = (to_numpy(a).astype(np.float64) @ to_numpy(b).astype(np.float64),
+                    to_numpy(a[0, 0]).astype(np.float64) @ to_numpy(w).astype(np.float64))
+    stream.synchronize()
+    tol = 1e-5 if dtype == "float32" else 2e-3
+    for got, want in zip((c, rows), expected):
+        np.testing.assert_allclose(to_numpy(got).astype(np.float64), want, rtol=tol,
+                                   atol=tol * np.abs(want).max())

@@ -118,3 +118,28 @@ def test_update_with_every_tensor_equals_assigning_each(backend, dtype, monkeypa
              for name, v in {**values, "a": np.zeros((3, 2))}.items()}
     with pytest.raises(ValueError, match="a: shape \\(3, 2\\) does not fit \\(2, 3\\)"):
         at_once.update(wrong)
+
+
+def test_update_copies_one_by_one_while_a_graph_records(monkeypatch):
+    """While a CUDA graph records, update() given every tensor copies them one by one: CuPy's
+    concatenation of more than 8 arrays uploads their addresses from a host buffer that every
+    replay would read again after CuPy reused it. The stored values are the same."""
+    from t2t_ref import capture
+    from t2t_ref import flat as flat_module
+    xp, device = get_namespace("numpy")
+    values = {name: np.random.default_rng(4).normal(size=shape) for name, shape in SHAPES.items()}
+    expected = FlatTensors(xp, SHAPES, xp.float32, device)
+    expected.update(values)
+    recorded = FlatTensors(xp, SHAPES, xp.float32, device)
+
+    class NoConcatenation:
+        may_share_memory = staticmethod(np.may_share_memory)
+
+        @staticmethod
+        def concatenate(pieces, out):
+            raise AssertionError("a concatenation while a graph records")
+
+    monkeypatch.setattr(flat_module, "_native_module", lambda x: NoConcatenation)
+    with capture.recording():
+        recorded.update(values)
+    np.testing.assert_array_equal(recorded.flat, expected.flat)

@@ -16,7 +16,7 @@ smallest step (6e-8), so the denominator can be 0: the official code's NaNs (its
 import math
 
 from ..backend import array_namespace
-from ..gaps import is_half, wide
+from ..gaps import is_half, matmul, wide
 from .rows import row_dots, row_sum
 
 EPS = 1e-8  # the official code's epsilon, "for stable in division"
@@ -52,7 +52,7 @@ def _rows_matmul(x, matrix):
     call instead of NumPy's loop over B (see linear.py)."""
     xp = array_namespace(x)
     B, N, a = x.shape
-    return xp.reshape(xp.matmul(xp.reshape(x, (B * N, a)), matrix), (B, N, matrix.shape[1]))
+    return xp.reshape(matmul(xp.reshape(x, (B * N, a)), matrix), (B, N, matrix.shape[1]))
 
 
 def performer_attention_forward(q, k, v, w, eps=EPS):
@@ -67,9 +67,9 @@ def performer_attention_forward(q, k, v, w, eps=EPS):
     kp, kp_cache = random_features_forward(k, w)  # (B, N, m)
     qp, qp_cache = random_features_forward(q, w)  # (B, N, m)
     kp_sum = xp.sum(kp, axis=1)  # (B, m)
-    denom = xp.matmul(qp, kp_sum[:, :, None]) + eps  # (B, N, 1) qp . sum_t kp_t
-    kptv = xp.matmul(xp.matrix_transpose(v), kp)  # (B, e, m) sum_t v_t kp_t^T
-    y = xp.matmul(qp, xp.matrix_transpose(kptv))  # (B, N, e) the numerator, for now
+    denom = matmul(qp, kp_sum[:, :, None]) + eps  # (B, N, 1) qp . sum_t kp_t
+    kptv = matmul(xp.matrix_transpose(v), kp)  # (B, e, m) sum_t v_t kp_t^T
+    y = matmul(qp, xp.matrix_transpose(kptv))  # (B, N, e) the numerator, for now
     y /= denom  # (B, N, e)
     return y, (kp_cache, qp_cache, v, kp, qp, kp_sum, denom, kptv, y)
 
@@ -91,12 +91,12 @@ def performer_attention_backward(dy, cache):
     xp = array_namespace(dy)
     dnumer = dy / denom  # (B, N, e)
     ddenom = -row_dots(dy, y) / denom  # (B, N, 1)
-    dqp = xp.matmul(dnumer, kptv)  # (B, N, m)
+    dqp = matmul(dnumer, kptv)  # (B, N, m)
     dqp += ddenom * kp_sum[:, None, :]
-    dkptv = xp.matmul(xp.matrix_transpose(dnumer), qp)  # (B, e, m)
-    dv = xp.matmul(kp, xp.matrix_transpose(dkptv))  # (B, N, e)
+    dkptv = matmul(xp.matrix_transpose(dnumer), qp)  # (B, e, m)
+    dv = matmul(kp, xp.matrix_transpose(dkptv))  # (B, N, e)
     dkp_sum = xp.sum(ddenom * qp, axis=1)  # (B, m)
-    dkp = xp.matmul(v, dkptv)  # (B, N, m)
+    dkp = matmul(v, dkptv)  # (B, N, m)
     dkp += dkp_sum[:, None, :]
     dq = random_features_backward(dqp, qp_cache)
     dk = random_features_backward(dkp, kp_cache)

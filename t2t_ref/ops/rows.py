@@ -15,7 +15,7 @@ def row_dot(x, column):
     """x (..., D) @ column (D, 1) -> (..., 1): each row's dot product with the column."""
     xp = array_namespace(x)
     rows = xp.reshape(x, (-1, x.shape[-1]))  # (M, D)
-    return xp.reshape(xp.matmul(rows, column), (*x.shape[:-1], 1))
+    return xp.reshape(matmul(rows, column), (*x.shape[:-1], 1))
 
 
 def row_sum(x):
