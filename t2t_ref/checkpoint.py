@@ -15,11 +15,14 @@ one, never half of one. The file is serialised in memory (safetensors.numpy.save
 by write_atomic alone: safetensors' save_file would go through a temporary file of its own,
 which a kill leaves behind under a name nothing recognises. A checkpoint is never written with
 a NaN or inf in it (NonFiniteError): a diverged model is not worth keeping, and must not
-replace one that is.
+replace one that is. Each tensor's CRC-32 goes into the header too (under "t2t_ref_crc32"):
+a file damaged later (a bad copy, a failing disk) is refused when loaded, by name, rather
+than trained on or scored as if its weights were real.
 """
 
 import json
 import os
+import zlib
 
 import numpy as np
 from safetensors import SafetensorError
@@ -28,6 +31,7 @@ from safetensors.numpy import load_file, save
 from .atomic import write_atomic
 
 META_KEY = "t2t_ref"
+CRC_KEY = "t2t_ref_crc32"  # {tensor name: CRC-32 of its bytes}, JSON, in the header
 FORMAT_VERSION = 1
 
 
@@ -73,8 +77,27 @@ def atomic_save(tensors, path, metadata):
     for key, value in tensors.items():
         if value.dtype.kind == "f" and not np.isfinite(value).all():
             raise NonFiniteError(f"{key} holds NaN or inf: not written to {path}")
+    metadata = {**metadata, CRC_KEY: json.dumps({k: _crc32(v) for k, v in tensors.items()})}
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     write_atomic(path, save(tensors, metadata))  # the bytes in memory, then one temp file
+
+
+def _crc32(array):
+    return zlib.crc32(np.ascontiguousarray(array).view(np.uint8).reshape(-1))
+
+
+def check_intact(path, tensors, header):
+    """CheckpointError if a tensor's bytes differ from the CRC-32 written with it (files
+    written before the checksums were: their float tensors must at least be finite, as every
+    checkpoint t2t_ref writes is)."""
+    expected = json.loads(header[CRC_KEY]) if CRC_KEY in header else None
+    for key, value in tensors.items():
+        damaged = (_crc32(value) != expected.get(key)) if expected is not None else \
+            (value.dtype.kind == "f" and not np.isfinite(value).all())
+        if damaged:
+            raise CheckpointError(f"{path} is damaged: its tensor {key} is not what was written "
+                                  "(a bad copy or disk): use another checkpoint (the run's "
+                                  "best.safetensors or last.safetensors, or a backup)")
 
 
 def save_checkpoint(path, weights, meta, optimizer=None, ema=None):
@@ -117,6 +140,7 @@ def load_checkpoint(path):
     if META_KEY not in header:
         raise CheckpointError(f"{path} is a safetensors file but not a t2t_ref training "
                               f"checkpoint (no '{META_KEY}' metadata)")
+    check_intact(path, tensors, header)
     meta = json.loads(header[META_KEY])
     weights = {k: v for k, v in tensors.items() if "/" not in k}
     optimizer_arrays = {k[len("optimizer/"):]: v for k, v in tensors.items()

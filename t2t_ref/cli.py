@@ -64,6 +64,18 @@ def number(kind, low=None, high=None, *, above=None, below=None):
     return parse
 
 
+def path(what):
+    """An argparse type: a path, refused when empty (`--out "$UNSET"` in a script), which would
+    otherwise mean the current folder to some calls and nothing to others."""
+    def parse(text):
+        if not text.strip():
+            raise argparse.ArgumentTypeError(f"an empty path: give {what}")
+        return text
+
+    parse.__name__ = "path"
+    return parse
+
+
 def plural(n, word, words=None):
     """'1 class', '3 classes': a count with its noun."""
     return f"{n} {word if n == 1 else words or word + 's'}"

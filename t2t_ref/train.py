@@ -59,12 +59,13 @@ from .atomic import remove_leftovers, write_atomic
 from .backend import BackendError, keep_freed_memory, to_device, to_numpy
 from .checkpoint import (CheckpointError, NonFiniteError, checkpoint_meta, load_checkpoint,
                          save_checkpoint)
-from .cli import Parser, number, plural, progress_options, run as run_cli, user_error
+from .cli import Parser, number, path, plural, progress_options, run as run_cli, user_error
 from .data import (SHAPE_CLASSES, ArrayDataset, DataError, FileDataset, Loader,
                    default_workers, find_splits, make_shapes_splits, model_input)
 from .data.erasing import MODES
 from .data.randaugment import rand_augment
 from .data.transforms import RESAMPLE, TRAIN_INTERPOLATIONS
+from .data.folder import short_list
 from .data.workers import workers_that_fit
 from .ema import WeightEMA
 from .evaluate import evaluate, json_line, top_k
@@ -161,7 +162,7 @@ def build_parser(defaults=True):
         "--batch-size from 1e-3 or 5e-4 at 512, weight decay by size, 310 epochs, warmup, "
         "drop path, mixup/cutmix, RandAugment, random erasing, EMA; see t2t_ref/recipe.py); "
         "flags given explicitly win, and the run prints the command it resolved to")
-    add("--data", default=None, help="ImageNet-style folder: DIR/train/<class>/*, optional "
+    add("--data", type=path("a dataset folder"), default=None, help="ImageNet-style folder: DIR/train/<class>/*, optional "
         "DIR/val/<class>/* (default: the built-in procedurally generated shapes)")
     add("--model", default="t2t_vit_7", choices=list_models(), metavar="NAME",
         help="model: " + ", ".join(list_models()))
@@ -266,13 +267,13 @@ def build_parser(defaults=True):
         "dynamic loss scale")
     add("--seed", type=number(int, low=0), default=0,
         help="seeds the weights, data order, augmentation, dropout and the built-in set")
-    add("--out", default="runs/t2t", help="folder for checkpoints, metrics and plots")
+    add("--out", type=path("a folder"), default="runs/t2t", help="folder for checkpoints, metrics and plots")
     add("--max-nonfinite-steps", type=number(int, low=1), default=3, metavar="N",
         help="a step whose loss or gradient norm is NaN or inf is skipped; after N such steps "
         "in a row the run stops (exit code 3), its checkpoints untouched")
-    add("--resume", default=None, metavar="PATH",
+    add("--resume", type=path("a checkpoint or a run's folder"), default=None, metavar="PATH",
         help="continue from a checkpoint (a run's folder: its last.safetensors)")
-    add("--init-from", default=None, metavar="FILE",
+    add("--init-from", type=path("a checkpoint file"), default=None, metavar="FILE",
         help="start from these weights (official .pth.tar or t2t_ref .safetensors; EMA ones "
         "where present): new head if the class count differs, position table resized if the "
         "image size does")
@@ -694,9 +695,11 @@ def prepare(config, resume=None, world=None):
     if resume is not None:
         weights, meta, optimizer_state, ema_weights = resume
         if meta["class_names"] != class_names:
+            differing = sorted(set(class_names) ^ set(meta["class_names"]))
             raise DataError(f"the data's classes differ from the checkpoint's "
-                            f"({len(class_names)} vs {len(meta['class_names'])}): resume on "
-                            "the dataset the run was started with")
+                            f"({len(class_names)} vs {len(meta['class_names'])}; in one and "
+                            f"not the other: {short_list(differing)}): resume on the dataset "
+                            "the run was started with")
         try:
             model.load_state_dict(weights)
             optimizer.load_state_dict(optimizer_state)
@@ -708,9 +711,13 @@ def prepare(config, resume=None, world=None):
                 from None
         position = Position.from_meta(meta)
         saved_epochs = meta["config"]["epochs"]
+        if run.speaks:
+            refuse_rewinding(config["resume"], position, run.last_path)
         if position.epoch >= config["epochs"]:
-            raise UsageError(f"the run has trained {position.epoch} of "
-                             f"{plural(config['epochs'], 'epoch')} already: to train on, "
+            done = f"{position.epoch} of {plural(config['epochs'], 'epoch')}" \
+                if position.epoch == config["epochs"] else \
+                f"{plural(position.epoch, 'epoch')}, more than --epochs {config['epochs']},"
+            raise UsageError(f"the run has trained {done} already: to train on, "
                              f"resume with --epochs N, N more than {position.epoch}")
 
     if config["recipe"] is not None and resume is None:
@@ -719,6 +726,7 @@ def prepare(config, resume=None, world=None):
     history = []
     if run.speaks:
         os.makedirs(out, exist_ok=True)
+        run.lock = lock_run_folder(out)  # held until this process ends
         config_path = os.path.join(out, "config.json")
         write_output(run, config_path, lambda: write_atomic(config_path,
                                                             json.dumps(config, indent=2)))
@@ -798,6 +806,53 @@ def prepare(config, resume=None, world=None):
             "position": dataclasses.asdict(position)})
     world.note = run.kept()
     return run
+
+
+def refuse_rewinding(resume_path, position, last_path):
+    """Resuming from a checkpoint older than its run folder's last (best.safetensors, say)
+    would write over the newer last.safetensors and the metrics after it: refused, with the
+    two ways on."""
+    if os.path.abspath(resume_path) == os.path.abspath(last_path) or \
+            not os.path.isfile(last_path):
+        return
+    try:
+        latest = Position.from_meta(checkpoint_meta(last_path))
+    except Exception:  # noqa: BLE001 - an unreadable last: nothing newer to keep
+        return
+    if latest.step > position.step:
+        raise UsageError(
+            f"{resume_path} is at epoch {position.epoch} (step {position.step}), but "
+            f"{last_path} is further on (epoch {latest.epoch}, step {latest.step}); resuming "
+            "into that folder would write over it: resume from "
+            f"{os.path.dirname(last_path) or '.'} to go on, or give --out a new folder to "
+            "branch off from this checkpoint")
+
+
+def lock_run_folder(out):
+    """An exclusive lock on the run folder itself (flock on the folder, no file made), held
+    while this process lives: the OS lets go of it when the process ends, however it ends. A
+    second process writing the same run (a job requeued while the first still runs, the same
+    command in two terminals) is refused instead of interleaving checkpoints and metrics.
+    -> the folder's open descriptor (keep it; close it to let go), or None without flock."""
+    try:
+        import fcntl
+    except ImportError:  # not on POSIX: no lock
+        return None
+    descriptor = os.open(out, os.O_RDONLY)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(descriptor)
+        raise UsageError(f"{out} is in use by another training process: wait for it to end, "
+                         "or choose another --out") from None
+    return descriptor
+
+
+def release_run_folder(run):
+    """Let go of the run folder's lock (lock_run_folder): the next process may write it."""
+    lock, run.lock = getattr(run, "lock", None), None
+    if lock is not None:
+        os.close(lock)
 
 
 def dataset_fingerprint(config, class_names, train_set, val_set):
@@ -1096,7 +1151,11 @@ def finish_epoch(run, epoch, train_seconds):
 def train(config, resume=None, world=None):
     """Run (or continue) training as configured: prepare() then fit(). Returns the metrics
     history. resume: load_checkpoint's (weights, meta, optimizer, ema) of the run to continue."""
-    return fit(prepare(config, resume, world))
+    run = prepare(config, resume, world)
+    try:
+        return fit(run)
+    finally:
+        release_run_folder(run)
 
 
 def _or_nan(value):
@@ -1252,6 +1311,8 @@ def main(argv=None):
         print(f"error: rank {world.rank} of {world.size} failed (above); ending the job: "
               f"{run.kept()}", file=sys.stderr)
         world.abort(1)
+    finally:
+        release_run_folder(run)
     return 0
 
 

@@ -615,6 +615,45 @@ def test_bad_checkpoint_paths(tmp_path, capsys, content, needle):
     assert_user_error(code, capsys.readouterr(), needle)
 
 
+@pytest.mark.parametrize("damage", [
+    pytest.param("flip", marks=tried(
+        "checkpoints", "`--resume` / `evaluate --checkpoint` a checkpoint with one byte of its "
+        "weights changed (a bad copy or disk; header intact)", "exit 2: `error: ... is "
+        "damaged: its tensor ... is not what was written (a bad copy or disk): use another "
+        "checkpoint ...`, by the CRC-32 each tensor is written with (it used to train on, or "
+        "score 0% and exit 0)")),
+    pytest.param("nan", marks=tried(
+        "checkpoints", "a checkpoint written before the checksums, with NaN bytes in a tensor",
+        "exit 2: `error: ... is damaged: ...` (t2t_ref never writes NaN or inf)"))])
+def test_a_damaged_checkpoint_is_refused_by_name(tmp_path, capsys, damage):
+    import struct
+    from t2t_ref.checkpoint import CRC_KEY, META_KEY
+    from safetensors import safe_open
+    from safetensors.numpy import load_file, save
+    out = tmp_path / "run"
+    assert run_train(TINY + ["--epochs", "1", "--out", str(out)], capsys)[0] == 0
+    path = out / "last.safetensors"
+    data = bytearray(path.read_bytes())
+    header_end = 8 + struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8:header_end])
+    key = "blocks.0.attn.qkv.weight"
+    start, _ = header[key]["data_offsets"]
+    if damage == "flip":
+        data[header_end + start + 5] ^= 0x10  # one bit of one weight
+        path.write_bytes(bytes(data))
+    else:  # an older file (no checksums) whose tensor reads NaN
+        tensors = load_file(path)
+        tensors[key][0, 0] = np.nan
+        path.write_bytes(save(tensors, {META_KEY: header["__metadata__"][META_KEY]}))
+        with safe_open(str(path), framework="numpy") as f:
+            assert CRC_KEY not in f.metadata()
+    code, captured = run_train(["--resume", str(path), "--epochs", "2"], capsys)
+    assert_user_error(code, captured, f"{path} is damaged: its tensor {key} is not what was "
+                      "written")
+    code = evaluate.main(["--checkpoint", str(path)])
+    assert_user_error(code, capsys.readouterr(), f"{path} is damaged")
+
+
 # ---- issue 11: flags that cannot work, paths that cannot be written, runs that diverge ------
 
 
@@ -648,6 +687,10 @@ def test_resume_of_a_finished_run_says_how_to_extend_it(tmp_path, capsys):
     code, captured = run_train(["--resume", str(out / "last.safetensors"), "--epochs", "1"],
                                capsys)
     assert_user_error(code, captured, "has trained 1 of 1 epoch already")
+    code, captured = run_train(TINY + ["--epochs", "2", "--out", str(tmp_path / "two")], capsys)
+    assert code == 0, captured.err
+    code, captured = run_train(["--resume", str(tmp_path / "two"), "--epochs", "1"], capsys)
+    assert_user_error(code, captured, "has trained 2 epochs, more than --epochs 1, already")
 
 
 def test_a_run_is_not_shortened_below_its_warmup(tmp_path, capsys):
@@ -707,6 +750,85 @@ def test_out_paths_that_cannot_hold_a_run(tmp_path, capsys, monkeypatch):
     code, captured = run_train(TINY + ["--out", str(locked / "run")], capsys)
     assert_user_error(code, captured, f"cannot write in {locked} (Permission denied)")
     assert not (locked / "run").exists()
+
+
+@pytest.mark.parametrize("flag, says", [
+    pytest.param("--out", "give a folder", marks=tried(
+        "command line", "`train --out \"\"` (an unset variable in a script)",
+        "exit 2: `error: argument --out: an empty path: give a folder`")),
+    pytest.param("--init-from", "give a checkpoint file", marks=tried(
+        "command line", "`train --init-from \"\"`",
+        "exit 2: `error: argument --init-from: an empty path: give a checkpoint file` "
+        "(it used to be ignored: the run started from random weights)")),
+    pytest.param("--resume", "give a checkpoint or a run's folder"),
+    pytest.param("--data", "give a dataset folder")])
+def test_an_empty_path_is_refused(tmp_path, capsys, flag, says):
+    with pytest.raises(SystemExit) as exited:  # argparse's own exit, as for other bad flags
+        train.main(TINY + ["--out", str(tmp_path / "run"), flag, ""])
+    assert_user_error(exited.value.code, capsys.readouterr(),
+                      f"argument {flag}: an empty path: {says}")
+    assert not (tmp_path / "run").exists()
+
+
+@tried("checkpoints", "`--resume best.safetensors` into its run folder, whose last.safetensors "
+       "is further on", "exit 2: `error: ... is at epoch 1 (step 3), but .../last.safetensors is "
+       "further on (epoch 2, step 6); resuming into that folder would write over it: ...`; "
+       "last untouched; `--out` a new folder branches off")
+def test_resuming_an_older_checkpoint_does_not_write_over_a_newer_last(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run_train(TINY + ["--epochs", "1", "--out", str(out)], capsys)[0] == 0
+    older = tmp_path / "epoch1.safetensors"
+    older.write_bytes((out / "last.safetensors").read_bytes())
+    assert run_train(["--resume", str(out), "--epochs", "2"], capsys)[0] == 0
+    newer = (out / "last.safetensors").read_bytes()
+    code, captured = run_train(["--resume", str(older), "--epochs", "2", "--out", str(out)],
+                               capsys)
+    assert_user_error(code, captured, f"{older} is at epoch 1 (step 3), but",
+                      "is further on (epoch 2, step 6)", "give --out a new folder")
+    assert (out / "last.safetensors").read_bytes() == newer
+    code, captured = run_train(["--resume", str(older), "--epochs", "2", "--out",
+                                str(tmp_path / "branch")], capsys)
+    assert code == 0, captured.err
+    assert (out / "last.safetensors").read_bytes() == newer
+
+
+@tried("checkpoints", "`--resume --data` a folder whose class folders are not the run's "
+       "(one renamed)", "exit 2: `error: the data's classes differ from the checkpoint's (2 vs "
+       "2; in one and not the other: 'b', 'c'): resume on the dataset the run was started with`")
+def test_resume_on_other_classes_names_them(tmp_path, capsys):
+    for name, classes in (("d", ["a", "b"]), ("renamed", ["a", "c"])):
+        write_image_folder(tmp_path / name, classes, per_class=8)
+        write_image_folder(tmp_path / name, classes, per_class=2, split="val")
+    out = tmp_path / "run"
+    code, captured = run_train(["--data", str(tmp_path / "d"), "--out", str(out), "--img-size",
+                                "32", "--batch-size", "8", "--workers", "0", "--epochs", "1",
+                                "--warmup-epochs", "0"], capsys)
+    assert code == 0, captured.err
+    code, captured = run_train(["--resume", str(out), "--data", str(tmp_path / "renamed"),
+                                "--epochs", "2"], capsys)
+    assert_user_error(code, captured, "(2 vs 2; in one and not the other: 'b', 'c')")
+
+
+@tried("checkpoints", "a second training process on a run folder another one is writing "
+       "(a requeued job while the first still runs)", "exit 2: `error: ... is in use by another "
+       "training process: wait for it to end, or choose another --out`; nothing written")
+def test_a_run_folder_in_use_is_refused(tmp_path, capsys):
+    import fcntl
+    out = tmp_path / "run"
+    assert run_train(TINY + ["--epochs", "1", "--out", str(out)], capsys)[0] == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    other = os.open(out, os.O_RDONLY)  # what the other process's lock_run_folder holds
+    try:
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        code, captured = run_train(["--resume", str(out), "--epochs", "2"], capsys)
+        assert_user_error(code, captured, f"{out} is in use by another training process")
+        assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    finally:
+        os.close(other)
+    code, captured = run_train(["--resume", str(out), "--epochs", "2"], capsys)
+    assert code == 0, captured.err  # free again: the same command goes on
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == [], \
+        "the lock leaves no file behind"
 
 
 @tried("data", "a dataset folder with fewer training images than one batch",
