@@ -33,7 +33,8 @@ What is printed for each configuration:
   - loader: images/s of t2t_ref.data.Loader making training batches of this size and batch
     with the official recipe's augmentation from in-memory synthetic images (--workers
     processes), beside the model's images/s, so the slower of the two shows. --loader times
-    only the loader, on JPEG photos at 224, for 1, 2 and all cores (bench_loader.py).
+    only the loader, on JPEG photos at 224, for 1, 2 and all cores (bench_loader.py), or for
+    --workers alone where it is given (0: in the training process).
   - where t2t_ref's time goes: one extra profiled step (not one of the timed ones), with every
     function of t2t_ref.ops, t2t_ref.layers and t2t_ref.gaps, the model's forward/backward and
     AdamW's step timed through Python's profiling hook (OpProfiler), keeping *exclusive* time
@@ -65,6 +66,7 @@ import re
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -73,6 +75,7 @@ from pathlib import Path
 import numpy as np
 import threadpoolctl
 
+from .atomic import write_atomic
 from .backend import keep_freed_memory, to_device, to_numpy
 from .cli import HelpFormatter, run as run_cli, user_error
 from .gaps import make_rng
@@ -1063,6 +1066,48 @@ def print_markdown(machine, peak, results, pause):
 
 # ---- the command line -----------------------------------------------------------------------
 
+def check_json_path(path):
+    """Refuse a --json PATH that cannot be written (empty, a folder, under a missing folder or
+    a file, in a folder that cannot be written) now, before any timing, rather than after the
+    whole run: BenchError. Creates nothing: the folder is probed with a temporary file."""
+    if not path.strip():
+        raise BenchError("--json is empty: give a file path, e.g. --json bench.json")
+    full = os.path.abspath(path)
+    if os.path.isdir(full) or path.endswith(("/", os.sep)):
+        raise BenchError(f"--json {path} is a folder: give a file path, e.g. --json "
+                         f"{os.path.join(path, 'bench.json')}")
+    folder = os.path.dirname(full)
+    existing = folder
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise BenchError(f"--json {path} lies under {existing}, which is a file: give another "
+                         "path")
+    if existing != folder:
+        raise BenchError(f"--json {path}: folder {folder} does not exist: create it or give "
+                         "another path")
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise BenchError(f"--json {path}: cannot write in {folder} ({err.strerror or err}): "
+                         "choose a folder you can write to") from None
+
+
+def write_json(path, report):
+    """Write report to path atomically (the old file stays whole if this fails); 0, or after
+    an OSError (disk full, the folder gone or made read-only meanwhile) one line and 2. The
+    numbers are printed already."""
+    try:
+        write_atomic(path, json.dumps(report, indent=2))
+    except OSError as err:
+        return user_error(f"cannot write --json {path} ({err.strerror or err}): the results "
+                          "are printed above; free space (or fix what the error names) and "
+                          "run again")
+    print(f"\nwrote {path}")
+    return 0
+
+
 def main(argv=None):
     keep_freed_memory()  # reuse freed arrays' memory: see backend.keep_freed_memory
     parser = argparse.ArgumentParser(prog="python -m t2t_ref.bench", description=__doc__,
@@ -1097,21 +1142,30 @@ def main(argv=None):
                              "idle threads have stopped spinning (default: 0.15 with numpy "
                              "and more than one thread, else 0)")
     parser.add_argument("--workers", type=int, default=None,
-                        help="loader worker processes (default: the cores less one)")
+                        help="loader worker processes, 0 for loading in the training process "
+                        "(default: the cores less one; with --loader: 1, 2 and all cores, "
+                        "each measured)")
     parser.add_argument("--loader", action="store_true",
                         help="only the loader: images/s at 224 with the official recipe's "
-                        "augmentation from JPEG photos, for 1, 2 and all cores' workers "
-                        "(t2t_ref/bench_loader.py)")
+                        "augmentation from JPEG photos, for 1, 2 and all cores' workers, or "
+                        "for --workers alone where it is given (t2t_ref/bench_loader.py)")
     parser.add_argument("--json", metavar="PATH", help="write every number to this JSON file")
     parser.add_argument("--markdown", action="store_true",
                         help="also print a Markdown table for BENCHMARKS.md")
     args = parser.parse_args(argv)
+    if args.json is not None:  # before any timing: a bad path would lose the whole run
+        try:
+            check_json_path(args.json)
+        except BenchError as err:
+            return user_error(err)
     if args.loader:
+        if args.workers is not None and args.workers < 0:
+            return user_error(f"--workers {args.workers}: give 0 (loading in the training "
+                              "process) or more worker processes")
         from . import bench_loader
-        result = bench_loader.run(batches=3 if args.quick else 6)
-        if args.json:
-            Path(args.json).write_text(json.dumps(result, indent=1))
-        return 0
+        result = bench_loader.run(batches=3 if args.quick else 6, worker_counts=(
+            None if args.workers is None else [args.workers]))
+        return write_json(args.json, result) if args.json is not None else 0
     if args.workers is None:
         from .data import default_workers
         args.workers = default_workers()
@@ -1189,15 +1243,15 @@ def run(args, configs):
         failed += [f"{config.name}: {f}" for f in failures(result, args.backend)]
     if args.markdown:
         print_markdown(machine, peak, results, args.pause)
-    if args.json:
+    written = 0
+    if args.json is not None:
         report = {"machine": machine, "matmul": peak, "peak_gflops": peak_gflops,
                   "repeats": args.repeats, "warmup": args.warmup, "results": results}
-        Path(args.json).write_text(json.dumps(report, indent=2))
-        print(f"\nwrote {args.json}")
+        written = write_json(args.json, report)
     if failed:
         print("\nFAILED: " + "; ".join(failed), file=sys.stderr)
-        return 1
-    return 0
+        return written or 1
+    return written
 
 
 if __name__ == "__main__":

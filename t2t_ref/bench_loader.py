@@ -1,5 +1,6 @@
 """How fast the loader feeds a training run: images/s at 224 with the official recipe's
-augmentation, for 1, 2 and all cores' worker processes. `python -m t2t_ref.bench --loader`.
+augmentation, for 1, 2 and all cores' worker processes (or the --workers count alone, 0: in
+the training process). `python -m t2t_ref.bench --loader [--workers N]`.
 
     photos  : JPEG files (about 500 x 375, quality 90, like ImageNet's) cut from the photographs
               scikit-image ships (astronaut, coffee, chelsea, rocket, ...; photo-like stand-ins
@@ -109,6 +110,14 @@ def consumer_ms(dataset, batch, size, repeats=5):
     return float(np.median(times))
 
 
+def rate_line(workers, rate):
+    """The printed line of one worker count (0: the loading done in the training process)."""
+    if workers == 0:
+        return f"   0 workers (in the training process): {rate:7.1f} images/s"
+    return (f"  {workers:>2} worker process{'es' if workers > 1 else '  '}: {rate:7.1f} "
+            f"images/s ({rate / workers:.1f} per worker)")
+
+
 def run(batch=64, size=224, batches=6, worker_counts=None, out=print):
     """Measure and print; returns {"workers": {count: images/s}, "consumer_ms": ...}."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -129,8 +138,7 @@ def run(batch=64, size=224, batches=6, worker_counts=None, out=print):
             warm = recipe_loader(epoch, batch, size, 0)
             rates[workers] = loader_rate(epoch, batch, size, workers, warm.transform,
                                          warm.erasing)
-            out(f"  {workers:>2} worker process{'es' if workers > 1 else '  '}: "
-                f"{rates[workers]:7.1f} images/s ({rates[workers] / workers:.1f} per worker)")
+            out(rate_line(workers, rates[workers]))
         ms = consumer_ms(dataset, batch, size)
         out(f"  the training process's share (normalise + erase, NumPy): {ms:.1f} ms per batch")
     return {"batch": batch, "size": size, "cores": cores, "workers": rates, "consumer_ms": ms}
