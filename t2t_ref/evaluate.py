@@ -3,12 +3,19 @@
     python -m t2t_ref.evaluate --checkpoint runs/t2t/best.safetensors --data imagenette2-320
     python -m t2t_ref.evaluate --weights 71.7_T2T_ViT_7.pth.tar --model t2t_vit_7 --data imagenet
 
-Without --data, a checkpoint trained on the built-in shapes is evaluated on the built-in
-validation set it was trained beside. Images go through the checkpoint's evaluation transform
+Without --data, a checkpoint is evaluated on the validation split it was trained beside: the
+built-in shapes' validation set, or that of the dataset folder its run was trained on (the
+folder stored in the checkpoint, where it still is; --data DIR names another place). A
+checkpoint is evaluated as its own model (--model, if given, must name it) at its own size,
+or with --img-size at another (the position table resized bicubically, as --weights does).
+Images go through the checkpoint's evaluation transform
 (its training run's --crop-pct and --interpolation): resize the shorter side to S / crop-pct,
 centre crop S; --crop-pct and --interpolation here override them (--crop-pct 1: the whole
 image). The JSON line says which were used (null for the built-in shapes: drawn at the
 model's size, they are scored as drawn).
+
+Weights holding NaN or inf, or outputs that are NaN or inf (a damaged file, a diverged run),
+end with one `error:` line naming the file and exit code 2, after the scores are printed.
 
 --weights evaluates official T2T-ViT weights (or any t2t_ref weight file; EMA weights where the
 file has them) on DIR/val/<class>/ (DIR/train/ is not needed; DIR may also be the val folder
@@ -44,7 +51,9 @@ from .parallel import DataParallel, mpi
 from .parallel.mpi import WorldError
 from .ops.cross_entropy import cross_entropy
 from .precision import PRECISIONS, PrecisionError
-from .pretrained import PretrainedError, imagenet_classes, model_from_weights, read_weights
+from .model import PATCH
+from .pretrained import (PretrainedError, imagenet_classes, model_from_weights, read_weights,
+                         resize_pos_embed)
 from .recipe import eval_transform_of
 from .variants import list_models
 
@@ -148,16 +157,22 @@ def summary(name, result):
     return line
 
 
-def model_from_checkpoint(path, backend, dtype=None, precision="float32"):
-    """Rebuild the model a training checkpoint was made with, and load its weights.
+def model_from_checkpoint(path, backend, dtype=None, precision="float32", img_size=None):
+    """Rebuild the model a training checkpoint was made with, and load its weights; img_size
+    (None: the checkpoint's) another image side, the position table (weights' and EMA's)
+    resized bicubically to its grid as pretrained.fit_state_dict does.
 
-    Returns (model, meta). Raises CheckpointError if the weights do not fit the model.
+    Returns (model, meta, ema). Raises CheckpointError if the weights do not fit the model.
     """
     weights, meta, _, ema = load_checkpoint(path)
     config = meta["config"]
     model = create_model(meta["model"], num_classes=len(meta["class_names"]),
-                         img_size=config["img_size"], backend=backend,
+                         img_size=img_size or config["img_size"], backend=backend,
                          dtype=dtype or config["dtype"], precision=precision)
+    for tree in (weights, ema or {}):
+        table = tree.get("pos_embed")
+        if table is not None and table.ndim == 3 and model.img_size != config["img_size"]:
+            tree["pos_embed"] = resize_pos_embed(table, model.grid)
     try:
         model.load_state_dict(weights)
     except ValueError as err:
@@ -166,19 +181,26 @@ def model_from_checkpoint(path, backend, dtype=None, precision="float32"):
 
 
 def validation_loader(meta, data, batch_size, workers, val_fraction=None, source="the file",
-                      piece=None, crop_pct=None, interpolation=None):
+                      piece=None, crop_pct=None, interpolation=None, size=None, say=None):
     """The validation split a checkpoint's model is evaluated on, checked against its classes,
     with the checkpoint's evaluation transform (--crop-pct, --interpolation as trained;
-    crop_pct / interpolation override them)."""
+    crop_pct / interpolation override them), at size (None: the checkpoint's image side).
+    data None: the checkpoint's own data, the dataset folder stored in it (say(line) tells
+    where it came from) or the built-in shapes."""
     config = meta["config"]
-    size = config["img_size"]
+    size = size or config["img_size"]
     if data is None:
         if meta.get("weights_only"):  # written by convert (pretrained.save_weights)
             raise DataError(f"{source} holds converted weights, not a run trained here, so it "
                             "comes with no validation set: pass one with --data DIR")
-        if config.get("data") is not None:
-            raise DataError("this checkpoint was trained on a dataset folder: pass it with "
-                            "--data DIR")
+        data = config.get("data")
+        if data is not None:  # trained on a folder: where it was, if it still is (as --resume)
+            if not os.path.isdir(data):
+                raise DataError(f"the checkpoint was trained on {data}, which is not there "
+                                "(moved, or another machine): give its place with --data")
+            if say is not None:
+                say(f"data: {data} (from the checkpoint)")
+    if data is None:
         _, (images, labels), classes = make_shapes_splits(
             config["synthetic_train"], config["synthetic_val"], size, config["seed"],
             config["synthetic_classes"])
@@ -280,7 +302,8 @@ def build_parser():
                         "evaluated on --data DIR's val/ split")
     parser.add_argument("--data", default=None,
                         help="ImageNet-style folder (its val/ split, or the held-out part of "
-                             "train/) (default: the built-in shapes the model was trained on)")
+                             "train/) (default: what the checkpoint was trained on: the folder "
+                             "stored in it, or the built-in shapes)")
     parser.add_argument("--batch-size", type=number(int, low=1), default=128)
     parser.add_argument("--workers", type=number(int, low=0), default=None,
                         help="background processes decoding images (default: the usable "
@@ -302,10 +325,12 @@ def build_parser():
                         help="evaluate the checkpoint's EMA weights instead of the raw ones")
     parser.add_argument("--model", default=None, choices=list_models(), metavar="NAME",
                         help="with --weights: the variant (default: from the file's metadata, "
-                        "its training arguments, or its shapes)")
+                        "its training arguments, or its shapes); with --checkpoint it can only "
+                        "be the checkpoint's own model")
     parser.add_argument("--img-size", type=number(int, low=16), default=None,
-                        help="with --weights: image side (default: the file's; 224 for the "
-                        "official weights)")
+                        help="image side, a multiple of 16; another than the file's resizes "
+                        "the position table (default: the file's; 224 for the official "
+                        "weights)")
     parser.add_argument("--no-ema", action="store_true",
                         help="with --weights: the raw weights, not the EMA ones")
     return parser
@@ -315,9 +340,9 @@ class Job:
     """What main() evaluates: model, loader, the summary's name and the JSON's extra fields,
     and under MPI what every rank must hold alike (fingerprint)."""
 
-    def __init__(self, model, loader, name, extra, world, cuda_graphs=False):
+    def __init__(self, model, loader, name, extra, world, cuda_graphs=False, path=None):
         self.model, self.loader, self.name, self.extra = model, loader, name, extra
-        self.cuda_graphs = cuda_graphs
+        self.cuda_graphs, self.path = cuda_graphs, path  # path: the weights' file
         self.fingerprint = None if world.size == 1 else {
             "code version": mpi.code_version(), "model": extra["model"],
             "weights (CRC-32)": zlib.crc32(memoryview(to_numpy(model.params.flat)).cast("B")),
@@ -333,6 +358,13 @@ def prepare(argv, world):
     if args.cuda_graphs and world.size > 1:
         raise UsageError("--cuda-graphs runs in one process: under MPI the ranks' counts are "
                          "gathered between the recorded kernels; drop the flag")
+    if args.img_size is not None and args.img_size % PATCH:
+        raise UsageError(f"--img-size {args.img_size} is not a multiple of {PATCH}: give e.g. "
+                         f"{max(PATCH, args.img_size // PATCH * PATCH)}")
+
+    def say(line):  # a note on stderr, once (rank 0)
+        if world.rank == 0:
+            print(line, file=sys.stderr)
 
     def workers(size):  # --workers, else the cores less one, as many as /dev/shm has room for
         if args.workers is not None:
@@ -364,25 +396,60 @@ def prepare(argv, world):
         extra = dict(weights=args.weights, which=weight_file.which, model=model.name,
                      img_size=model.img_size, crop_pct=transform.crop_pct,
                      interpolation=transform.interpolation, precision=args.precision)
-        return Job(model, loader, name, extra, world, args.cuda_graphs)
+        return Job(model, loader, name, extra, world, args.cuda_graphs, args.weights)
     if args.backend == "cupy":
         mpi.use_local_gpu(world)
     model, meta, ema = model_from_checkpoint(args.checkpoint, args.backend,
-                                             precision=args.precision)
+                                             precision=args.precision, img_size=args.img_size)
+    if args.model is not None and args.model != meta["model"]:
+        raise UsageError(f"--model {args.model} contradicts the checkpoint, which holds "
+                         f"{meta['model']}: drop --model (a checkpoint is evaluated as its own "
+                         "model)")
     if args.ema:
         if ema is None:
             raise CheckpointError(f"{args.checkpoint} holds no EMA weights (trained "
                                   "without --ema-decay)")
         model.load_state_dict({**model.state_dict(), **ema})
+    refuse_non_finite_weights(args.checkpoint, model)
+    trained = meta["config"]["img_size"]
+    if model.img_size != trained:
+        say(f"note: evaluating at {model.img_size}x{model.img_size}, trained at "
+            f"{trained}x{trained}: position table resized bicubically from "
+            f"{trained // PATCH}x{trained // PATCH} to {model.grid}x{model.grid}")
     loader = validation_loader(meta, args.data, args.batch_size, workers(model.img_size),
                                source=args.checkpoint, piece=piece, crop_pct=args.crop_pct,
-                               interpolation=args.interpolation)
-    transform = loader.transform  # the built-in shapes are scored as drawn: no resize, no crop
-    return Job(model, loader, meta["model"], dict(
-        checkpoint=args.checkpoint, model=meta["model"],
-        crop_pct=None if transform.as_drawn else transform.crop_pct,
-        interpolation=None if transform.as_drawn else transform.interpolation,
-        precision=args.precision), world, args.cuda_graphs)
+                               interpolation=args.interpolation, size=model.img_size, say=say)
+    # the built-in shapes are scored as drawn (no resize, no crop) at the size they were drawn
+    as_drawn = loader.transform.as_drawn and model.img_size == trained
+    name = meta["model"] + ("" if model.img_size == trained
+                            else f" at {model.img_size}x{model.img_size}")
+    return Job(model, loader, name, dict(
+        checkpoint=args.checkpoint, model=meta["model"], img_size=model.img_size,
+        crop_pct=None if as_drawn else loader.transform.crop_pct,
+        interpolation=None if as_drawn else loader.transform.interpolation,
+        precision=args.precision), world, args.cuda_graphs, args.checkpoint)
+
+
+def refuse_non_finite_weights(path, model):
+    """CheckpointError, one line naming the file, if the weights loaded into model hold a NaN or
+    inf: a damaged file (its header intact, its bytes not) or a diverged run's."""
+    broken = [key for key, value in model.state_dict().items()  # host arrays
+              if value.dtype.kind not in "biu"  # (bf16's kind is "V")
+              and not np.isfinite(value.astype(np.float32)).all()]
+    if broken:
+        raise CheckpointError(f"{path} is damaged: {plural(len(broken), 'weight tensor')} hold "
+                              f"NaN or inf (e.g. {broken[0]}): evaluate another checkpoint "
+                              "(e.g. last.safetensors or an earlier copy)")
+
+
+def non_finite_error(job, result):
+    """The one line for scores over NaN or inf outputs: the weights are damaged."""
+    line = (f"{job.path} is damaged: {result['nonfinite']} of {result['images']} images gave "
+            "NaN or inf outputs (a corrupted file or a diverged run; the scores above count "
+            "them wrong): evaluate another checkpoint")
+    if job.extra.get("precision") == "fp16":
+        line += ", or try --precision bf16 (fp16 may have overflowed)"
+    return line
 
 
 def main(argv=None):
@@ -414,6 +481,8 @@ def main(argv=None):
     if world.rank == 0:
         report(result, job.loader, job.name, **job.extra,
                seconds=round(time.perf_counter() - start, 2))
+    if result["nonfinite"]:  # every rank alike: the counts were summed over them
+        return user_error(non_finite_error(job, result)) if world.rank == 0 else 2
     return 0
 
 

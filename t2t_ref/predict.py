@@ -8,7 +8,9 @@ Prints, for each image, its path and then one "probability  class" line per clas
 A folder stands for every image file in it and its sub-folders, in order of their paths. The
 images are read, classified and printed --batch-size at a time, so a folder of any size fits
 in memory. An image that cannot be read, or whose output is NaN or inf, gets an "error:" line
-on stderr instead, and the others go on; the exit code is then 1.
+on stderr instead, and the others go on; the exit code is then 1 (so it is for an empty folder
+named beside images). Nothing to classify at all (only folders without image files) is a user
+mistake: one "error:" line, exit code 2.
 Each image goes through the evaluation transform (short side resized to int(S / crop_pct),
 centre crop S x S; ImageNet mean/std), with a t2t_ref checkpoint's --crop-pct and
 --interpolation, else the official 0.9 and bicubic. Class names: those stored in a t2t_ref
@@ -80,6 +82,21 @@ def main(argv=None):
     parser.add_argument("--precision", default="float32", choices=list(PRECISIONS),
                         help="bf16 or fp16: inference in half precision (t2t_ref/precision.py)")
     args = parser.parse_args(argv)
+    # the images first (cheap): with none at all there is nothing to do
+    paths, empty_folders = [], []
+    for path in args.images:
+        if os.path.isdir(path):
+            found = images_under(path)
+            if not found:
+                empty_folders.append(path)
+            paths += found
+        else:
+            paths.append(path)
+    kinds = f"{', '.join(IMAGE_EXTENSIONS)}, any case, sub-folders included"
+    if not paths:
+        named = " or ".join(repr(folder) for folder in empty_folders)
+        return user_error(f"no image files in {'folder' if len(empty_folders) == 1 else 'folders'}"
+                          f" {named} ({kinds}): name image files, or a folder that holds some")
     try:
         weight_file = read_weights(args.weights, use_ema=not args.no_ema)
         broken = [k for k, v in weight_file.weights.items()
@@ -96,17 +113,9 @@ def main(argv=None):
     # the evaluation transform the weights were trained with (a t2t_ref run's), else official
     transform = eval_transform_of((weight_file.meta or {}).get("config", {}))
     # every image on its own: one that cannot be read is reported, and the rest go on
-    paths, failed, empty = [], 0, 0
-    for path in args.images:
-        if os.path.isdir(path):
-            found = images_under(path)
-            if not found:
-                print(f"error: no image files in folder {path!r} ({', '.join(IMAGE_EXTENSIONS)},"
-                      " any case, sub-folders included)", file=sys.stderr)
-                empty += 1
-            paths += found
-        else:
-            paths.append(path)
+    failed, empty = 0, len(empty_folders)
+    for folder in empty_folders:  # beside images to classify: said, and the others go on
+        print(f"error: no image files in folder {folder!r} ({kinds})", file=sys.stderr)
     k = min(args.top, model.num_classes)
     for start in range(0, len(paths), args.batch_size):  # read, classify, print: a batch
         images, good = [], []
