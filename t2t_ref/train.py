@@ -166,7 +166,7 @@ def build_parser(defaults=True):
         "DIR/val/<class>/* (default: the built-in procedurally generated shapes)")
     add("--model", default="t2t_vit_7", choices=list_models(), metavar="NAME",
         help="model: " + ", ".join(list_models()))
-    add("--img-size", type=int, default=None,
+    add("--img-size", type=number(int, low=PATCH), default=None,
         help="image side, a multiple of 16 (default: 32 for the built-in shapes, else 224)")
     add("--epochs", type=number(int, low=1), default=3,
         help="passes over the training set; with --resume, more than the checkpoint's "
@@ -311,9 +311,12 @@ def resolve_config(args, given=None):
         if low > high:
             raise UsageError(f"--{flag.replace('_', '-')} {low:g} {high:g}: MIN is above MAX: "
                              f"give --{flag.replace('_', '-')} {high:g} {low:g}")
+    from_recipe = (f" (from --recipe {config['recipe']})" if config["recipe"] is not None
+                   and "warmup_epochs" not in (given or {}) else "")
     if config["warmup_epochs"] > config["epochs"]:
-        raise UsageError(f"--warmup-epochs {config['warmup_epochs']:g} is longer than the run "
-                         f"(--epochs {config['epochs']}): give at most {config['epochs']}")
+        raise UsageError(f"--warmup-epochs {config['warmup_epochs']:g}{from_recipe} is longer "
+                         f"than the run (--epochs {config['epochs']}): give at most "
+                         f"--warmup-epochs {config['epochs']}, or more epochs")
     if config["warmup_epochs"] + config["cooldown_epochs"] > config["epochs"]:
         raise UsageError(f"--warmup-epochs {config['warmup_epochs']:g} and --cooldown-epochs "
                          f"{config['cooldown_epochs']} leave no cosine in --epochs "
@@ -659,6 +662,14 @@ def prepare(config, resume=None, world=None):
             rings=2 if mixing and world.size > 1 else 1, ranks_on_node=ranks)
         if note:
             run.say(note, file=sys.stderr)
+    else:
+        ranks = mpi.ranks_on_this_node(world)
+        spare = default_workers(ranks) + 1  # this rank's share of the cores
+        if config["workers"] > 2 * spare:
+            run.say(f"note: --workers {config['workers']} is many more than the "
+                    f"{plural(spare, 'core')} this process has: the workers take turns on them "
+                    f"with each other and with training, and the batches come slower; the "
+                    f"default is {default_workers(ranks)}", file=sys.stderr)
     if world.size > config["batch_size"]:
         raise UsageError(f"--batch-size {config['batch_size']} is smaller than the "
                          f"{world.size} MPI ranks (each takes a piece of every batch): give at "

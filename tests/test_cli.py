@@ -73,6 +73,9 @@ BAD_COMMAND_LINES = [
     case("train", "--max-nonfinite-steps 0", "argument --max-nonfinite-steps: 0 is out of range"),
     case("train", "--model t2t_vit_99", "argument --model: invalid choice: 't2t_vit_99'"),
     case("train", "--img-size 50", "--img-size 50 is not a multiple of 16"),
+    case("train", "--img-size 0", "argument --img-size: 0 is out of range: give a number >= 16"),
+    case("train", "--recipe official --epochs 1", "--warmup-epochs 10 (from --recipe official) "
+         "is longer than the run (--epochs 1): give at most --warmup-epochs 1, or more epochs"),
     case("train", "--resume a --init-from b", "give only one of them"),
     case("evaluate", "--checkpoint c --workers -1", "argument --workers: -1 is out of range"),
     case("evaluate", "--checkpoint c --batch-size 0", "argument --batch-size: 0 is out of range"),

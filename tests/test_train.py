@@ -831,6 +831,20 @@ def test_a_run_folder_in_use_is_refused(tmp_path, capsys):
         "the lock leaves no file behind"
 
 
+def test_far_more_workers_than_cores_get_a_note(tmp_path, capsys, monkeypatch):
+    """--workers far above the cores (64 on 2 made the batches wait 23% of the time, not 3%):
+    a note says so and names the default; the run goes on."""
+    monkeypatch.setattr(train, "default_workers", lambda ranks=1: 1)  # as on 2 cores
+    code, captured = run_train(TINY[:-4] + ["--workers", "5", "--warmup-epochs", "0.5",
+                                            "--epochs", "1", "--out", str(tmp_path / "r")],
+                               capsys)
+    assert code == 0, captured.err
+    assert "note: --workers 5 is many more than the 2 cores this process has" in captured.err
+    assert "the default is 1" in captured.err
+    code, captured = run_train(TINY + ["--epochs", "1", "--out", str(tmp_path / "s")], capsys)
+    assert code == 0 and "many more than" not in captured.err  # --workers 0: no note
+
+
 @tried("data", "a dataset folder with fewer training images than one batch",
        "exit 2: `error: ... has 6 training images, no whole batch of --batch-size 64 ...`")
 def test_a_dataset_smaller_than_a_batch(tmp_path, capsys):
