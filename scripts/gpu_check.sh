@@ -19,7 +19,7 @@ case ${PRESET:-} in            # named sets of stages, for a session with little
     graphs) STAGES="install start graphs default_graphs evaluate_graphs bench_graphs loader";;
     half) STAGES="install start parity_half trace gemm matmuls bench_half";;
     # the open questions in one run: graphs' checks and speed, then where bf16 goes wrong
-    next) STAGES="install start graphs default_graphs evaluate_graphs bench_graphs loader parity_half trace";;
+    next) STAGES="install start capture graphs default_graphs evaluate_graphs bench_graphs loader parity_half trace";;
     "") ;;
     *) echo "PRESET must be graphs, half or next"; exit 2;;
 esac
@@ -104,6 +104,9 @@ stage bench_small 60 ok=1 $PY -m t2t_ref.bench --backend cupy --repeats 7 --warm
 # 6b. --cuda-graphs (t2t_ref/graphs.py): replayed steps against eager ones, and their speed
 #     (gpu_graphs.py); the default run again, its steps replayed; the 32x32 step and T2T-ViT-7's
 #     inference against PyTorch eager, replayed (bench: a missed target is not a failure here)
+#     (first the unit tests of recording: products into a graph through cuBLAS by ctypes, the
+#     kernels' twins, the replayed steps' GPU test)
+stage capture 90 $PY -m pytest -q -p no:cacheprovider tests/test_cupy_gemm.py tests/test_cupy_kernels.py tests/test_graphs.py -k "cupy or gpu or graph"
 stage graphs 90 $PY scripts/gpu_graphs.py
 stage default_graphs 100 $PY -m t2t_ref.train --backend cupy --cuda-graphs --out "$WORK/default_graphs"
 #     (its checkpoint evaluated eagerly, then with the forward replayed: the same numbers)

@@ -279,9 +279,10 @@ def test_bf16_on_a_gpu_that_cannot_do_it_is_refused_in_one_line(monkeypatch, cap
     assert says in str(err.value) and "\n" not in str(err.value)
 
 
-def test_bf16_on_a_gpu_is_off_until_its_wrong_gradients_are_found(monkeypatch):
-    """The first GPU run's bf16 T2T-ViT-t-14 gradients were wrong (precision.py): on CuPy bf16
-    is refused in one line that names fp16 and the variable that runs it anyway."""
+def test_bf16_on_a_gpu_is_off_until_a_gpu_confirms_the_fix(monkeypatch):
+    """The first GPU run's bf16 T2T-ViT-t-14 gradients were wrong (precision.py: fixed on the
+    CPU since): on CuPy bf16 is refused in one line that names fp16 and the variable that runs
+    it anyway, until a GPU run confirms the fix."""
     from t2t_ref.precision import ALLOW_GPU_BF16, compute_dtype
     monkeypatch.delenv(ALLOW_GPU_BF16, raising=False)
     xp = _fake_cupy_namespace(monkeypatch, "90", True)
