@@ -21,6 +21,7 @@ call while a stream captures (CuPy issue #6290), though cuBLAS's products can be
 
 import ctypes
 import dataclasses
+import os
 import re
 
 import numpy as np
@@ -175,16 +176,31 @@ _DIRECT = None
 
 
 def loaded_library(name, maps="/proc/self/maps"):
-    """The path of the shared library `name` (e.g. "libcublas") mapped into this process: the
-    very file CuPy's cuBLAS wrappers call into (they load it when imported)."""
+    """The path of the shared library `name` ("libcublas") that CuPy's wrappers call into.
+    CuPy 14 loads its CUDA libraries through cuda-pathfinder, whose load_nvidia_dynamic_lib is
+    cached: asked again, it names the very file CuPy loaded. Else the one such library mapped
+    into this process (/proc/self/maps); two different ones (PyTorch's own beside CuPy's, say)
+    are refused rather than guessed between: a handle of one library given to the other's
+    functions would be undefined."""
     from cupy_backends.cuda.libs import cublas  # noqa: F401 - loads libcublas
+    try:
+        from cuda import pathfinder
+        loaded = pathfinder.load_nvidia_dynamic_lib(name[len("lib"):])
+        if getattr(loaded, "abs_path", None):
+            return loaded.abs_path
+    except Exception:  # noqa: BLE001 - no pathfinder (CuPy 13), or it cannot say: the maps
+        pass
     pattern = re.compile(rf"/{re.escape(name)}\.so(\.[0-9]+)*$")
     with open(maps) as lines:
-        for line in lines:
-            path = line.split(maxsplit=5)[-1].strip()
-            if pattern.search(path):
-                return path
-    raise RuntimeError(f"{name} is not loaded in this process (is CuPy's cuBLAS usable?)")
+        paths = {line.split(maxsplit=5)[-1].strip() for line in lines}
+    found = sorted({os.path.realpath(p) if os.path.exists(p) else p
+                    for p in paths if pattern.search(p)})
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise RuntimeError(f"{name} is not loaded in this process (is CuPy's cuBLAS usable?)")
+    raise RuntimeError(f"{len(found)} different {name} are loaded ({', '.join(found)}): "
+                       "which one CuPy uses cannot be told")
 
 
 class DirectCublas:

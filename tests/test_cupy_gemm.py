@@ -368,9 +368,11 @@ def test_direct_cublas_passes_every_argument_at_its_declared_width(stub_cublas):
     stub.stub_fail_with(0)
 
 
-def test_the_loaded_libcublas_is_found_by_its_mapping(tmp_path, monkeypatch):
-    """DirectCublas opens the very libcublas the process mapped (CuPy's), found in
-    /proc/self/maps by its name: not libcublasLt, whatever folder it came from."""
+def test_the_libcublas_cupy_loaded_is_the_one_called(tmp_path, monkeypatch):
+    """DirectCublas opens the very libcublas CuPy's wrappers use: the file cuda-pathfinder
+    loaded for CuPy 14 (its answer is cached); without pathfinder, the one libcublas mapped
+    into the process (/proc/self/maps; not libcublasLt); two different ones are refused, not
+    guessed between."""
     import types
     monkeypatch.setitem(sys.modules, "cupy_backends", types.ModuleType("cupy_backends"))
     monkeypatch.setitem(sys.modules, "cupy_backends.cuda", types.ModuleType("cupy_backends.cuda"))
@@ -378,14 +380,26 @@ def test_the_loaded_libcublas_is_found_by_its_mapping(tmp_path, monkeypatch):
     libs.cublas = types.ModuleType("cublas")
     monkeypatch.setitem(sys.modules, "cupy_backends.cuda.libs", libs)
     maps = tmp_path / "maps"
-    maps.write_text(
-        "7f00-7f01 r-xp 00000000 08:01 1 /usr/lib/x86_64-linux-gnu/libc.so.6\n"
-        "7f02-7f03 r-xp 00000000 08:01 2 /opt/venv/nvidia/cu13/lib/libcublasLt.so.13\n"
-        "7f04-7f05 r-xp 00000000 08:01 3 /opt/venv/nvidia/cu13/lib/libcublas.so.13\n")
-    assert cupy_gemm.loaded_library("libcublas", maps) == \
-        "/opt/venv/nvidia/cu13/lib/libcublas.so.13"
+    line = "7f00-7f01 r-xp 00000000 08:01 1 {}\n"
+    cupys = "/opt/venv/nvidia/cu13/lib/libcublas.so.13"
+    maps.write_text(line.format("/usr/lib/x86_64-linux-gnu/libc.so.6")
+                    + line.format("/opt/venv/nvidia/cu13/lib/libcublasLt.so.13")
+                    + line.format(cupys) + line.format(cupys))  # (mapped in several pieces)
+    cuda = types.ModuleType("cuda")  # no pathfinder: the maps
+    monkeypatch.setitem(sys.modules, "cuda", cuda)
+    assert cupy_gemm.loaded_library("libcublas", maps) == cupys
     with pytest.raises(RuntimeError, match="libcurand is not loaded"):
         cupy_gemm.loaded_library("libcurand", maps)
+    torchs = "/opt/torch/lib/python3.12/site-packages/nvidia/cublas/lib/libcublas.so.13"
+    with open(maps, "a") as f:
+        f.write(line.format(torchs))
+    with pytest.raises(RuntimeError, match="2 different libcublas are loaded"):
+        cupy_gemm.loaded_library("libcublas", maps)
+    asked = []  # CuPy 14: pathfinder names the file it loaded for CuPy
+    cuda.pathfinder = types.SimpleNamespace(load_nvidia_dynamic_lib=lambda lib: asked.append(
+        lib) or types.SimpleNamespace(abs_path=cupys))
+    monkeypatch.setitem(sys.modules, "cuda.pathfinder", cuda.pathfinder)
+    assert cupy_gemm.loaded_library("libcublas", maps) == cupys and asked == ["cublas"]
 
 
 # ---- on a GPU --------------------------------------------------------------------------------
