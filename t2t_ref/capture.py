@@ -5,8 +5,8 @@ step, for the two places that must then work another way (each says why where it
   (CuPy issue #6290), though cuBLAS's products can be captured: cupy_gemm calls cuBLAS itself,
   for float32 products too;
 - FlatTensors.update: CuPy's concatenate of more than 8 arrays uploads the arrays' addresses
-  from a pinned host buffer, which a graph would read again at every replay, long after CuPy
-  has given the buffer to another upload: the tensors are copied one by one instead.
+  from the host, and CuPy refuses a host-to-device copy while a stream captures (the recording
+  would fail): the tensors are copied one by one instead.
 
     with capture.recording():
         ...                     # capture.active() is True in this thread

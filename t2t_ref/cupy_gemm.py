@@ -33,6 +33,8 @@ CUDA_TYPES = {"float32": 0, "float64": 1, "float16": 2, "bfloat16": 14}  # CUDA_
 OP_N, OP_T = 0, 1  # CUBLAS_OP_N, CUBLAS_OP_T
 COMPUTE_32F = 68  # CUBLAS_COMPUTE_32F: sums in float32 whatever the operands
 COMPUTE_64F = 70  # CUBLAS_COMPUTE_64F: float64 operands, float64 sums
+COMPUTE_32F_FAST_TF32 = 77  # float32 operands rounded to TF32: what CuPy's matmul does under
+# CUPY_TF32=1, so that a recorded product is the eager one
 GEMM_DEFAULT_TENSOR_OP = 99  # CUBLAS_GEMM_DEFAULT_TENSOR_OP: half operands
 GEMM_DEFAULT = -1  # CUBLAS_GEMM_DEFAULT: float32 and float64 operands (the tensor-op hint may
 # let cuBLAS round float32 operands to half, CUBLAS_COMPUTE_32F_FAST_16F: not for them)
@@ -133,6 +135,8 @@ def matmul(a, b, out_dtype):
     # into a graph's recording: 1 and 0 do not change)
     compute, scalar = (COMPUTE_64F, np.float64) if a.dtype.name == "float64" else \
         (COMPUTE_32F, np.float32)
+    if a.dtype.name == "float32" and _tf32():
+        compute = COMPUTE_32F_FAST_TF32
     algo = GEMM_DEFAULT if a.dtype.name in ("float32", "float64") else GEMM_DEFAULT_TENSOR_OP
     one, zero = np.ones((), scalar), np.zeros((), scalar)
     p, half = the_plan, CUDA_TYPES[a.dtype.name]
@@ -154,6 +158,14 @@ def matmul(a, b, out_dtype):
         c.data.ptr, CUDA_TYPES[c.dtype.name], p.ldc, p.stride_c,
         p.batch, compute, algo)
     return c
+
+
+def _tf32():
+    """Does CuPy's own float32 matmul use TF32 (CUPY_TF32 set above 0, read as CuPy reads it)?"""
+    try:
+        return int(os.environ.get("CUPY_TF32", "0")) > 0
+    except ValueError:
+        return False
 
 
 # ---- cuBLAS through ctypes, while a CUDA graph records ----------------------------------------

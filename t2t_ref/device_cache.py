@@ -12,9 +12,11 @@ recording keeps everything the caches hold when it is made (`held()`): starting 
 the cache's references, not the graph's.
 """
 
+import weakref
+
 from .backend import backend_name
 
-_CACHES = []  # every DeviceCache made: held() and clear_all() walk them
+_CACHES = weakref.WeakSet()  # every DeviceCache alive: held() and clear_all() walk them
 
 
 class DeviceCache:
@@ -24,7 +26,7 @@ class DeviceCache:
     def __init__(self, limit=64):
         self.limit = limit
         self._values = {}
-        _CACHES.append(self)
+        _CACHES.add(self)
 
     def get(self, xp, device, key, make):
         """The value kept for (xp's backend, device, *key), made by make() if there is none."""

@@ -66,8 +66,8 @@ class FlatTensors(dict):
         on NumPy and CuPy that is one concatenation written straight into the buffer: on a
         GPU one kernel, where copying name by name was a kernel per tensor (110-190). Not
         while a CUDA graph records (capture.py): CuPy's concatenation of more than 8 arrays
-        uploads their addresses from a host buffer that a replay would read again after
-        CuPy has reused it; a replay makes the copies' launches free anyway."""
+        uploads their addresses from the host, which CuPy refuses while a stream captures;
+        a replay makes the copies' launches free anyway."""
         tensors = dict(other, **kwargs)
         native = _native_module(self.flat)
         if native is None or capture.active() or tensors.keys() != self.keys() or any(

@@ -22,7 +22,7 @@ tests/graph_sim.py checks it on the CPU by replaying a recorded step on array_ap
 - no transfer between host and device (CuPy refuses one while recording), and none hidden
   inside a library call either: while recording (capture.py), products go to cuBLAS through
   ctypes (CuPy's cuBLAS wrappers refuse to run then) and FlatTensors copies gradients one by
-  one (CuPy's concatenation of many arrays uploads their addresses from a host buffer);
+  one (CuPy's concatenation of many arrays uploads their addresses from the host);
 - the same shapes: a batch of another size runs eagerly (or gets its own recording, up to
   `max_graphs`);
 - the outputs are the recording's arrays, overwritten by each replay: read them before the next
@@ -132,6 +132,9 @@ class StepGraph:
         try:
             outputs, replay, keep = self.recorder.record(self.fn, kept)
         except Exception as error:  # noqa: BLE001 - any refusal: eager from now on
+            # an array a cache made while capturing was never filled (its kernel was only
+            # recorded): the caches start over, so the eager steps make theirs anew
+            device_cache.clear_all()
             self.error = error
             self.failed = f"{type(error).__name__}: {error}".splitlines()[0]
             print(f"note: CUDA graph recording failed ({self.failed}); the steps run without "
@@ -213,14 +216,21 @@ class CupyRecorder:
     def record(self, fn, inputs):
         """-> (outputs, replay, what must be kept alive with the graph)."""
         import cupy
+        # the warm-up call's freed blocks, cached in the default pool, go back to the driver
+        # first: the graph's own pool needs a whole step's memory more (a pool that cannot
+        # allocate frees only its own cache, not the default pool's)
+        cupy.get_default_memory_pool().free_all_blocks()
         pool = cupy.cuda.MemoryPool()
         caller = cupy.cuda.get_current_stream()
         self.stream.wait_event(caller.record())  # the inputs' copies are queued there
         outputs = graph = None
         with cupy.cuda.using_allocator(pool.malloc), self.stream:
-            # once eagerly from the graph's own pool first: the pool then holds every block
-            # the recording asks for, so nothing is allocated from the driver while capturing
-            fn(*inputs)
+            # once eagerly from the graph's own pool first, down the recording's own path
+            # (capture.py: cuBLAS through ctypes, copies one by one): the pool then holds
+            # every block the recording asks for, so nothing is allocated from the driver
+            # while capturing, and cuBLAS has set up and loaded its kernels for these calls
+            with capture.recording():
+                fn(*inputs)
             self.stream.begin_capture()
             try:
                 with capture.recording():  # (cuBLAS through ctypes; no uploads: capture.py)
@@ -232,8 +242,6 @@ class CupyRecorder:
                     if outputs is not None:
                         raise
         caller.wait_event(self.stream.record())  # replays (on the caller's stream) come after
-        # the warm-up call's activations, cached in the default pool, are not needed again
-        cupy.get_default_memory_pool().free_all_blocks()
 
         def replay():
             graph.launch(cupy.cuda.get_current_stream())

@@ -188,6 +188,8 @@ def _stand_in_cublas(calls):
                              computeType, algo):
         double = DTYPE_OF_CUDA_TYPE[Atype] == "float64"  # float64: float64 sums and scalars
         compute = cupy_gemm.COMPUTE_64F if double else cupy_gemm.COMPUTE_32F
+        if DTYPE_OF_CUDA_TYPE[Atype] == "float32" and cupy_gemm._tf32():
+            compute = cupy_gemm.COMPUTE_32F_FAST_TF32  # as CuPy's matmul under CUPY_TF32=1
         full = DTYPE_OF_CUDA_TYPE[Atype] in ("float32", "float64")  # no tensor-op hint for them
         assert (computeType, algo) == (compute, cupy_gemm.GEMM_DEFAULT if full else
                                        cupy_gemm.GEMM_DEFAULT_TENSOR_OP)
@@ -292,6 +294,30 @@ def test_while_a_graph_records_every_product_goes_to_cublas_directly(stand_in_gp
     gaps.matmul(half_a, half_b)
     assert len(sent) == 2 and len(stand_in_gpu) == 1 and len(direct) == 1, \
         "half products eagerly: cupy_gemm through CuPy's wrappers"
+
+
+def test_float32_products_use_tf32_exactly_when_cupys_matmul_does(stand_in_gpu, monkeypatch):
+    """A recorded float32 product must equal CuPy's eager one: TF32 sums where CUPY_TF32 makes
+    CuPy's matmul use them, full float32 otherwise (bench and the tests run with it unset)."""
+    seen = []
+    a = np.ones((4, 8), np.float32).view(_DeviceArray)
+    b = np.ones((8, 3), np.float32).view(_DeviceArray)
+    real = cupy_gemm._cublas
+
+    def spy():
+        cublas = real()
+        return types.SimpleNamespace(gemmEx=lambda *args: seen.append(args[-2]) or
+                                     cublas.gemmEx(*args))
+    import types
+    monkeypatch.setattr(cupy_gemm, "_cublas", spy)
+    for value, compute in (("0", cupy_gemm.COMPUTE_32F), ("1", cupy_gemm.COMPUTE_32F_FAST_TF32)):
+        monkeypatch.setenv("CUPY_TF32", value)
+        np.testing.assert_array_equal(cupy_gemm.matmul(a, b, np.dtype(np.float32)), 8.0)
+        assert seen[-1] == compute, (value, seen)
+    monkeypatch.delenv("CUPY_TF32")
+    cupy_gemm.matmul(a.astype(np.float16).view(_DeviceArray),
+                     b.astype(np.float16).view(_DeviceArray), np.dtype(np.float32))
+    assert seen[-1] == cupy_gemm.COMPUTE_32F  # half operands: float32 sums whatever CUPY_TF32
 
 
 STUB_CUBLAS = r"""

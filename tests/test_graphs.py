@@ -141,10 +141,15 @@ def _strict_array(values):
 def test_a_recording_that_fails_runs_eagerly_from_then_on(fault, capsys):
     """A function that reads a value on the host (float(x)), or copies host data to the
     device, cannot be recorded (CuPy refuses both while capturing): StepGraph says so once,
-    then calls it eagerly, with the right results."""
+    then calls it eagerly, with the right results. The per-shape caches start over after the
+    failed recording (an array one made while capturing was never filled on a GPU)."""
     xp, device = get_namespace(STRICT)
+    cache = device_cache.DeviceCache()
+    made = []
 
     def fn(x):
+        cache.get(xp, device, ("twos",), lambda: made.append(1) or xp.full(
+            x.shape, 2.0, device=device))
         if fault == "host transfer":
             return x * float(xp.sum(x))
         return x * xp.asarray(2.0, device=device)
@@ -154,6 +159,7 @@ def test_a_recording_that_fails_runs_eagerly_from_then_on(fault, capsys):
         x = _strict_array(values)
         expected = np.asarray(values) * (sum(values) if fault == "host transfer" else 2.0)
         np.testing.assert_array_equal(to_numpy(step(x)), expected)
+    assert len(made) == 2, "the cache was made again after the failed recording"
     assert step.failed is not None and step.recordings == {}
     assert type(step.error).__name__ == "RecordingRefused"  # kept, for a whole traceback
     assert capsys.readouterr().err.count("CUDA graph recording failed") == 1

@@ -7,7 +7,7 @@ dtype the product p v takes; the backward reads that p."""
 from .. import cupy_kernels
 from ..backend import array_namespace
 from ..gaps import is_half, wide
-from .rows import row_sum
+from .rows import row_dots, row_sum
 
 
 def softmax_forward(x):
@@ -37,7 +37,6 @@ def softmax_backward(dp, cache):
         return array_namespace(dp).astype(softmax_backward(wide(dp), wide(p)), dp.dtype)
     if cupy_kernels.applies(dp):
         return cupy_kernels.softmax_backward(dp, p)
-    xp = array_namespace(dp)
-    dx = dp - xp.vecdot(dp, p, axis=-1)[..., None]  # the row dots, without a dp * p array
+    dx = dp - row_dots(dp, p)  # (..., 1) the row dots sum_j dp_j p_j
     dx *= p
     return dx
