@@ -11,6 +11,7 @@ umask, as open() gives, usually 0644), not mkstemp's 0600.
 import os
 import re
 import secrets
+import tempfile
 
 PREFIX = ".tmp-t2t_ref-"
 # temp files of interrupted writes: ours, older t2t_ref's (mkstemp's .tmp-XXXXXXXX.safetensors)
@@ -49,3 +50,24 @@ def remove_leftovers(folder):
     for name in names:
         os.remove(os.path.join(folder, name))
     return names
+
+
+# ---- before a long job: can its output be written at all? -------------------------------------
+
+def nearest_existing(path):
+    """path itself if it exists, else its nearest ancestor that does (absolute)."""
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    return existing
+
+
+def cannot_write_in(folder):
+    """None if a file can be made in folder (probed with a temporary file, removed at once),
+    else the reason ("Permission denied", "Read-only file system", ...)."""
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        return err.strerror or str(err)
+    return None

@@ -66,7 +66,6 @@ import re
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -75,7 +74,7 @@ from pathlib import Path
 import numpy as np
 import threadpoolctl
 
-from .atomic import write_atomic
+from .atomic import cannot_write_in, nearest_existing, write_atomic
 from .backend import keep_freed_memory, to_device, to_numpy
 from .cli import HelpFormatter, run as run_cli, user_error
 from .gaps import make_rng
@@ -1077,21 +1076,17 @@ def check_json_path(path):
         raise BenchError(f"--json {path} is a folder: give a file path, e.g. --json "
                          f"{os.path.join(path, 'bench.json')}")
     folder = os.path.dirname(full)
-    existing = folder
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
+    existing = nearest_existing(folder)
     if not os.path.isdir(existing):
         raise BenchError(f"--json {path} lies under {existing}, which is a file: give another "
                          "path")
     if existing != folder:
         raise BenchError(f"--json {path}: folder {folder} does not exist: create it or give "
                          "another path")
-    try:
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as err:
-        raise BenchError(f"--json {path}: cannot write in {folder} ({err.strerror or err}): "
-                         "choose a folder you can write to") from None
+    reason = cannot_write_in(folder)
+    if reason is not None:
+        raise BenchError(f"--json {path}: cannot write in {folder} ({reason}): choose a "
+                         "folder you can write to")
 
 
 def write_json(path, report):

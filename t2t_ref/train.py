@@ -46,7 +46,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 import traceback
 import zlib
@@ -55,7 +54,7 @@ from dataclasses import dataclass, fields
 import numpy as np
 from tqdm import tqdm
 
-from .atomic import remove_leftovers, write_atomic
+from .atomic import cannot_write_in, nearest_existing, remove_leftovers, write_atomic
 from .backend import BackendError, keep_freed_memory, to_device, to_numpy
 from .checkpoint import (CheckpointError, NonFiniteError, checkpoint_meta, load_checkpoint,
                          save_checkpoint)
@@ -338,19 +337,15 @@ def check_out_folder(out):
     """Refuse an --out that cannot hold a run (a file, a path under a file, a folder that
     cannot be written) now, before any training, rather than at the first checkpoint. Creates
     nothing: the nearest folder that exists is probed with a temporary file."""
-    path = os.path.abspath(out)
-    existing = path
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
+    existing = nearest_existing(out)
     if not os.path.isdir(existing):
-        where = "is a file" if existing == path else f"lies under {existing}, which is a file"
+        where = "is a file" if existing == os.path.abspath(out) else \
+            f"lies under {existing}, which is a file"
         raise UsageError(f"--out {out} {where}: choose a folder path")
-    try:
-        with tempfile.TemporaryFile(dir=existing):
-            pass
-    except OSError as err:
-        raise UsageError(f"--out {out}: cannot write in {existing} ({err.strerror}): "
-                         "choose a folder you can write to") from None
+    reason = cannot_write_in(existing)
+    if reason is not None:
+        raise UsageError(f"--out {out}: cannot write in {existing} ({reason}): "
+                         "choose a folder you can write to")
 
 
 def resumed_config(flags, given, meta):

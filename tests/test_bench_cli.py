@@ -16,7 +16,7 @@ from reliability import tried
 pytest.importorskip("threadpoolctl", reason="t2t_ref.bench needs threadpoolctl: "
                                             "pip install threadpoolctl")
 
-from t2t_ref import bench, bench_loader  # noqa: E402  (after the skip)
+from t2t_ref import atomic, bench, bench_loader  # noqa: E402  (after the skip)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOADER_RESULT = {"batch": 64, "size": 224, "cores": 2, "workers": {0: 100.0},
@@ -72,7 +72,7 @@ def test_json_paths_that_cannot_be_written_are_refused_before_timing(tmp_path, c
                 # root writes anywhere: make the probe fail as it would for a user
                 def refuse(*args, **kwargs):
                     raise PermissionError(13, "Permission denied")
-                monkeypatch.setattr(bench.tempfile, "TemporaryFile", refuse)
+                monkeypatch.setattr(atomic.tempfile, "TemporaryFile", refuse)
             code, lines = refused(mode + ["--json", path], capsys)
             assert_one_line(code, lines, says)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "locked"]  # nothing made

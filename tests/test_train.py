@@ -15,7 +15,7 @@ from PIL import Image
 from safetensors.numpy import load_file
 
 from reliability import tried
-from t2t_ref import evaluate, train
+from t2t_ref import atomic, evaluate, train
 from t2t_ref.backend import BackendError, get_namespace
 from t2t_ref.checkpoint import load_checkpoint
 
@@ -746,7 +746,7 @@ def test_out_paths_that_cannot_hold_a_run(tmp_path, capsys, monkeypatch):
     if os.geteuid() == 0:  # root writes anywhere: make the probe fail as it would for a user
         def refuse(*args, **kwargs):
             raise PermissionError(13, "Permission denied")
-        monkeypatch.setattr(train.tempfile, "TemporaryFile", refuse)
+        monkeypatch.setattr(atomic.tempfile, "TemporaryFile", refuse)
     code, captured = run_train(TINY + ["--out", str(locked / "run")], capsys)
     assert_user_error(code, captured, f"cannot write in {locked} (Permission denied)")
     assert not (locked / "run").exists()
