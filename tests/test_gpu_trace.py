@@ -98,7 +98,7 @@ def test_exact_ops_check_runs_every_case_and_agrees_with_itself(gpu_trace, dtype
     xp, _ = get_namespace("numpy")
     dt = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
     results = gpu_trace.exact_ops(xp, dt)
-    assert len(results) == 13 and all(count == 0 for _, count, _ in results), results
+    assert len(results) == 14 and all(count == 0 for _, count, _ in results), results
     assert all(size > 0 for _, _, size in results)
 
 
