@@ -20,8 +20,10 @@ case ${PRESET:-} in            # named sets of stages, for a session with little
     half) STAGES="install start parity_half trace gemm matmuls bench_half";;
     # the open questions in one run: graphs' checks and speed, then where bf16 goes wrong
     next) STAGES="install start capture graphs default_graphs evaluate_graphs bench_graphs loader parity_half trace";;
+    # then half precision: is bf16 right now, and is a replayed half step faster than float32?
+    half_graphs) STAGES="install start parity_half trace bench_half_graphs matmuls";;
     "") ;;
-    *) echo "PRESET must be graphs, half or next"; exit 2;;
+    *) echo "PRESET must be graphs, half, next or half_graphs"; exit 2;;
 esac
 # TESTS_K (pytest -k, default "cupy") and BENCH_CONFIGS narrow the tests and bench stages
 PY=${PY:-python3}
@@ -132,6 +134,10 @@ stage gemm 40 $PY scripts/gpu_gemm.py
 stage matmuls 120 sh -c "for p in fp16 bf16 float32; do $PY scripts/gpu_matmuls.py --precision \$p; done"
 stage bench_half 150 sh -c "$PY -m t2t_ref.bench --backend cupy --precision bf16 --repeats 5 --warmup 2 --json $LOGS/bench_bf16.json --config t2t_vit_14-224-b64-train; a=\$?; $PY -m t2t_ref.bench --backend cupy --precision fp16 --repeats 5 --warmup 2 --json $LOGS/bench_fp16.json --config t2t_vit_14-224-b64-train; exit \$((a | \$?))"
 
+#    the same steps replayed (--cuda-graphs): at 224 the eager half-precision step ran 71-110 ms
+#    against autocast's 50-61, moving with the host (launch-bound once the products are fast)
+stage bench_half_graphs 150 ok=1 sh -c "$PY -m t2t_ref.bench --backend cupy --cuda-graphs --precision bf16 --repeats 5 --warmup 2 --json $LOGS/bench_bf16_graphs.json --config t2t_vit_14-224-b64-train; a=\$?; $PY -m t2t_ref.bench --backend cupy --cuda-graphs --precision fp16 --repeats 5 --warmup 2 --json $LOGS/bench_fp16_graphs.json --config t2t_vit_14-224-b64-train; exit \$((a | \$?))"
+
 # 9. the plain ops on CuPy (kernels off), for the kernels' share of the speed
 stage bench_plain 90 env T2T_REF_PLAIN_OPS=1 $PY -m t2t_ref.bench --backend cupy --repeats 5 \
     --warmup 2 --json "$LOGS/bench_plain.json" \
@@ -149,7 +155,7 @@ grep -h -A6 -E " products in " "$LOGS/matmuls.log" 2>/dev/null; grep -h "^per st
 { tr "\r" "\n" < "$LOGS/resume.log"; } 2>/dev/null | grep -E "^epoch [0-9]+:|^done" | tail -n 3
 echo "-- evaluate_graphs (one checkpoint, eager then replayed: the same numbers expected)"
 grep -h '^{"loss"' "$LOGS/evaluate_graphs.log" 2>/dev/null | cut -c1-90
-for b in bench bench_small bench_graphs bench_half bench_plain; do
+for b in bench bench_small bench_graphs bench_half bench_half_graphs bench_plain; do
     echo "-- $b"
     grep -h -E "^== |agree|against float32|ms per step|peak memory|FAILED" "$LOGS/$b.log" 2>/dev/null
 done
