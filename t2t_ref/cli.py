@@ -33,6 +33,11 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
+class UsageError(ValueError):
+    """A command line that cannot work (flags that do not go together, a path that cannot be
+    used); the message, one line, says what to change. The CLIs end with it and exit code 2."""
+
+
 def number(kind, low=None, high=None, *, above=None, below=None):
     """An argparse type: a finite int or float within [low, high] (or (above, below), open).
 

@@ -37,7 +37,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .backend import BackendError, backend_name, keep_freed_memory, to_device, to_numpy
-from .cli import Parser, number, plural, progress_options, run as run_cli, user_error
+from .cli import Parser, UsageError, number, plural, progress_options, run as run_cli, user_error
 from .checkpoint import CheckpointError, load_checkpoint
 from .data import (ArrayDataset, DataError, FileDataset, Loader, default_workers,
                    find_splits, make_shapes_splits, model_input)
@@ -56,10 +56,6 @@ from .pretrained import (PretrainedError, imagenet_classes, model_from_weights, 
                          resize_pos_embed)
 from .recipe import eval_transform_of
 from .variants import list_models
-
-
-class UsageError(ValueError):
-    """Flags that do not go together; the message is one line."""
 
 
 USER_ERRORS = (DataError, CheckpointError, BackendError, PretrainedError, PrecisionError,

@@ -54,11 +54,12 @@ from dataclasses import dataclass, fields
 import numpy as np
 from tqdm import tqdm
 
-from .atomic import cannot_write_in, nearest_existing, remove_leftovers, write_atomic
+from .atomic import remove_leftovers, write_atomic
 from .backend import BackendError, keep_freed_memory, to_device, to_numpy
 from .checkpoint import (CheckpointError, NonFiniteError, checkpoint_meta, load_checkpoint,
                          save_checkpoint)
-from .cli import Parser, number, path, plural, progress_options, run as run_cli, user_error
+from .cli import (Parser, UsageError, number, path, plural, progress_options, run as run_cli,
+                  user_error)
 from .data import (SHAPE_CLASSES, ArrayDataset, DataError, FileDataset, Loader,
                    default_workers, find_splits, make_shapes_splits, model_input)
 from .data.erasing import MODES
@@ -82,6 +83,7 @@ from .optim import AdamW, clip_grad_norm
 from .pretrained import PretrainedError, load_weights_into
 from .recipe import (DATA_DEFAULTS, RECIPES, erasing_of, eval_transform_of, official,
                      train_transform_of)
+from .run_folder import check_out_folder, lock_run_folder, release_run_folder
 from .schedule import CosineSchedule
 from .stop import NAMES as STOP_NAMES
 from .stop import StopSignals
@@ -101,10 +103,6 @@ BEFORE_THESE_FLAGS = {**DATA_DEFAULTS, "cooldown_epochs": 0, "recipe": None,
 # Flags that may differ between MPI ranks (paths can differ from node to node; what is read
 # there is compared by content)
 RANK_LOCAL = ("data", "workers", "out", "resume")
-
-
-class UsageError(ValueError):
-    """A command line that cannot work; the message says what to change."""
 
 
 class Diverged(Exception):
@@ -161,7 +159,8 @@ def build_parser(defaults=True):
         "--batch-size from 1e-3 or 5e-4 at 512, weight decay by size, 310 epochs, warmup, "
         "drop path, mixup/cutmix, RandAugment, random erasing, EMA; see t2t_ref/recipe.py); "
         "flags given explicitly win, and the run prints the command it resolved to")
-    add("--data", type=path("a dataset folder"), default=None, help="ImageNet-style folder: DIR/train/<class>/*, optional "
+    add("--data", type=path("a dataset folder"), default=None,
+        help="ImageNet-style folder: DIR/train/<class>/*, optional "
         "DIR/val/<class>/* (default: the built-in procedurally generated shapes)")
     add("--model", default="t2t_vit_7", choices=list_models(), metavar="NAME",
         help="model: " + ", ".join(list_models()))
@@ -266,7 +265,8 @@ def build_parser(defaults=True):
         "dynamic loss scale")
     add("--seed", type=number(int, low=0), default=0,
         help="seeds the weights, data order, augmentation, dropout and the built-in set")
-    add("--out", type=path("a folder"), default="runs/t2t", help="folder for checkpoints, metrics and plots")
+    add("--out", type=path("a folder"), default="runs/t2t",
+        help="folder for checkpoints, metrics and plots")
     add("--max-nonfinite-steps", type=number(int, low=1), default=3, metavar="N",
         help="a step whose loss or gradient norm is NaN or inf is skipped; after N such steps "
         "in a row the run stops (exit code 3), its checkpoints untouched")
@@ -331,21 +331,6 @@ def resolve_config(args, given=None):
                          f"batch of --batch-size {config['batch_size']}: give at least "
                          f"{config['batch_size']} images, or a smaller batch")
     return config
-
-
-def check_out_folder(out):
-    """Refuse an --out that cannot hold a run (a file, a path under a file, a folder that
-    cannot be written) now, before any training, rather than at the first checkpoint. Creates
-    nothing: the nearest folder that exists is probed with a temporary file."""
-    existing = nearest_existing(out)
-    if not os.path.isdir(existing):
-        where = "is a file" if existing == os.path.abspath(out) else \
-            f"lies under {existing}, which is a file"
-        raise UsageError(f"--out {out} {where}: choose a folder path")
-    reason = cannot_write_in(existing)
-    if reason is not None:
-        raise UsageError(f"--out {out}: cannot write in {existing} ({reason}): "
-                         "choose a folder you can write to")
 
 
 def resumed_config(flags, given, meta):
@@ -832,33 +817,6 @@ def refuse_rewinding(resume_path, position, last_path):
             "into that folder would write over it: resume from "
             f"{os.path.dirname(last_path) or '.'} to go on, or give --out a new folder to "
             "branch off from this checkpoint")
-
-
-def lock_run_folder(out):
-    """An exclusive lock on the run folder itself (flock on the folder, no file made), held
-    while this process lives: the OS lets go of it when the process ends, however it ends. A
-    second process writing the same run (a job requeued while the first still runs, the same
-    command in two terminals) is refused instead of interleaving checkpoints and metrics.
-    -> the folder's open descriptor (keep it; close it to let go), or None without flock."""
-    try:
-        import fcntl
-    except ImportError:  # not on POSIX: no lock
-        return None
-    descriptor = os.open(out, os.O_RDONLY)
-    try:
-        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        os.close(descriptor)
-        raise UsageError(f"{out} is in use by another training process: wait for it to end, "
-                         "or choose another --out") from None
-    return descriptor
-
-
-def release_run_folder(run):
-    """Let go of the run folder's lock (lock_run_folder): the next process may write it."""
-    lock, run.lock = getattr(run, "lock", None), None
-    if lock is not None:
-        os.close(lock)
 
 
 def dataset_fingerprint(config, class_names, train_set, val_set):
