@@ -1,5 +1,6 @@
 """python -m t2t_ref: build a T2T-ViT, run one forward and backward pass on random images,
-and print the loss and the largest gradient. A one-minute check that everything works."""
+and print the loss and the largest gradient. A check, in about a second, that everything
+works."""
 
 import argparse
 import sys

@@ -169,7 +169,7 @@ def keep_freed_memory():
     trimmed only past 2 GiB of free space, a step reuses the memory of the last one. Peak
     memory is unchanged; memory freed after the peak stays with the process until it exits.
     All threads also share one heap ("arena"): glibc gives each thread a heap of its own and
-    unmaps it whenever it empties, which the model's shard threads (shards.py) did every step,
+    unmaps it whenever it empties, which the model's threads (parallel/threads.py) did every step,
     thousands of page faults per step; one shared heap keeps its memory, and made sharded
     steps 5-20% faster here.
 

@@ -1,10 +1,10 @@
 """Many tensors stored in one contiguous buffer: the model's parameters and gradients.
 
-A T2T-ViT has 110 to 190 parameter tensors. Updating them one by one costs a dozen array
-calls per tensor in AdamW alone (on a GPU each call is a kernel launch, about as slow as the
-work of a small tensor); with every tensor a view into one flat array, AdamW, weight decay,
-the EMA, gradient clipping, zeroing and summing gradients over workers are each a few calls
-over the whole buffer, however many tensors there are. This is what PyTorch's fused
+A T2T-ViT has 108 (T2T-ViT-7) to 295 (T2T-ViT-24) parameter tensors. Updating them one by
+one costs a dozen array calls per tensor in AdamW alone (on a GPU each call is a kernel launch,
+about as slow as the work of a small tensor); with every tensor a view into one flat array,
+AdamW, weight decay, the EMA, gradient clipping, zeroing and summing gradients over workers are
+each a few calls over the whole buffer, however many tensors there are. This is what PyTorch's fused
 optimizers and DDP's gradient buckets do too.
 
     params = FlatTensors(xp, {"w": (3, 4), "b": (3,)}, dtype, device)
@@ -64,7 +64,7 @@ class FlatTensors(dict):
     def update(self, other=(), **kwargs):
         """Copy each value into its name's view. Given every tensor (a backward's gradients),
         on NumPy and CuPy that is one concatenation written straight into the buffer: on a
-        GPU one kernel, where copying name by name was a kernel per tensor (110-190). Not
+        GPU one kernel, where copying name by name was a kernel per tensor (108-319). Not
         while a CUDA graph records (capture.py): CuPy's concatenation of more than 8 arrays
         uploads their addresses from the host, which CuPy refuses while a stream captures;
         a replay makes the copies' launches free anyway."""

@@ -158,7 +158,7 @@ class AdamW:
         if flat:
             self._update_flat(params.flat, grads.flat, constants[params.flat.dtype], found_inf)
             return
-        # NumPy: the tensors shared out among threads, one group each (see shards.py)
+        # NumPy: the tensors shared out among threads, one group each (parallel/threads.py)
         groups = balanced_groups(params, thread_count(backend_name(xp), self.threads))
         if len(groups) == 1:
             self._update(groups[0], params, grads, constants, found_inf)

@@ -3,8 +3,8 @@ configuration describes.
 
     python -m t2t_ref.train --recipe official --model t2t_vit_14 --data imagenet --batch-size 256
 
---recipe official fills in every flag of the recipe (../T2T-VIT.md, "Official training recipe";
-the official repository's README and main.py) that the command line does not give itself:
+--recipe official fills in every flag of the recipe (the official repository's README and
+main.py) that the command line does not give itself:
 
     lr             1e-3 (T2T-ViT-7/10/12, width 256) or 5e-4 (the others) at a total batch of
                    512, scaled linearly to the run's --batch-size (timm's rule): lr * B / 512

@@ -19,7 +19,7 @@ VARIANTS = ["t2t_vit_7", "t2t_vit_t_14"]
 FAMILIES = ["t2t_vit_14_se", "t2t_vit_16_ghost", "t2t_vit_dense", "vit_7_patch16"]
 SIZE, CLASSES, BATCH = 32, 10, 2
 
-# The table of T2T-VIT.md at 224 / 1000 classes: (params incl. fixed, trainable, state-dict keys)
+# The official models at 224 / 1000 classes: (params incl. fixed, trainable, state-dict keys)
 COUNTS = {
     "t2t_vit_7": (4_310_222, 4_255_694, 111),
     "t2t_vit_10": (5_889_230, 5_834_702, 144),

@@ -1,5 +1,5 @@
 """--recipe official and timm's augmentation flags end to end: the recipe's values for every
-model (against the table in T2T-VIT.md, restated here), explicit flags winning, the printed
+model (against the official recipe's table, restated here), explicit flags winning, the printed
 command, what a checkpoint records, evaluate using the checkpoint's evaluation transform unless
 told otherwise, --no-aug and the identity pipeline, old checkpoints, real scans (scikit-learn's
 digits) as class folders."""
@@ -22,7 +22,7 @@ from t2t_ref.schedule import lr_at
 TINY = ["--synthetic-train", "64", "--synthetic-val", "32", "--batch-size", "32",
         "--img-size", "32", "--workers", "0", "--warmup-epochs", "0.5"]
 
-# The official recipe (T2T-VIT.md "Official training recipe"; the official README's commands):
+# The official recipe (the official repository's README commands and main.py defaults):
 # lr at a total batch of 512 and weight decay by model size
 OFFICIAL_LR_AT_512 = {"t2t_vit_7": 1e-3, "t2t_vit_10": 1e-3, "t2t_vit_12": 1e-3,
                       "t2t_vit_14": 5e-4, "t2t_vit_19": 5e-4, "t2t_vit_24": 5e-4,

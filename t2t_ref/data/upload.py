@@ -16,7 +16,8 @@ the pool hands back (freed by an earlier step whose kernels may still be queued)
 overwritten early.
 
 Without CuPy nothing here is used (the NumPy path normalises the host batch in place of an
-upload); tests/test_upload.py runs on a GPU and is skipped elsewhere.
+upload); tests/test_feed.py checks the order of the upload's steps on the CPU, with a
+stand-in for CuPy.
 """
 
 import collections

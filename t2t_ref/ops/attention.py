@@ -81,7 +81,8 @@ def self_attention_forward(x, params, num_heads, scale, *, value_skip=False,
     'proj.bias' (E,): the official module's names.
     value_skip: out = v + proj(attention); T2T's token transformer uses it because its input
     width Din differs from E, so x itself cannot be the residual.
-    cache = (qkv, heads, attention, merged, proj, drop) caches.
+    cache = (qkv Linear's cache, num_heads, value_skip, attention's cache, proj's cache,
+    dropout's cache).
     """
     qkv, qkv_cache = linear_forward(x, params["qkv.weight"], params.get("qkv.bias"))  # (B, N, 3E)
     q, k, v = split_heads(qkv, num_heads)  # (B, h, N, d) each

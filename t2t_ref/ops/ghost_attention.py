@@ -27,7 +27,8 @@ def ghost_attention_forward(x, params, num_heads, scale, *, proj_drop=0.0, rng=N
 
     params: 'q.weight', 'k.weight', 'v.weight' (D/2, D), 'cheap_operation_q.weight' (and _k,
     _v) (D/2, 1, 1), 'proj.weight' (D, D), 'proj.bias' (D,).
-    cache = (per projection: (linear cache, cheap cache)), attention, proj, dropout caches.
+    cache = (per projection: (linear cache, cheap cache), num_heads, attention's cache,
+    proj's cache, dropout's cache).
     """
     xp = array_namespace(x)
     halves, heads = {}, []

@@ -172,9 +172,10 @@ def fold_by_gather(dtokens, image_size, kernel, stride, padding):
 def soft_split_forward(x, kernel, stride, padding):
     """Image (B, C, H, W) -> tokens (B, L, C*k*k): unfold, then tokens along axis 1.
 
-    The tokens are a contiguous copy, not a transposed view of unfold's columns: every op
-    after the split then reads contiguous memory (LayerNorm on the transposed view ran about 2x
-    slower), and one transposing copy is cheaper than building the tokens' layout directly.
+    The tokens are contiguous, not a transposed view of unfold's columns: every op after the
+    split then reads contiguous memory (LayerNorm on the transposed view ran about 2x slower).
+    NumPy and CuPy build them in that layout directly, with one gather (tokens_by_gather, the
+    faster way there: the module docstring); other backends unfold, then copy transposed.
     cache = (image_size, kernel, stride, padding)
     """
     xp = array_namespace(x)
@@ -188,7 +189,8 @@ def soft_split_forward(x, kernel, stride, padding):
 
 
 def soft_split_backward(dtokens, cache):
-    """dtokens (B, L, C*k*k) -> dx (B, C, H, W): the transpose undone, then fold."""
+    """dtokens (B, L, C*k*k) -> dx (B, C, H, W): the transpose undone, then fold (on CuPy
+    one gather and a sum over each pixel's windows instead, fold_by_gather)."""
     xp = array_namespace(dtokens)
     image_size, kernel, stride, padding = cache
     if backend_name(xp) in GATHER_BACKWARD:

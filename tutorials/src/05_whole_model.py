@@ -118,7 +118,7 @@ plt.show()
 
 # %% [markdown]
 # ## Counting parameters
-# Every parameter, by formula, from the architecture (T2T-VIT.md has it in words). For a T2T
+# Every parameter, by formula, from the architecture (the official models/t2t_vit.py). For a T2T
 # layer of input width $d_{in}$ and output width $E = 64$:
 #
 # - performer: $W$ fixed (32 x 64); LN1 $2 d_{in}$; kqv $3E d_{in} + 3E$; proj $E^2 + E$; LN2 $2E$;
@@ -147,7 +147,7 @@ def count_parameters(variant, img_size=224, num_classes=1000):
     return parts
 
 
-OFFICIAL = {  # (all, trained) parameters of the official models, from T2T-VIT.md
+OFFICIAL = {  # (all, trained) parameters of the official models, counted in the official code
     "t2t_vit_7": (4_310_222, 4_255_694), "t2t_vit_10": (5_889_230, 5_834_702),
     "t2t_vit_12": (6_941_902, 6_887_374), "t2t_vit_14": (21_545_550, 21_465_806),
     "t2t_vit_19": (39_177_422, 39_085_070), "t2t_vit_24": (64_105_934, 64_000_974),

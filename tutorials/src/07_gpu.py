@@ -345,6 +345,12 @@ for how in ("a Python number", "a device array"):
 # backward (`train --cuda-graphs`); the optimizer, whose learning rate and step count change,
 # stays outside it. The tests replay a whole recorded step on `array_api_strict` in the same
 # way (`tests/graph_sim.py`) and check that replayed steps train bit for bit as eager ones.
+#
+# Not every call can be recorded, either. CuPy refuses any host-to-device copy while a stream
+# captures, and its cuBLAS wrappers too (the products could be captured, but CuPy does not
+# allow it yet). So while a graph records, t2t_ref calls cuBLAS itself through ctypes, and
+# copies the gradients into their flat buffer one by one: CuPy's one-kernel concatenation
+# of many arrays first uploads their addresses from the host (`t2t_ref/capture.py`).
 
 # %%
 if not GPU:
@@ -378,5 +384,5 @@ else:
 # - A CUDA graph replays a step's kernels with one launch; it replays Python numbers as they
 #   were recorded, so what changes per step lives in arrays overwritten in place.
 #
-# That is the end of the tutorials. The [README](../README.md) lists the project's other entry
-# points: training (`python -m t2t_ref.train`), evaluation, and the tests.
+# Next, [tutorial 8](08_data_parallelism.ipynb) takes the model from one process to several:
+# threads, then MPI ranks, and why the batch is cut so that K of them compute one run.

