@@ -11,12 +11,16 @@
 
 import warnings
 
-from .backend import get_namespace, to_device, to_numpy
-from .model import T2TViT, create_model
-from .ops.cross_entropy import cross_entropy
-from .pretrained import load_pretrained
-from .summary import count, summary, summary_rows
-from .variants import Variant, list_models
+from .cli import guard_loading
+
+guard_loading()  # first: `python -m t2t_ref...` interrupted while it loads says so in one line
+
+from .backend import get_namespace, to_device, to_numpy  # noqa: E402
+from .model import T2TViT, create_model  # noqa: E402
+from .ops.cross_entropy import cross_entropy  # noqa: E402
+from .pretrained import load_pretrained  # noqa: E402
+from .summary import count, summary, summary_rows  # noqa: E402
+from .variants import Variant, list_models  # noqa: E402
 
 __all__ = ["T2TViT", "create_model", "list_models", "Variant", "cross_entropy", "get_namespace",
            "to_device", "to_numpy", "load_pretrained", "summary", "summary_rows", "count"]

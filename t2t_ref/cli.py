@@ -9,6 +9,7 @@ one line and exit code 130.
 
 import argparse
 import math
+import signal
 import sys
 
 
@@ -95,11 +96,34 @@ def user_error(message):
 def run(main):
     """main() as `python -m` runs it: its exit code, or after Ctrl-C one line and 130 (128 +
     SIGINT), where Python would print a traceback. (train handles Ctrl-C itself: it saves.)"""
+    if signal.getsignal(signal.SIGINT) is _interrupted_while_loading:
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # main() takes Ctrl-C now
     try:
         return main()
     except KeyboardInterrupt:
         print("\ninterrupted (Ctrl-C)", file=sys.stderr)
         return 130
+
+
+def guard_loading():
+    """Under `python -m t2t_ref...`, a Ctrl-C while the command's modules still load (NumPy,
+    SciPy, the model: a few tenths of a second before run() is there to catch it) ends it with
+    the same one line and 130, not a traceback from the middle of an import. Called first by
+    the package's __init__; run() puts Python's own handler back."""
+    command = getattr(sys, "orig_argv", [])
+    if "-m" not in command[:-1] or \
+            command[command.index("-m") + 1].split(".")[0] != "t2t_ref":
+        return  # imported by a program of its own: its Ctrl-C is left alone
+    try:
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            signal.signal(signal.SIGINT, _interrupted_while_loading)
+    except ValueError:  # not the main thread
+        pass
+
+
+def _interrupted_while_loading(signum, frame):
+    print("\ninterrupted (Ctrl-C)", file=sys.stderr)
+    raise SystemExit(130)
 
 
 class LineByLine:

@@ -121,3 +121,41 @@ def test_counts_read_as_english():
         "3 classes"
     assert plural(1, "unreadable image") == "1 unreadable image"
     assert plural(0, "non-finite step") == "0 non-finite steps"
+
+
+INTERRUPT_WHILE_LOADING = '''
+import importlib.abc, os, signal, sys
+
+
+class CtrlC(importlib.abc.MetaPathFinder):
+    """Sends this process SIGINT when t2t_ref.model is about to be imported: a Ctrl-C while
+    the command is still loading its modules, at a moment of the test's choosing."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name == "t2t_ref.model":
+            os.kill(os.getpid(), signal.SIGINT)
+        return None
+
+
+sys.meta_path.insert(0, CtrlC())
+'''
+
+
+@tried("command line", "Ctrl-C while `python -m t2t_ref.train` is still loading its modules "
+       "(before main() runs)", "exit 130: `interrupted (Ctrl-C)`, no traceback (it was a "
+       "KeyboardInterrupt traceback from inside an import)")
+def test_ctrl_c_while_a_command_loads_is_one_line(tmp_path):
+    import os
+    import subprocess
+    import sys
+    (tmp_path / "sitecustomize.py").write_text(INTERRUPT_WHILE_LOADING)
+    env = {**os.environ,
+           "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-m", "t2t_ref.train", "--help"], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 130 and done.stderr.strip() == "interrupted (Ctrl-C)", \
+        (done.returncode, done.stderr[-800:])
+    # imported by a program of its own, t2t_ref leaves Ctrl-C to it: KeyboardInterrupt
+    done = subprocess.run([sys.executable, "-c", "import t2t_ref"], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert "KeyboardInterrupt" in done.stderr, done.stderr[-800:]
