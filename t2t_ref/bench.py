@@ -856,7 +856,9 @@ def run_config(config, args, peak_gflops):
               "ours": summarize(times["t2t_ref"], flops, config.batch, peak_gflops),
               "torch": summarize(times["PyTorch"], flops, config.batch, peak_gflops)}
     result["ratio"] = result["ours"]["ms"] / result["torch"]["ms"]
-    result["target_ratio"] = TARGET_RATIO[args.backend][config.mode]
+    # --quick's batches of 4 are a smoke test: Python's fixed cost per call sets their time, and
+    # the speed targets are for the real configurations
+    result["target_ratio"] = None if config in QUICK else TARGET_RATIO[args.backend][config.mode]
 
     result["profile_ms"], result["profile"], threads = profile_step(ours, args.pause)
     result["profile_thread_ms"], result["profile_threads"] = threads["thread_ms"], \
@@ -945,7 +947,7 @@ def failures(result, backend):
             failed.append(f"{result['precision']} gradient {ours['worst']} differs from "
                           f"float32's by {ours['grads']:.1e} > {grads_tol}")
     if backend == "cupy":
-        if not result["ratio"] <= result["target_ratio"]:
+        if result["target_ratio"] is not None and not result["ratio"] <= result["target_ratio"]:
             failed.append(f"{result['ratio']:.2f}x PyTorch's time > {result['target_ratio']}x")
         target, ratio = result["target_memory_ratio"], result["memory_ratio"]
         if target is not None and ratio is not None and not ratio <= target:
@@ -982,7 +984,9 @@ def print_result(r):
               f"{against_float32(r['half']['torch'])}")
     print(row("", "t2t_ref", "PyTorch", ""))
     print(row("ms per step (median)", f"{ours['ms']:.1f}", f"{torch_['ms']:.1f}",
-              f"ratio {r['ratio']:.2f}x {_verdict(r['ratio'], r['target_ratio'])}"))
+              f"ratio {r['ratio']:.2f}x " + (_verdict(r["ratio"], r["target_ratio"])
+                                            if r["target_ratio"] is not None
+                                            else "(--quick: a smoke test, no target)")))
     print(row("  min .. max", f"{ours['min_ms']:.1f}..{ours['max_ms']:.1f}",
               f"{torch_['min_ms']:.1f}..{torch_['max_ms']:.1f}",
               f"{len(ours['times_ms'])} interleaved runs each"
@@ -1049,8 +1053,9 @@ def print_markdown(machine, peak, results, pause):
                       f"({r['memory_ratio']:.2f}x)")
         else:
             memory = "n/a"
-        print(f"| {r['config']} | {o['ms']:.1f} | {t['ms']:.1f} | {r['ratio']:.2f}x "
-              f"(<= {r['target_ratio']:.2f}) | {o['images_per_s']:.1f} | "
+        target = "" if r["target_ratio"] is None else f" (<= {r['target_ratio']:.2f})"
+        print(f"| {r['config']} | {o['ms']:.1f} | {t['ms']:.1f} | {r['ratio']:.2f}x"
+              f"{target} | {o['images_per_s']:.1f} | "
               f"{t['images_per_s']:.1f} | {r['loader_images_per_s']:.0f} | "
               f"{o['gflops']:.1f} / {t['gflops']:.1f} ({o['peak_pct']:.0f}% / "
               f"{t['peak_pct']:.0f}%) | {memory} |")

@@ -259,6 +259,8 @@ def test_failures_name_parity_and_gpu_targets():
     slow = dict(good, ratio=1.3, memory_ratio=1.6)
     assert bench.failures(slow, "numpy") == []
     assert [f.split()[0] for f in bench.failures(slow, "cupy")] == ["1.30x", "1.60x"]
+    smoke = dict(slow, target_ratio=None)  # --quick: its batches of 4 have no speed target
+    assert [f.split()[0] for f in bench.failures(smoke, "cupy")] == ["1.60x"]
     wrong = dict(good, grads_rel_diff=float("nan"), logits_rel_diff=3e-3)
     failed = bench.failures(wrong, "numpy")
     assert len(failed) == 2 and "gradient head.weight" in failed[1], failed
