@@ -7,6 +7,7 @@ process writes it.
     release_run_folder(run)          # (the OS lets go anyway when the process ends)
 """
 
+import errno
 import os
 
 from .atomic import cannot_write_in, nearest_existing
@@ -41,10 +42,14 @@ def lock_run_folder(out):
     descriptor = os.open(out, os.O_RDONLY)
     try:
         fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except OSError as err:
         os.close(descriptor)
-        raise UsageError(f"{out} is in use by another training process: wait for it to end, "
-                         "or choose another --out") from None
+        if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN):  # held: another process writes it
+            raise UsageError(f"{out} is in use by another training process: wait for it to "
+                             "end, or choose another --out") from None
+        # a file system without locks (Lustre mounted without -o flock: ENOSYS; some network
+        # and FUSE file systems): the run goes on unlocked, as it did before there was a lock
+        return None
     return descriptor
 
 

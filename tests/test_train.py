@@ -831,6 +831,22 @@ def test_a_run_folder_in_use_is_refused(tmp_path, capsys):
         "the lock leaves no file behind"
 
 
+def test_a_file_system_without_locks_still_trains(tmp_path, capsys, monkeypatch):
+    """Where the file system has no flock (Lustre mounted without -o flock says ENOSYS; some
+    network file systems ENOLCK), the run goes on unlocked rather than call its own folder in
+    use."""
+    import errno
+    import fcntl
+
+    def no_locks(descriptor, operation):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    code, captured = run_train(TINY + ["--epochs", "1", "--out", str(tmp_path / "run")], capsys)
+    assert code == 0, captured.err
+    assert (tmp_path / "run" / "last.safetensors").exists()
+
+
 def test_far_more_workers_than_cores_get_a_note(tmp_path, capsys, monkeypatch):
     """--workers far above the cores (64 on 2 made the batches wait 23% of the time, not 3%):
     a note says so and names the default; the run goes on."""
