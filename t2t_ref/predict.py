@@ -9,8 +9,8 @@ A folder stands for every image file in it and its sub-folders, in order of thei
 images are read, classified and printed --batch-size at a time, so a folder of any size fits
 in memory. An image that cannot be read, or whose output is NaN or inf, gets an "error:" line
 on stderr instead, and the others go on; the exit code is then 1 (so it is for an empty folder
-named beside images). Nothing to classify at all (only folders without image files) is a user
-mistake: one "error:" line, exit code 2.
+named beside images, and for a folder or sub-folder that cannot be listed). Nothing to classify
+at all (only folders without image files) is a user mistake: one "error:" line, exit code 2.
 Each image goes through the evaluation transform (short side resized to int(S / crop_pct),
 centre crop S x S; ImageNet mean/std), with a t2t_ref checkpoint's --crop-pct and
 --interpolation, else the official 0.9 and bicubic. Class names: those stored in a t2t_ref
@@ -83,17 +83,21 @@ def main(argv=None):
                         help="bf16 or fp16: inference in half precision (t2t_ref/precision.py)")
     args = parser.parse_args(argv)
     # the images first (cheap): with none at all there is nothing to do
-    paths, empty_folders = [], []
+    paths, empty_folders, unreadable = [], [], []
+
+    def cannot_list(folder, err):  # a folder (or sub-folder) that cannot be listed: said below
+        unreadable.append(f"cannot read folder {folder!r} ({err.strerror or err})")
+
     for path in args.images:
         if os.path.isdir(path):
-            found = images_under(path)
-            if not found:
+            found = images_under(path, on_error=cannot_list)
+            if not found and not unreadable:
                 empty_folders.append(path)
             paths += found
         else:
             paths.append(path)
     kinds = f"{', '.join(IMAGE_EXTENSIONS)}, any case, sub-folders included"
-    if not paths:
+    if not paths and not unreadable:
         named = " or ".join(repr(folder) for folder in empty_folders)
         return user_error(f"no image files in {'folder' if len(empty_folders) == 1 else 'folders'}"
                           f" {named} ({kinds}): name image files, or a folder that holds some")
@@ -110,12 +114,17 @@ def main(argv=None):
         names = display_names(weight_file.class_names, model.num_classes)
     except (PretrainedError, BackendError, ValueError) as err:
         return user_error(err)
+    except MemoryError:
+        return user_error(f"not enough memory for the model at --img-size {args.img_size}: "
+                          "give a smaller --img-size")
     # the evaluation transform the weights were trained with (a t2t_ref run's), else official
     transform = eval_transform_of((weight_file.meta or {}).get("config", {}))
     # every image on its own: one that cannot be read is reported, and the rest go on
     failed, empty = 0, len(empty_folders)
     for folder in empty_folders:  # beside images to classify: said, and the others go on
         print(f"error: no image files in folder {folder!r} ({kinds})", file=sys.stderr)
+    for line in unreadable:
+        print(f"error: {line}", file=sys.stderr)
     k = min(args.top, model.num_classes)
     for start in range(0, len(paths), args.batch_size):  # read, classify, print: a batch
         images, good = [], []
@@ -127,7 +136,12 @@ def main(argv=None):
             except CorruptImage as err:
                 print(f"error: {err}", file=sys.stderr)
                 failed += 1
-        probs = predict(model, np.stack(images), args.batch_size) if images else []
+        try:
+            probs = predict(model, np.stack(images), args.batch_size) if images else []
+        except MemoryError:
+            return user_error(f"not enough memory for a batch of {len(images)} images of "
+                              f"{model.img_size}x{model.img_size}: give a smaller --batch-size"
+                              " or --img-size")
         for path, p in zip(good, probs):
             if not np.isfinite(p).all():
                 print(f"error: {path}: the model's output is NaN or inf, no prediction",
@@ -139,7 +153,7 @@ def main(argv=None):
                 print(f"  {p[index]:.4f}  {names[index]}")
     if failed:
         print(f"{failed} of {plural(len(paths), 'image')} failed", file=sys.stderr)
-    return 1 if failed or empty else 0
+    return 1 if failed or empty or unreadable else 0
 
 
 if __name__ == "__main__":

@@ -180,3 +180,61 @@ def test_predict_on_an_empty_folder_is_a_user_error(folder_run, tmp_path, capsys
     assert line.endswith("any case, sub-folders included): name image files, or a folder that "
                          "holds some"), line
     assert captured.out == ""
+
+
+@tried("prediction", "`predict` on a folder with a sub-folder that cannot be listed "
+       "(permissions), beside images", "the other images classified; `error: cannot read "
+       "folder '...' (Permission denied)`; exit 1 (it was a PermissionError traceback, and "
+       "nothing classified)")
+def test_predict_goes_on_past_a_folder_it_cannot_list(folder_run, tmp_path, capsys,
+                                                      monkeypatch):
+    import os
+    from t2t_ref.data import folder as folder_module
+    data, out = folder_run
+    locked = data / "train" / "cat" / "locked"
+    locked.mkdir()
+    real_scandir = os.scandir
+
+    def scandir(path):  # as for a folder of mode 000 (root here reads anything)
+        if os.path.realpath(path) == os.path.realpath(locked):
+            raise PermissionError(13, "Permission denied")
+        return real_scandir(path)
+
+    monkeypatch.setattr(folder_module.os, "scandir", scandir)
+    capsys.readouterr()
+    code = predict.main([str(data / "train" / "cat"), "--checkpoint",
+                         str(out / "best.safetensors")])
+    captured = capsys.readouterr()
+    assert code == 1, captured.err
+    assert f"error: cannot read folder {str(locked)!r} (Permission denied)" in captured.err
+    assert captured.out.count(".png") + captured.out.count(".jpg") >= 1, captured.out
+    # the same folder read as training data: one line naming it
+    from t2t_ref.data.folder import DataError, images_under
+    with pytest.raises(DataError, match="cannot read folder .*locked.* fix its permissions"):
+        images_under(data / "train" / "cat")
+    locked.rmdir()  # (the module's data folder, as the other tests found it)
+
+
+@tried("prediction", "`predict` whose model or batch does not fit in memory (a huge "
+       "--img-size)", "exit 2: `error: not enough memory for ...: give a smaller --img-size` "
+       "(it was a numpy MemoryError traceback)")
+def test_predict_out_of_memory_is_one_line(folder_run, capsys, monkeypatch):
+    data, out = folder_run
+
+    def no_memory(*args, **kwargs):
+        raise MemoryError("Unable to allocate 74.5 GiB")
+
+    monkeypatch.setattr(predict, "model_from_weights", no_memory)
+    capsys.readouterr()
+    code = predict.main([str(data / "train" / "cat"), "--checkpoint",
+                         str(out / "best.safetensors"), "--img-size", "100000"])
+    line = one_error_line(code, capsys.readouterr())
+    assert line == ("error: not enough memory for the model at --img-size 100000: give a "
+                    "smaller --img-size"), line
+    monkeypatch.undo()
+    monkeypatch.setattr(predict, "predict", no_memory)
+    code = predict.main([str(data / "train" / "cat"), "--checkpoint",
+                         str(out / "best.safetensors")])
+    line = one_error_line(code, capsys.readouterr())
+    assert line.startswith("error: not enough memory for a batch of ") and \
+        line.endswith(": give a smaller --batch-size or --img-size"), line

@@ -144,18 +144,26 @@ def _images_of_class(split_dir, name):
     return [path for _, path in files]
 
 
-def _image_files(folder, within=(), seen=None):
+def _image_files(folder, within=(), seen=None, on_error=None):
     """(path within the class folder as a tuple of names, path) of every image in folder and
     its sub-folders (hidden ones skipped), links followed, each real folder listed once. One
     scandir per folder and no stat per file (the directory entry's type), as ImageNet's 1.3
-    million files on a network disk need."""
+    million files on a network disk need. A folder that cannot be listed: on_error(folder,
+    OSError) and the others go on, or without on_error a DataError."""
     seen = set() if seen is None else seen
     real = os.path.realpath(folder)
     if real in seen:  # reached again through a link: already listed
         return
     seen.add(real)
-    with os.scandir(folder) as entries:
-        entries = sorted(entries, key=lambda e: e.name)
+    try:
+        with os.scandir(folder) as entries:
+            entries = sorted(entries, key=lambda e: e.name)
+    except OSError as err:
+        if on_error is None:
+            raise DataError(f"cannot read folder {folder!r} ({err.strerror or err}): fix its "
+                            "permissions, or move it out of the data") from None
+        on_error(folder, err)
+        return
     for entry in entries:
         if entry.name.startswith("."):
             continue
@@ -163,13 +171,14 @@ def _image_files(folder, within=(), seen=None):
             if _is_image(entry.name):
                 yield (*within, entry.name), entry.path
         elif entry.is_dir():
-            yield from _image_files(entry.path, (*within, entry.name), seen)
+            yield from _image_files(entry.path, (*within, entry.name), seen, on_error)
 
 
-def images_under(folder):
+def images_under(folder, on_error=None):
     """Paths of every image file in folder and its sub-folders (as a class folder is read),
-    sorted by their path within it; [] for none."""
-    return [path for _, path in sorted(_image_files(os.fspath(folder)))]
+    sorted by their path within it; [] for none. on_error(folder, OSError) for a folder that
+    cannot be listed (else DataError)."""
+    return [path for _, path in sorted(_image_files(os.fspath(folder), on_error=on_error))]
 
 
 def _is_image(file_name):
