@@ -9,7 +9,8 @@ Files read_weights understands:
 - official release files: a torch.save'd dict holding `state_dict` and usually
   `state_dict_ema` (the weight EMA, which the release's accuracies were measured with: it is
   taken by default), beside training leftovers (`optimizer`, `epoch`, and `args`, an
-  argparse.Namespace); also `{'net': state_dict}` files, bare state dicts (what export_pth
+  argparse.Namespace); also timm / DeiT's `{'model': ..., 'model_ema': ...}` (the EMA taken
+  by default here too), `{'net': state_dict}` files, bare state dicts (what export_pth
   writes), and keys carrying DataParallel's `module.` prefix;
 - t2t_ref files (safetensors): training checkpoints (checkpoint.py; their `ema/` weights,
   present when trained with --ema-decay, count as the EMA) and the weight files save_weights
@@ -56,6 +57,11 @@ META_KEY = "t2t_ref"  # the safetensors metadata key of t2t_ref files (as checkp
 # where a torch.save'd dict keeps its weights, in the order they are looked for
 RAW_KEYS = ("state_dict", "net", "model")
 EMA_KEY = "state_dict_ema"
+# the EMA beside the raw weights: the release's (timm's CheckpointSaver) and timm / DeiT's
+# {'model': ..., 'model_ema': ...} layout
+EMA_KEYS = (EMA_KEY, "model_ema")
+# the evaluation transform of a t2t_ref run's configuration (recipe.eval_transform_of)
+TRANSFORM_KEYS = ("crop_pct", "interpolation")
 TORCH_HINT = "pip install 't2t_ref[torch]'"
 CUBIC_A = -0.75  # the cubic convolution constant of torch's (and OpenCV's) bicubic
 
@@ -70,7 +76,8 @@ class WeightFile:
 
     weights : {official key: host NumPy array}, `module.` prefixes stripped
     which   : the part of the file the weights came from ('state_dict_ema', 'state_dict',
-              'net', 'state dict' for a bare one, 'weights' / 'ema' for t2t_ref files)
+              'model_ema', 'model', 'net', 'state dict' for a bare one, 'weights' / 'ema'
+              for t2t_ref files)
     meta    : a t2t_ref file's metadata (model, class_names, config), else None
     args    : an official file's training arguments (its Namespace, as a dict), else None
     """
@@ -117,12 +124,7 @@ def read_weights(path, use_ema=True):
     use_ema: take the EMA weights where the file has them (official `state_dict_ema`, a t2t_ref
     checkpoint's `ema/`); False takes the raw ones. Raises PretrainedError.
     """
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise PretrainedError(f"weights file {path} does not exist: check the path")
-    if os.path.isdir(path):
-        raise PretrainedError(f"{path} is a folder, not a weights file: pass a file, e.g. "
-                              f"{os.path.join(path, 'best.safetensors')} of a t2t_ref run")
+    path = check_weights_path(path)
     with open(path, "rb") as f:
         head = f.read(16)
     if _looks_like_safetensors(head, os.path.getsize(path)):
@@ -131,6 +133,19 @@ def read_weights(path, use_ema=True):
         return _read_torch(path, use_ema)
     raise PretrainedError(f"{path} is not a checkpoint: neither a PyTorch file (.pth, "
                           ".pth.tar) nor a safetensors file")
+
+
+def check_weights_path(path):
+    """path (as a str) if it names an existing file, else PretrainedError saying what to fix."""
+    path = os.fspath(path)
+    if not path.strip():
+        raise PretrainedError("an empty weights file path: give the file to read")
+    if not os.path.exists(path):
+        raise PretrainedError(f"weights file {path} does not exist: check the path")
+    if os.path.isdir(path):
+        raise PretrainedError(f"{path} is a folder, not a weights file: pass a file, e.g. "
+                              f"{os.path.join(path, 'best.safetensors')} of a t2t_ref run")
+    return path
 
 
 def _looks_like_safetensors(head, size):
@@ -203,12 +218,13 @@ def _select_state_dict(path, obj, use_ema, torch):
     if not isinstance(obj, dict):
         raise PretrainedError(f"{path} holds a {type(obj).__name__}, not a checkpoint dict "
                               "of weights")
-    keys = ((EMA_KEY,) if use_ema else ()) + RAW_KEYS
+    keys = (EMA_KEYS if use_ema else ()) + RAW_KEYS
     for key in keys:
         if is_state_dict(obj.get(key)):
             return obj[key], key
-    if not use_ema and is_state_dict(obj.get(EMA_KEY)):
-        raise PretrainedError(f"{path} holds only EMA weights ({EMA_KEY}): load them with "
+    ema_only = [key for key in EMA_KEYS if is_state_dict(obj.get(key))]
+    if not use_ema and ema_only:
+        raise PretrainedError(f"{path} holds only EMA weights ({ema_only[0]}): load them with "
                               "the EMA (drop --no-ema, or use_ema=True)")
     shown = ", ".join(repr(k) for k in list(obj)[:8]) or "none"
     raise PretrainedError(f"{path} is not a checkpoint: no state dict in it (looked for "
@@ -423,19 +439,32 @@ def load_pretrained(path, model_name=None, *, img_size=None, num_classes=None, u
 # ---- writing ---------------------------------------------------------------------------------
 
 
-def save_weights(path, model, class_names=None, source=None):
+def save_weights(path, model, class_names=None, source=None, transform=None):
     """Write t2t_ref's own weight file: the checkpoint format of checkpoint.py (a safetensors
     file under the official keys) with metadata, but no optimizer or schedule position, so
-    evaluate --checkpoint, predict and train --init-from read it, and --resume refuses it."""
+    evaluate --checkpoint, predict and train --init-from read it, and --resume refuses it.
+
+    transform: the evaluation transform the weights were trained with ({'crop_pct': 0.95,
+    'interpolation': 'bilinear'}, a t2t_ref run's config; see transform_of), kept in the
+    file's config so that predict and evaluate use it; None or missing keys: the official
+    0.9 / bicubic."""
     from .checkpoint import save_checkpoint
 
     class_names = list(class_names) if class_names is not None \
         else default_class_names(model.num_classes)
     config = {"model": model.name, "img_size": model.img_size, "dtype": model.dtype_name,
               "data": "unknown: converted weights", "val_fraction": 0.0, "seed": 0}
+    config.update({k: v for k, v in (transform or {}).items() if k in TRANSFORM_KEYS})
     meta = {"model": model.name, "class_names": class_names, "config": config,
             "weights_only": True, "source": source}
     save_checkpoint(path, model.state_dict(), meta)
+
+
+def transform_of(weight_file):
+    """The evaluation transform settings a t2t_ref file's config holds ({'crop_pct': ...,
+    'interpolation': ...}; {} for official files), for save_weights to keep."""
+    config = (weight_file.meta or {}).get("config") or {}
+    return {k: config[k] for k in TRANSFORM_KEYS if k in config}
 
 
 def export_pth(path, model):
