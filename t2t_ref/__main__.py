@@ -2,14 +2,14 @@
 and print the loss and the largest gradient. A check, in about a second, that everything
 works."""
 
-import argparse
 import sys
 import time
 
 import numpy as np
 
 import t2t_ref
-from t2t_ref.cli import HelpFormatter, run as run_cli, user_error
+from t2t_ref.cli import Parser, number, run as run_cli, user_error
+from t2t_ref.model import PATCH
 from t2t_ref.parallel import DataParallel
 
 
@@ -21,15 +21,40 @@ def synchronize(xp):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m t2t_ref", description=__doc__,
-                                     formatter_class=HelpFormatter)
+    parser = Parser(prog="python -m t2t_ref", description=__doc__)
     parser.add_argument("--model", default="t2t_vit_7", choices=t2t_ref.list_models())
-    parser.add_argument("--img-size", type=int, default=224)
-    parser.add_argument("--batch-size", type=int, default=2)
-    parser.add_argument("--num-classes", type=int, default=1000)
+    parser.add_argument("--img-size", type=number(int, low=PATCH), default=224,
+                        help=f"image side, a multiple of {PATCH}")
+    parser.add_argument("--batch-size", type=number(int, low=1), default=2)
+    parser.add_argument("--num-classes", type=number(int, low=1), default=1000)
     parser.add_argument("--backend", default="numpy", choices=["numpy", "cupy"])
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     args = parser.parse_args(argv)
+    S = args.img_size
+    if S % PATCH:  # the words of train's check
+        return user_error(f"--img-size {S} is not a multiple of {PATCH}: every model cuts the "
+                          f"image into a grid 16x smaller (T2T-ViT's three soft splits, ViT's "
+                          f"16x16 patches); try {max(PATCH, S // PATCH * PATCH)}")
+    try:
+        return check(args)
+    except MemoryError:
+        return user_error(out_of_memory(args))
+    except Exception as err:  # CuPy's OutOfMemoryError is no MemoryError
+        if type(err).__name__ != "OutOfMemoryError":
+            raise
+        return user_error(out_of_memory(args))
+
+
+def out_of_memory(args):
+    """The one line for a check too big for the memory there is."""
+    where = "the GPU" if args.backend == "cupy" else "this machine"
+    return (f"out of memory: batch {args.batch_size} of {args.img_size}x{args.img_size} images "
+            f"(--num-classes {args.num_classes}) needs more than {where} has: lower "
+            "--batch-size or --img-size")
+
+
+def check(args):
+    """Build the model, run one step, print what it found; the exit code."""
     try:
         model = DataParallel(t2t_ref.create_model(  # every core (t2t_ref.parallel)
             args.model, num_classes=args.num_classes, img_size=args.img_size,

@@ -164,16 +164,25 @@ def summary(name, img_size=224, num_classes=1000):
     return "\n".join(lines)
 
 
-def overview():
-    """Every model at 224 / 1000 classes: parameters and GMACs, ours beside the official."""
-    lines = [f"{'model':24s} {'params':>12s} {'trainable':>12s} {'GMACs':>7s} "
-             f"{'official':>9s}  source"]
+def overview(img_size=224, num_classes=1000):
+    """Every model at this image size and class count: parameters and GMACs, beside the
+    official figures at 224 / 1000 classes (the only size they were published for)."""
+    official_size = (img_size, num_classes) == (224, 1000)
+    lines = [f"every model at {img_size}x{img_size}, {num_classes} classes"
+             + ("" if official_size else
+                " (the official figures are for 224x224, 1000 classes: not shown)"),
+             f"{'model':24s} {'params':>12s} {'trainable':>12s} {'GMACs':>7s}"
+             + (f" {'official':>9s}  source" if official_size else "")]
     for name in VARIANTS:
-        total, trainable, macs = count(name)
-        gmacs, source, note = OFFICIAL_GMACS.get(name, (None, "", ""))
-        official = f"{gmacs:9.1f}" if gmacs is not None else f"{'-':>9s}"
-        lines.append(f"{name:24s} {total:>12,} {trainable:>12,} {macs / 1e9:7.2f} {official}"
-                     f"  {source}")
+        total, trainable, macs = count(name, img_size, num_classes)
+        line = f"{name:24s} {total:>12,} {trainable:>12,} {macs / 1e9:7.2f}"
+        if official_size:
+            gmacs, source, note = OFFICIAL_GMACS.get(name, (None, "", ""))
+            official = f"{gmacs:9.1f}" if gmacs is not None else f"{'-':>9s}"
+            line += f" {official}  {source}"
+        lines.append(line)
+    if not official_size:
+        return "\n".join(lines)
     notes = [f"{name}: {note}" for name, (_, _, note) in OFFICIAL_GMACS.items() if note
              and not note.startswith("see ")]
     notes.append("the official figures are rounded to 0.1 G and come from another counter "
@@ -190,15 +199,19 @@ def main(argv=None):
                         help=f"image side, a multiple of {PATCH}")
     parser.add_argument("--num-classes", type=number(int, low=1), default=1000)
     parser.add_argument("--all", action="store_true",
-                        help="every model at 224 / 1000 classes beside the official figures")
+                        help="every model (at --img-size / --num-classes; at 224 / 1000 "
+                        "classes beside the official figures)")
     args = parser.parse_args(argv)
-    if args.all:
-        print(overview())
-        return 0
-    if args.model is None:
+    if args.all and args.model is not None:
+        return user_error(f"--all lists every model: give either {args.model} or --all, "
+                          "not both")
+    if args.model is None and not args.all:
         return user_error("name a model, or give --all (see python -m t2t_ref.summary --help)")
     if args.img_size % PATCH:
         return user_error(f"--img-size {args.img_size} is not a multiple of {PATCH}")
+    if args.all:
+        print(overview(args.img_size, args.num_classes))
+        return 0
     print(summary(args.model, args.img_size, args.num_classes))
     return 0
 

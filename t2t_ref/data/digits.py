@@ -19,7 +19,49 @@ import sys
 import numpy as np
 from PIL import Image
 
-from ..cli import Parser, number, run as run_cli, user_error
+from ..atomic import cannot_write_in, nearest_existing
+from ..cli import Parser, number, path, plural, run as run_cli, user_error
+
+
+def held_out_count(class_size, val_fraction):
+    """How many scans of a class of class_size go to val/."""
+    return round(val_fraction * class_size)
+
+
+def empty_split(targets, val_fraction):
+    """None if every class keeps scans in both train/ and val/ at this fraction, else one
+    line naming the counts and a fraction that works."""
+    sizes = np.bincount(targets)
+    val = [held_out_count(n, val_fraction) for n in sizes]
+    n_val, n_train = sum(val), int(sizes.sum()) - sum(val)
+    short = [("val/", str(d)) for d, v in enumerate(val) if v == 0] + \
+        [("train/", str(d)) for d, (v, n) in enumerate(zip(val, sizes)) if v == n]
+    if not short:
+        return None
+    low, high = 0.5 / sizes.min(), 1 - 0.5 / sizes.min()
+    split = short[0][0]
+    classes = [d for s, d in short if s == split]
+    classes = ("digit " if len(classes) == 1 else "digits ") + ", ".join(classes)
+    return (f"--val-fraction {val_fraction} leaves {plural(n_train, 'training scan')} and "
+            f"{plural(n_val, 'validation scan')} ({split} has none of {classes}): give a "
+            f"fraction from {low:.3f} to {high:.3f}, e.g. 0.2")
+
+
+def check_out_dir(out):
+    """None if out can become the data set's folder, else one line saying why not. Creates
+    nothing."""
+    if os.path.islink(out) and not os.path.exists(out):
+        return (f"{out} is a symbolic link to {os.readlink(out)}, which does not exist: "
+                "choose a new folder")
+    if os.path.exists(out) and not (os.path.isdir(out) and not os.listdir(out)):
+        return f"{out} exists and is not an empty folder: choose a new one"
+    existing = nearest_existing(out)
+    if not os.path.isdir(existing):
+        return f"{out} lies under {existing}, which is a file: choose a folder path"
+    reason = cannot_write_in(existing)
+    if reason is not None:
+        return f"{out}: cannot write in {existing} ({reason}): choose a folder you can write to"
+    return None
 
 
 def write_digits(root, val_fraction=0.2, seed=0):
@@ -32,7 +74,8 @@ def write_digits(root, val_fraction=0.2, seed=0):
     for label in range(10):
         indices = np.flatnonzero(digits.target == label)
         rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(label,)))
-        held_out = set(rng.choice(indices, round(val_fraction * len(indices)), replace=False))
+        held_out = set(rng.choice(indices, held_out_count(len(indices), val_fraction),
+                                  replace=False))
         for index in indices:
             split = "val" if index in held_out else "train"
             folder = os.path.join(root, split, str(label))
@@ -44,20 +87,31 @@ def write_digits(root, val_fraction=0.2, seed=0):
 
 def main(argv=None):
     parser = Parser(prog="python -m t2t_ref.data.digits", description=__doc__)
-    parser.add_argument("out", metavar="DIR", help="a new or empty folder to write into")
+    parser.add_argument("out", metavar="DIR", type=path("a new or empty folder to write into"),
+                        help="a new or empty folder to write into")
     parser.add_argument("--val-fraction", type=number(float, above=0, below=1), default=0.2,
                         help="part of each class held out in val/")
     parser.add_argument("--seed", type=number(int, low=0), default=0,
                         help="chooses the held-out scans")
     args = parser.parse_args(argv)
-    if os.path.isfile(args.out) or (os.path.isdir(args.out) and os.listdir(args.out)):
-        return user_error(f"{args.out} exists and is not an empty folder: choose a new one")
+    problem = check_out_dir(args.out)
+    if problem is not None:
+        return user_error(problem)
     try:
-        counts = write_digits(args.out, args.val_fraction, args.seed)
+        from sklearn.datasets import load_digits
     except ImportError:
         return user_error("the digits come with scikit-learn: pip install scikit-learn")
+    problem = empty_split(load_digits().target, args.val_fraction)
+    if problem is not None:
+        return user_error(problem)
+    try:
+        counts = write_digits(args.out, args.val_fraction, args.seed)
+    except OSError as err:  # the disk filled, the folder went away meanwhile
+        return user_error(f"could not write the scans into {args.out} "
+                          f"({err.strerror or err}): free space or choose another folder")
     print(f"wrote {counts['train']} training and {counts['val']} validation scans (8 x 8) of "
-          f"10 classes to {args.out}/train and {args.out}/val")
+          f"10 classes to {os.path.join(args.out, 'train')} and "
+          f"{os.path.join(args.out, 'val')}")
     return 0
 
 
