@@ -9,6 +9,7 @@ one line and exit code 130.
 
 import argparse
 import math
+import os
 import signal
 import sys
 
@@ -103,6 +104,10 @@ def run(main):
     except KeyboardInterrupt:
         print("\ninterrupted (Ctrl-C)", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the output piped into a reader that stopped (`| head`): no
+        # traceback, and nothing more to write (Python's own flush at exit would fail again)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, as a shell reports a writer its reader left
 
 
 def guard_loading():

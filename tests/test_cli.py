@@ -159,3 +159,20 @@ def test_ctrl_c_while_a_command_loads_is_one_line(tmp_path):
     done = subprocess.run([sys.executable, "-c", "import t2t_ref"], env=env,
                           capture_output=True, text=True, timeout=120)
     assert "KeyboardInterrupt" in done.stderr, done.stderr[-800:]
+
+
+@tried("command line", "a command's output piped into a reader that stops early "
+       "(`python -m t2t_ref.predict ... | head`)", "exit 141 (128 + SIGPIPE), nothing on stderr "
+       "(it was a BrokenPipeError traceback)")
+def test_output_into_a_closed_pipe_ends_quietly():
+    import subprocess
+    import sys
+    program = ("import sys\nfrom t2t_ref.cli import run\n"
+               "def main():\n    for i in range(10 ** 6):\n        print('line', i)\n"
+               "sys.exit(run(main))\n")
+    child = subprocess.Popen([sys.executable, "-c", program], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE)
+    assert child.stdout.readline() == b"line 0\n"
+    child.stdout.close()  # as `head -1` does once it has its line
+    stderr = child.stderr.read().decode()
+    assert child.wait(timeout=60) == 141 and stderr == "", stderr[-600:]
