@@ -71,3 +71,19 @@ def cannot_write_in(folder):
     except OSError as err:
         return err.strerror or str(err)
     return None
+
+
+def file_path_problem(path):
+    """Why a file could not be written at path, for a message that names the path first: its
+    folder lies under a file, does not exist (no folders are made for it), or cannot be
+    written in; None if it can be."""
+    folder = os.path.dirname(os.path.abspath(path))
+    existing = nearest_existing(folder)
+    if not os.path.isdir(existing):
+        return f"lies under {existing}, which is a file"
+    if existing != folder:
+        return f"folder {folder} does not exist: create it"
+    reason = cannot_write_in(folder)
+    if reason is not None:
+        return f"cannot write in {folder} ({reason})"
+    return None

@@ -74,7 +74,7 @@ from pathlib import Path
 import numpy as np
 import threadpoolctl
 
-from .atomic import cannot_write_in, nearest_existing, write_atomic
+from .atomic import file_path_problem, write_atomic
 from .backend import keep_freed_memory, to_device, to_numpy
 from .cli import HelpFormatter, run as run_cli, user_error
 from .gaps import make_rng
@@ -1080,18 +1080,9 @@ def check_json_path(path):
     if os.path.isdir(full) or path.endswith(("/", os.sep)):
         raise BenchError(f"--json {path} is a folder: give a file path, e.g. --json "
                          f"{os.path.join(path, 'bench.json')}")
-    folder = os.path.dirname(full)
-    existing = nearest_existing(folder)
-    if not os.path.isdir(existing):
-        raise BenchError(f"--json {path} lies under {existing}, which is a file: give another "
-                         "path")
-    if existing != folder:
-        raise BenchError(f"--json {path}: folder {folder} does not exist: create it or give "
-                         "another path")
-    reason = cannot_write_in(folder)
-    if reason is not None:
-        raise BenchError(f"--json {path}: cannot write in {folder} ({reason}): choose a "
-                         "folder you can write to")
+    problem = file_path_problem(full)
+    if problem is not None:
+        raise BenchError(f"--json {path}: {problem}, or give another path")
 
 
 def write_json(path, report):

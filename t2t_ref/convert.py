@@ -21,7 +21,7 @@ Converting a t2t_ref checkpoint keeps its evaluation transform (--crop-pct, --in
 import os
 import sys
 
-from .atomic import cannot_write_in, nearest_existing
+from .atomic import file_path_problem
 from .checkpoint import CheckpointError
 from .cli import Parser, path, run as run_cli, user_error
 from .pretrained import PretrainedError, check_weights_path, export_pth, model_from_weights, \
@@ -48,18 +48,9 @@ def check_output(source, target, force=False):
         if not force:
             raise PretrainedError(f"output {target} already exists: pass --force to replace "
                                   "it, or choose another path")
-    folder = os.path.dirname(os.path.abspath(target))
-    existing = nearest_existing(folder)
-    if not os.path.isdir(existing):
-        raise PretrainedError(f"cannot write {target}: {existing} is a file, not a folder; "
-                              "choose another path")
-    if existing != folder:
-        raise PretrainedError(f"cannot write {target}: the folder {folder} does not exist; "
-                              "create it first or choose another path")
-    reason = cannot_write_in(folder)
-    if reason is not None:
-        raise PretrainedError(f"cannot write {target}: the folder {folder} is not writable "
-                              f"({reason}); choose another path")
+    problem = file_path_problem(target)
+    if problem is not None:
+        raise PretrainedError(f"output {target}: {problem}, or choose another path")
 
 
 def convert(source, target, model_name=None, use_ema=True, force=False):

@@ -51,9 +51,9 @@ def assert_one_line(code, lines, says):
 @tried("command line", "`bench --quick --json PATH`, PATH a folder, under a file, in a "
        "missing folder, in a folder that cannot be written, or empty (`--json \"\"`); "
        "the same with --loader", "exit 2 before any timing: `error: --json P is a folder: "
-       "give a file path ...`, `... lies under F, which is a file ...`, `... folder F does not "
-       "exist: create it or give another path`, `... cannot write in F (Permission denied) "
-       "...`, `--json is empty ...`")
+       "give a file path ...`, `... lies under F, which is a file, or give another path`, `... "
+       "folder F does not exist: create it, or give another path`, `... cannot write in F "
+       "(Permission denied), ...`, `--json is empty ...`")
 def test_json_paths_that_cannot_be_written_are_refused_before_timing(tmp_path, capsys,
                                                                      monkeypatch, no_timing):
     a_file = tmp_path / "file"
@@ -63,7 +63,7 @@ def test_json_paths_that_cannot_be_written_are_refused_before_timing(tmp_path, c
     cases = [(str(tmp_path), f"--json {tmp_path} is a folder: give a file path"),
              (str(a_file / "b.json"), f"lies under {a_file}, which is a file"),
              (str(tmp_path / "no" / "b.json"),
-              f"folder {tmp_path / 'no'} does not exist: create it or give another path"),
+              f"folder {tmp_path / 'no'} does not exist: create it, or give another path"),
              ("", "--json is empty: give a file path"),
              (str(locked / "b.json"), f"cannot write in {locked} (Permission denied)")]
     for mode in (["--quick"], ["--loader"]):

@@ -128,8 +128,9 @@ def output_cases(tmp_path):
     a_file = tmp_path / "file.txt"
     a_file.write_text("x")
     return [(folder, "is a folder"),
-            (a_file / "w.safetensors", "is a file, not a folder"),
-            (tmp_path / "missing" / "deeper" / "w.safetensors", "does not exist; create it")]
+            (a_file / "w.safetensors", f"lies under {a_file}, which is a file"),
+            (tmp_path / "missing" / "deeper" / "w.safetensors",
+             "does not exist: create it, or choose another path")]
 
 
 @tried("command line", "`convert IN OUT` with OUT a folder, a path under a file, or in a missing "
@@ -147,8 +148,8 @@ def test_outputs_that_cannot_be_written_are_refused_up_front(tmp_path, capsys):
 
 
 @tried("command line", "`convert IN OUT` in a folder that cannot be written in",
-       "exit 2: `error: cannot write OUT: the folder ... is not writable (Permission denied); "
-       "...`")
+       "exit 2: `error: output OUT: cannot write in ... (Permission denied), or choose another "
+       "path`")
 def test_an_unwritable_output_folder_is_refused(tmp_path, capsys, monkeypatch):
     path, _, _ = official_pair(tmp_path, "t2t_vit_7")
 
@@ -158,7 +159,8 @@ def test_an_unwritable_output_folder_is_refused(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(atomic.tempfile, "TemporaryFile", refuse)
     out = tmp_path / "w.safetensors"
     code = convert.main([str(path), str(out)])
-    assert_user_error(code, capsys.readouterr(), str(out), "not writable", "Permission denied")
+    assert_user_error(code, capsys.readouterr(), str(out), "cannot write in",
+                      "(Permission denied), or choose another path")
     assert not out.exists()
 
 
