@@ -74,12 +74,21 @@ def unflatten(arrays, scalars=None):
 def atomic_save(tensors, path, metadata):
     """Write a safetensors file atomically; NonFiniteError if a float tensor is not finite."""
     tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
-    for key, value in tensors.items():
-        if value.dtype.kind == "f" and not np.isfinite(value).all():
-            raise NonFiniteError(f"{key} holds NaN or inf: not written to {path}")
+    broken = non_finite(tensors)
+    if broken:
+        raise NonFiniteError(f"{broken[0]} holds NaN or inf: not written to {path}")
     metadata = {**metadata, CRC_KEY: json.dumps({k: _crc32(v) for k, v in tensors.items()})}
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     write_atomic(path, save(tensors, metadata))  # the bytes in memory, then one temp file
+
+
+def non_finite(tensors):
+    """The names of the float tensors ({name: host array}; bfloat16 too) holding a NaN or inf."""
+    def finite(value):
+        if value.dtype.kind == "f":
+            return np.isfinite(value).all()
+        return value.dtype.name != "bfloat16" or np.isfinite(value.astype(np.float32)).all()
+    return [key for key, value in tensors.items() if not finite(value)]
 
 
 def _crc32(array):
@@ -90,14 +99,15 @@ def check_intact(path, tensors, header):
     """CheckpointError if a tensor's bytes differ from the CRC-32 written with it (files
     written before the checksums were: their float tensors must at least be finite, as every
     checkpoint t2t_ref writes is)."""
-    expected = json.loads(header[CRC_KEY]) if CRC_KEY in header else None
-    for key, value in tensors.items():
-        damaged = (_crc32(value) != expected.get(key)) if expected is not None else \
-            (value.dtype.kind == "f" and not np.isfinite(value).all())
-        if damaged:
-            raise CheckpointError(f"{path} is damaged: its tensor {key} is not what was written "
-                                  "(a bad copy or disk): use another checkpoint (the run's "
-                                  "best.safetensors or last.safetensors, or a backup)")
+    if CRC_KEY in header:
+        expected = json.loads(header[CRC_KEY])
+        damaged = [key for key, value in tensors.items() if _crc32(value) != expected.get(key)]
+    else:
+        damaged = non_finite(tensors)
+    if damaged:
+        raise CheckpointError(f"{path} is damaged: its tensor {damaged[0]} is not what was "
+                              "written (a bad copy or disk): use another checkpoint (the run's "
+                              "best.safetensors or last.safetensors, or a backup)")
 
 
 def save_checkpoint(path, weights, meta, optimizer=None, ema=None):

@@ -24,6 +24,7 @@ import sys
 import numpy as np
 
 from .backend import BackendError, keep_freed_memory, to_device, to_numpy
+from .checkpoint import non_finite
 from .cli import Parser, number, plural, run as run_cli, user_error
 from .data import CorruptImage, decode, eval_transform
 from .data.folder import IMAGE_EXTENSIONS, images_under
@@ -103,8 +104,7 @@ def main(argv=None):
                           f" {named} ({kinds}): name image files, or a folder that holds some")
     try:
         weight_file = read_weights(args.weights, use_ema=not args.no_ema)
-        broken = [k for k, v in weight_file.weights.items()
-                  if v.dtype.kind == "f" and not np.isfinite(v).all()]
+        broken = non_finite(weight_file.weights)
         if broken:
             raise PretrainedError(f"{args.weights} holds NaN or inf weights ({len(broken)} "
                                   f"tensors, e.g. {broken[0]}), as a diverged run leaves: "
