@@ -87,3 +87,18 @@ def file_path_problem(path):
     if reason is not None:
         return f"cannot write in {folder} ({reason})"
     return None
+
+
+def folder_path_problem(path):
+    """Why path could not be (or become) a folder to write in, as words to follow the path:
+    it is a file, lies under a file, or its nearest folder cannot be written in; None if it
+    can. Creates nothing."""
+    existing = nearest_existing(path)
+    if not os.path.isdir(existing):
+        where = "is a file" if existing == os.path.abspath(path) else \
+            f"lies under {existing}, which is a file"
+        return f"{where}: choose a folder path"
+    reason = cannot_write_in(existing)
+    if reason is not None:
+        return f"cannot write in {existing} ({reason}): choose a folder you can write to"
+    return None

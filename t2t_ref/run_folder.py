@@ -10,7 +10,7 @@ process writes it.
 import errno
 import os
 
-from .atomic import cannot_write_in, nearest_existing
+from .atomic import folder_path_problem
 from .cli import UsageError
 
 
@@ -18,15 +18,10 @@ def check_out_folder(out):
     """Refuse an --out that cannot hold a run (a file, a path under a file, a folder that
     cannot be written) now, before any training, rather than at the first checkpoint. Creates
     nothing: the nearest folder that exists is probed with a temporary file."""
-    existing = nearest_existing(out)
-    if not os.path.isdir(existing):
-        where = "is a file" if existing == os.path.abspath(out) else \
-            f"lies under {existing}, which is a file"
-        raise UsageError(f"--out {out} {where}: choose a folder path")
-    reason = cannot_write_in(existing)
-    if reason is not None:
-        raise UsageError(f"--out {out}: cannot write in {existing} ({reason}): "
-                         "choose a folder you can write to")
+    problem = folder_path_problem(out)
+    if problem is not None:
+        separator = ": " if problem.startswith("cannot") else " "
+        raise UsageError(f"--out {out}{separator}{problem}")
 
 
 def lock_run_folder(out):

@@ -8,6 +8,7 @@ import pytest
 
 from reliability import tried
 
+from t2t_ref import atomic
 from t2t_ref import __main__ as check
 from t2t_ref.data import digits
 
@@ -79,7 +80,7 @@ def test_digits_refuses_a_folder_it_cannot_write(tmp_path, capsys, monkeypatch):
     locked.mkdir()
     locked.chmod(0o555)
     if os.access(locked, os.W_OK):  # root writes anywhere: make the probe say what it would
-        monkeypatch.setattr(digits, "cannot_write_in", lambda folder: "Permission denied")
+        monkeypatch.setattr(atomic, "cannot_write_in", lambda folder: "Permission denied")
     try:
         line = one_error_line("digits", [str(locked / "digits")], capsys)
     finally:

@@ -19,7 +19,7 @@ import sys
 import numpy as np
 from PIL import Image
 
-from ..atomic import cannot_write_in, nearest_existing
+from ..atomic import folder_path_problem
 from ..cli import Parser, number, path, plural, run as run_cli, user_error
 
 
@@ -55,13 +55,10 @@ def check_out_dir(out):
                 "choose a new folder")
     if os.path.exists(out) and not (os.path.isdir(out) and not os.listdir(out)):
         return f"{out} exists and is not an empty folder: choose a new one"
-    existing = nearest_existing(out)
-    if not os.path.isdir(existing):
-        return f"{out} lies under {existing}, which is a file: choose a folder path"
-    reason = cannot_write_in(existing)
-    if reason is not None:
-        return f"{out}: cannot write in {existing} ({reason}): choose a folder you can write to"
-    return None
+    problem = folder_path_problem(out)
+    if problem is None:
+        return None
+    return f"{out}{': ' if problem.startswith('cannot') else ' '}{problem}"
 
 
 def write_digits(root, val_fraction=0.2, seed=0):
