@@ -22,8 +22,11 @@ case ${PRESET:-} in            # named sets of stages, for a session with little
     next) STAGES="install start capture graphs default_graphs evaluate_graphs bench_graphs loader parity_half trace";;
     # then half precision: is bf16 right now, and is a replayed half step faster than float32?
     half_graphs) STAGES="install start parity_half trace bench_half_graphs matmuls";;
+    # two short runs: does a step record (capture's tests, graphs' comparisons)? then its speed
+    recording) STAGES="install start capture graphs";;
+    graphs_speed) STAGES="install start default_graphs evaluate_graphs bench_graphs parity_half bench_half_graphs";;
     "") ;;
-    *) echo "PRESET must be graphs, half, next or half_graphs"; exit 2;;
+    *) echo "PRESET must be graphs, half, next, half_graphs, recording or graphs_speed"; exit 2;;
 esac
 # TESTS_K (pytest -k, default "cupy") and BENCH_CONFIGS narrow the tests and bench stages
 PY=${PY:-python3}
@@ -108,7 +111,7 @@ stage bench_small 60 ok=1 $PY -m t2t_ref.bench --backend cupy --repeats 7 --warm
 #     inference against PyTorch eager, replayed (bench: a missed target is not a failure here)
 #     (first the unit tests of recording: products into a graph through cuBLAS by ctypes, the
 #     kernels' twins, the replayed steps' GPU test)
-stage capture 90 $PY -m pytest -q -p no:cacheprovider tests/test_cupy_gemm.py tests/test_cupy_kernels.py tests/test_graphs.py -k "cupy or gpu or graph"
+stage capture 90 $PY -m pytest -q -p no:cacheprovider tests/test_cupy_gemm.py tests/test_graphs.py -k "cupy or gpu or graph"
 stage graphs 90 $PY scripts/gpu_graphs.py
 stage default_graphs 100 $PY -m t2t_ref.train --backend cupy --cuda-graphs --out "$WORK/default_graphs"
 #     (its checkpoint evaluated eagerly, then with the forward replayed: the same numbers)

@@ -38,7 +38,8 @@ from t2t_ref.train import RecordedForwardBackward, step_seed, train_step
 TOL = 1e-6
 # (model, precision, loss scale, clip, dropout and drop path)
 TRAINING_CASES = (("t2t_vit_7", "float32", False, 1.0, 0.1),
-                  ("t2t_vit_t_14", "fp16", True, None, 0.0))
+                  ("t2t_vit_t_14", "fp16", True, None, 0.0),
+                  ("t2t_vit_7", "bf16", False, 1.0, 0.1))
 
 
 def training_states(backend, make_recorder, name, precision, scaled, clip, drop, steps=6,

@@ -60,6 +60,12 @@ def operand(shape, strides):
     """
     R, C = shape[-2:]
     row_stride, column_stride = strides[-2:]
+    # an axis of length 1 is never stepped along, so its stride is anything (NumPy and CuPy
+    # give a new axis, x[:, :, None], stride 0): read it as the contiguous one
+    if C == 1:
+        column_stride = 1
+    if R == 1:
+        row_stride = max(1, C) if column_stride == 1 else 1
     if column_stride == 1 and row_stride >= max(1, C):
         op, ld = OP_N, row_stride
     elif row_stride == 1 and column_stride >= max(1, R):
@@ -104,6 +110,12 @@ def plan(a_shape, a_strides, b_shape, b_strides):
     return Plan(m=N, n=M, k=K, first=first, second=second, ldc=N, stride_c=M * N, batch=batch)
 
 
+def takes(a, b):
+    """Can one cuBLAS call compute a @ b: operands of one dtype, stacks with the same batch
+    shape (2-D included; no broadcasting)? gaps.matmul sends such products here."""
+    return a.dtype == b.dtype and a.ndim == b.ndim >= 2 and a.shape[:-2] == b.shape[:-2]
+
+
 def _strides_in_elements(x):
     return tuple(s // x.itemsize for s in x.strides)
 
@@ -115,7 +127,7 @@ def matmul(a, b, out_dtype):
     records, every product comes here (scripts/gpu_gemm.py times float32 against CuPy's)."""
     import cupy
     cublas = _cublas()
-    if a.ndim != b.ndim or a.ndim < 2 or a.shape[:-2] != b.shape[:-2] or a.dtype != b.dtype:
+    if not takes(a, b):
         raise ValueError(f"cupy_gemm.matmul: {a.shape} {a.dtype} @ {b.shape} {b.dtype}: "
                          "needs two stacks of one dtype with the same batch shape")
     M, N = a.shape[-2], b.shape[-1]
@@ -131,6 +143,9 @@ def matmul(a, b, out_dtype):
     if operand(b.shape, _strides_in_elements(b)) is None:
         b = cupy.ascontiguousarray(b)
     the_plan = plan(a.shape, _strides_in_elements(a), b.shape, _strides_in_elements(b))
+    if the_plan is None:  # cannot be: a contiguous stack is always readable in place
+        raise AssertionError(f"cupy_gemm.plan: no cuBLAS layout for {a.shape} {a.strides} @ "
+                             f"{b.shape} {b.strides}")
     # alpha and beta: host scalars of the compute type (read when the call is made, and baked
     # into a graph's recording: 1 and 0 do not change)
     compute, scalar = (COMPUTE_64F, np.float64) if a.dtype.name == "float64" else \

@@ -15,7 +15,7 @@ import threading
 import numpy as np
 import scipy.special
 
-from . import capture
+from . import capture, cupy_gemm
 from .backend import array_namespace, backend_name, device_of, to_device, to_numpy
 from .device_cache import DeviceCache
 
@@ -116,10 +116,8 @@ def matmul(a, b, out_dtype=None):
     xp = array_namespace(a)
     out_dtype = a.dtype if out_dtype is None else out_dtype
     half = is_half(a.dtype)
-    if ((half or capture.active()) and backend_name(xp) == "cupy" and a.dtype == b.dtype
-            and a.ndim == b.ndim >= 2 and a.shape[:-2] == b.shape[:-2]):
+    if (half or capture.active()) and backend_name(xp) == "cupy" and cupy_gemm.takes(a, b):
         # (while a CUDA graph records, every product: CuPy's matmul may not call cuBLAS then)
-        from . import cupy_gemm
         product = cupy_gemm.matmul(a, b, out_dtype)
     elif not half:
         product = xp.matmul(a, b)

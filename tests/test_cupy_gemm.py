@@ -97,6 +97,12 @@ def _stacks(case, rng):
         a = wide[..., :K]
     elif case == "length-1 axes":
         (a, am), (b, bm) = contiguous((1, h, 1, K)), transposed((1, h, K, 1))
+    elif case == "new axes":  # the performer's qp @ kp_sum[:, :, None]: a stride-0 axis
+        (a, am), (v, bm) = contiguous((B, M, K)), contiguous((B, K))
+        b = v[:, :, None]
+    elif case == "new axes, a":  # a row vector the same way, x[:, None, :]
+        (v, am), (b, bm) = contiguous((B, K)), contiguous((B, K, N))
+        a = v[:, None, :]
     elif case == "permuted batch":  # (B, N, h, d) -> (B, h, N, d): no single batch stride
         x, am = contiguous((B, M, h, K))
         a = np.transpose(x, (0, 2, 1, 3))
@@ -111,7 +117,7 @@ def _stacks(case, rng):
 
 
 CASES = ("2-D", "q @ k^T", "q^T @ dscores", "square, transposed", "both transposed", "batch slice", "padded rows",
-         "length-1 axes", "permuted batch", "permuted batch, b")
+         "length-1 axes", "new axes", "new axes, a", "permuted batch", "permuted batch, b")
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -257,9 +263,13 @@ def test_matmul_calls_cublas_so_that_it_computes_a_at_b(stand_in_gpu, case, dtyp
     for out_dtype in ((dtype,) * 2 if dtype == np.float64 else (dtype, np.dtype(np.float32))):
         got = cupy_gemm.matmul(a_dev, b_dev, out_dtype)
         assert got.dtype == out_dtype and got.shape == exact.shape
-        np.testing.assert_array_equal(np.asarray(got).view(np.uint8),
-                                      exact.astype(out_dtype).view(np.uint8),
-                                      err_msg=f"{case} {dtype} -> {out_dtype}")
+        if out_dtype == np.float64:  # float64 sums: equal up to their order's last bit
+            np.testing.assert_allclose(got, exact, rtol=1e-14, atol=1e-15,
+                                       err_msg=f"{case} {dtype} -> {out_dtype}")
+        else:  # rounded to a narrower type, the order of float64 sums does not show
+            np.testing.assert_array_equal(np.asarray(got).view(np.uint8),
+                                          exact.astype(out_dtype).view(np.uint8),
+                                          err_msg=f"{case} {dtype} -> {out_dtype}")
     assert len(stand_in_gpu) == 2, "one cuBLAS call per product"
     one_matrix = [isinstance(call, tuple) and call[0] == "gemmEx" for call in stand_in_gpu]
     assert one_matrix == [a.ndim == 2] * 2, "gemmEx for one matrix, strided-batched for stacks"
@@ -413,6 +423,7 @@ def test_the_libcublas_cupy_loaded_is_the_one_called(tmp_path, monkeypatch):
                     + line.format(cupys) + line.format(cupys))  # (mapped in several pieces)
     cuda = types.ModuleType("cuda")  # no pathfinder: the maps
     monkeypatch.setitem(sys.modules, "cuda", cuda)
+    monkeypatch.setitem(sys.modules, "cuda.pathfinder", None)  # (the real one, if imported)
     assert cupy_gemm.loaded_library("libcublas", maps) == cupys
     with pytest.raises(RuntimeError, match="libcurand is not loaded"):
         cupy_gemm.loaded_library("libcurand", maps)

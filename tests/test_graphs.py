@@ -392,3 +392,56 @@ def test_graphs_by_default_only_where_they_can_run(tmp_path, monkeypatch):
         assert run.recorded is None and config["cuda_graphs"] in (None, False)
     with pytest.raises(train.UsageError, match="use it with --backend cupy"):
         train.resolve_config(train.build_parser().parse_args(args + ["--cuda-graphs"]))
+
+
+# ---- every product of a recorded step can go to cuBLAS directly --------------------------------
+
+RECORDED_VARIANTS = ("t2t_vit_7", "t2t_vit_t_14", "t2t_vit_14_resnext", "t2t_vit_14_wide",
+                     "t2t_vit_dense", "t2t_vit_14_se", "t2t_vit_16_ghost", "vit_7_patch16")
+
+
+@pytest.mark.parametrize("name, precision", [(n, "float32") for n in RECORDED_VARIANTS]
+                         + [("t2t_vit_7", "bf16"), ("t2t_vit_t_14", "fp16")])
+def test_every_product_of_a_recorded_step_is_one_cublas_call(name, precision, monkeypatch):
+    """While a CUDA graph records, CuPy's matmul may not call cuBLAS, so every product of the
+    recorded forward and backward must be one cupy_gemm could make: gaps.matmul routes it
+    there (cupy_gemm.takes) and, once the operand cuBLAS cannot read in place is copied
+    contiguous as cupy_gemm.matmul copies it, plan() has its arguments. The first GPU run of
+    --cuda-graphs failed at the performer's qp @ kp_sum[:, :, None], whose new axis has
+    stride 0 (plan() then refused the contiguous copy too). NumPy stands in for CuPy here."""
+    from t2t_ref import capture, cupy_gemm, gaps
+
+    def elements(x):
+        return tuple(s // x.itemsize for s in x.strides)
+
+    refused, products = [], []
+    real = gaps.matmul
+
+    def checked(a, b, out_dtype=None):
+        products.append(1)
+        if not cupy_gemm.takes(a, b):
+            refused.append(f"{a.shape} {a.dtype} @ {b.shape} {b.dtype}: not one cuBLAS call")
+        else:
+            a_in = a if cupy_gemm.operand(a.shape, elements(a)) else np.ascontiguousarray(a)
+            b_in = b if cupy_gemm.operand(b.shape, elements(b)) else np.ascontiguousarray(b)
+            if cupy_gemm.plan(a_in.shape, elements(a_in), b_in.shape, elements(b_in)) is None:
+                refused.append(f"{a.shape} strides {a.strides} @ {b.shape} strides "
+                               f"{b.strides}: no plan")
+        return real(a, b, out_dtype)
+
+    for module in list(sys.modules.values()):  # every `from ..gaps import matmul` too
+        if (getattr(module, "__name__", "").startswith("t2t_ref")
+                and getattr(module, "matmul", None) is real):
+            monkeypatch.setattr(module, "matmul", checked)
+    model = DataParallel(t2t_ref.create_model(name, num_classes=5, img_size=32, seed=0,
+                                              drop_rate=0.1, drop_path_rate=0.1,
+                                              precision=precision)).train()
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2, 3, 32, 32)).astype(np.float32)
+    y = rng.integers(0, 5, 2)
+    model.rng = make_rng(np, step_seed(0, 0))
+    with capture.recording():
+        train.forward_backward(model, x, y, 0.1)
+    assert products, "no product went through gaps.matmul"
+    assert not refused, f"{name} {precision}: {len(refused)} of {len(products)} products " \
+                        f"could not be recorded:\n" + "\n".join(refused[:10])
