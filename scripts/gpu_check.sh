@@ -31,7 +31,6 @@ esac
 # TESTS_K (pytest -k, default "cupy") and BENCH_CONFIGS narrow the tests and bench stages
 PY=${PY:-python3}
 export PYTHONUNBUFFERED=1
-export T2T_REF_ALLOW_GPU_BF16=1  # bf16 on CuPy is off by default (precision.py): the checks run it
 START=$(date +%s)
 SUMMARY="$OUT/summary.txt"
 : > "$SUMMARY"

@@ -27,6 +27,7 @@ Under mpirun each rank scores its piece of every batch and the sums are added ov
 the numbers are one process's (the loss up to float rounding); rank 0 prints them.
 """
 
+import argparse
 import json
 import math
 import os
@@ -315,9 +316,10 @@ def build_parser():
     parser.add_argument("--backend", default="numpy", choices=["numpy", "cupy"])
     parser.add_argument("--precision", default="float32", choices=list(PRECISIONS),
                         help="bf16 or fp16: inference in half precision (t2t_ref/precision.py)")
-    parser.add_argument("--cuda-graphs", action="store_true",
+    parser.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
                         help="cupy: record the forward once as a CUDA graph and replay it for "
-                        "each batch (t2t_ref/graphs.py); one process only")
+                        "each full batch (t2t_ref/graphs.py); one process only (default: on "
+                        "with --backend cupy in one process)")
     parser.add_argument("--ema", action="store_true",
                         help="evaluate the checkpoint's EMA weights instead of the raw ones")
     parser.add_argument("--model", default=None, choices=list_models(), metavar="NAME",
@@ -350,6 +352,8 @@ def prepare(argv, world):
     """The command line -> a Job (a user error raised as it comes)."""
     args = build_parser().parse_args(argv)
     piece = (world.rank, world.size) if world.size > 1 else None
+    if args.cuda_graphs is None:  # the same logits as eager ones (the device script's check)
+        args.cuda_graphs = args.backend == "cupy" and world.size == 1
     if args.cuda_graphs and args.backend != "cupy":
         raise UsageError(NEEDS_CUPY)
     if args.cuda_graphs and world.size > 1:

@@ -61,34 +61,19 @@ def compute_dtype(xp, precision, master_dtype):
     return ml_dtypes.bfloat16
 
 
-# bf16 on CuPy is refused until a GPU confirms the fix of this fault: on the first GPU run (an
-# H200, CuPy 14.2, 2026-11-28) T2T-ViT-t-14's gradients under bf16 were 0.6 to 0.8 off
-# (relative), a different amount each run on the same inputs. Found since, on the CPU: CuPy 14's
-# where has no bfloat16 loop and returns float32, so the soft split's backward (a gather and a
-# where, on CuPy only) turned the gradient float32; the fused softmax backward then read the
-# bfloat16 attention map as float32, past its end into whatever the memory pool held. Fixed
-# (gaps.where keeps the dtype; the kernels refuse operands of another dtype) and tested with
-# where typed as CuPy types it (tests/test_precision.py); the device script's parity_half stage
-# sets this to check it.
-ALLOW_GPU_BF16 = "T2T_REF_ALLOW_GPU_BF16"
-
-
-def bf16_refused(backend):
-    """Is bf16 refused on this backend for now (CuPy, unless ALLOW_GPU_BF16 is set)? For
-    messages that would otherwise send a user to a precision that is off."""
-    import os
-    return backend == "cupy" and os.environ.get(ALLOW_GPU_BF16) != "1"
+# bf16 on CuPy once gave wrong gradients (the first GPU run, an H200 with CuPy 14.2: T2T-ViT-t-14's
+# were 0.6 to 0.8 off, by a different amount each run): CuPy 14's where has no bfloat16 loop and
+# returns float32, so the soft split's backward (a gather and a where, on CuPy only) turned the
+# gradient float32, and the fused softmax backward then read the bfloat16 attention map as
+# float32, past its end. gaps.where keeps the dtype and the kernels refuse operands of another
+# dtype (tests/test_precision.py types where as CuPy does); on the H200 since, bf16 matches
+# NumPy's float32 within the policy's tolerances, the same on two runs (scripts/gpu_parity.py).
 
 
 def _check_gpu_bfloat16(bfloat16):
     """bf16 on CuPy needs a GPU with bfloat16 arithmetic (compute capability 8.0 and up: cuBLAS
     has no bfloat16 products before, nor the GPU a bfloat16 conversion) and a CuPy that makes
-    bfloat16 arrays (CuPy 14 and up); and, for now, T2T_REF_ALLOW_GPU_BF16=1 (see above)."""
-    if bf16_refused("cupy"):
-        raise PrecisionError(
-            "precision bf16 on a GPU gave wrong gradients in its first test and is off until "
-            "a GPU confirms the fix: use --precision fp16 (checked on the GPU), or set "
-            f"{ALLOW_GPU_BF16}=1 to run it anyway")
+    bfloat16 arrays (CuPy 14 and up)."""
     import cupy
     capability = int(cupy.cuda.Device().compute_capability)  # "75" for 7.5
     if capability < 80:

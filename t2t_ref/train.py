@@ -75,7 +75,7 @@ from .guard import StepMonitor, grad_norm, quiet_float_warnings
 from .mixup import mix_batch
 from .loss_scale import DynamicLossScale
 from .model import PATCH, create_model
-from .precision import PRECISIONS, PrecisionError, bf16_refused
+from .precision import PRECISIONS, PrecisionError
 from .parallel import DataParallel, mpi
 from .parallel.mpi import WorldError
 from .ops.cross_entropy import cross_entropy
@@ -92,8 +92,9 @@ from .variants import list_models
 
 LOG_EVERY = 10  # steps between reads of the loss and the non-finite counters: one host sync
 # --cuda-graphs when neither it nor --no-cuda-graphs is given: on for --backend cupy in one
-# process once the device script's graphs stages have passed on a GPU; off until then
-CUDA_GRAPHS_BY_DEFAULT = False
+# process (replayed steps trained as eager ones on an H200, bit for bit: the device script's
+# graphs stage; the default run took 14.6 s instead of 73 s)
+CUDA_GRAPHS_BY_DEFAULT = True
 # Flags that may differ when resuming: where the run is, not what it computes.
 RESUME_MAY_CHANGE = ("data", "workers", "backend", "cuda_graphs", "out", "resume",
                      "stop_after", "max_nonfinite_steps")
@@ -972,11 +973,10 @@ def fit(run):
                              else {"loss_scale": run.scaler.scale})
         position.take_monitor(r)
         if run.scaler is not None and r["loss_scale"] < 1.0:
-            wider = "--precision float32" if bf16_refused(config["backend"]) else \
-                "--precision bf16 (float32's range) or float32"
             raise Diverged(
                 f"the fp16 loss scale fell to {r['loss_scale']:g} by step {position.step}: "
-                f"the gradients overflow float16 even unscaled; train with {wider}, or lower "
+                "the gradients overflow float16 even unscaled; train with --precision bf16 "
+                "(float32's range) or float32, or lower "
                 f"--lr ({run.kept()})", everywhere=True)
         if r["tripped"] >= 0:
             step = int(r["tripped"])

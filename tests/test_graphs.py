@@ -379,10 +379,15 @@ def test_a_replayed_step_leaves_few_calls_outside_the_graph():
 
 
 def test_graphs_by_default_only_where_they_can_run(tmp_path, monkeypatch):
-    """With CUDA graphs on by default (train.CUDA_GRAPHS_BY_DEFAULT), a run without the flag
-    records nothing on NumPy, and says nothing about it; --no-cuda-graphs is accepted there
-    too; only an explicit --cuda-graphs off CuPy is refused."""
-    monkeypatch.setattr(train, "CUDA_GRAPHS_BY_DEFAULT", True)
+    """CUDA graphs are on by default for CuPy runs (train.CUDA_GRAPHS_BY_DEFAULT; evaluate
+    likewise); a run without the flag records nothing on NumPy, and says nothing about it;
+    --no-cuda-graphs is accepted there too; only an explicit --cuda-graphs off CuPy is
+    refused."""
+    from t2t_ref import evaluate
+    assert train.CUDA_GRAPHS_BY_DEFAULT
+    for flags, chosen in (([], None), (["--cuda-graphs"], True), (["--no-cuda-graphs"], False)):
+        assert evaluate.build_parser().parse_args(["--checkpoint", "c"] + flags).cuda_graphs \
+            is chosen
     args = ["--synthetic-train", "64", "--synthetic-val", "32", "--batch-size", "32",
             "--workers", "0"]
     for flags in ([], ["--no-cuda-graphs"]):

@@ -267,8 +267,7 @@ def _fake_cupy_namespace(monkeypatch, capability, has_bfloat16):
     ("90", True, None)])
 def test_bf16_on_a_gpu_that_cannot_do_it_is_refused_in_one_line(monkeypatch, capability,
                                                                  has_bfloat16, says):
-    from t2t_ref.precision import ALLOW_GPU_BF16, compute_dtype
-    monkeypatch.setenv(ALLOW_GPU_BF16, "1")  # past the refusal below, to the GPU's checks
+    from t2t_ref.precision import compute_dtype
     xp = _fake_cupy_namespace(monkeypatch, capability, has_bfloat16)
     if says is None:
         assert compute_dtype(xp, "bf16", xp.float32).__name__ == "bfloat16"
@@ -277,31 +276,6 @@ def test_bf16_on_a_gpu_that_cannot_do_it_is_refused_in_one_line(monkeypatch, cap
     with pytest.raises(PrecisionError) as err:
         compute_dtype(xp, "bf16", xp.float32)
     assert says in str(err.value) and "\n" not in str(err.value)
-
-
-def test_bf16_on_a_gpu_is_off_until_a_gpu_confirms_the_fix(monkeypatch):
-    """The first GPU run's bf16 T2T-ViT-t-14 gradients were wrong (precision.py: fixed on the
-    CPU since): on CuPy bf16 is refused in one line that names fp16 and the variable that runs
-    it anyway, until a GPU run confirms the fix."""
-    from t2t_ref.precision import ALLOW_GPU_BF16, compute_dtype
-    monkeypatch.delenv(ALLOW_GPU_BF16, raising=False)
-    xp = _fake_cupy_namespace(monkeypatch, "90", True)
-    with pytest.raises(PrecisionError) as err:
-        compute_dtype(xp, "bf16", xp.float32)
-    message = str(err.value)
-    assert "--precision fp16" in message and ALLOW_GPU_BF16 in message and "\n" not in message
-    assert compute_dtype(xp, "fp16", xp.float32) is np.float16
-    assert compute_dtype(np, "bf16", np.float32).__name__ == "bfloat16"  # NumPy: unaffected
-
-
-def test_messages_name_bf16_only_where_it_is_not_refused(monkeypatch):
-    """What the fp16 scale-collapse message offers as the way out follows the refusal: bf16
-    on NumPy, not on CuPy unless the variable is set."""
-    from t2t_ref.precision import ALLOW_GPU_BF16, bf16_refused
-    monkeypatch.delenv(ALLOW_GPU_BF16, raising=False)
-    assert bf16_refused("cupy") and not bf16_refused("numpy")
-    monkeypatch.setenv(ALLOW_GPU_BF16, "1")
-    assert not bf16_refused("cupy")
 
 
 # ---- training under each policy ---------------------------------------------------------------
