@@ -1118,10 +1118,11 @@ def main(argv=None):
     parser.add_argument("--precision", default="float32", choices=list(PRECISIONS),
                         help="bf16 or fp16: t2t_ref's precision policy (precision.py) against "
                         "PyTorch under torch.autocast (fp16: both with a loss scale)")
-    parser.add_argument("--cuda-graphs", action="store_true",
+    parser.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
                         help="cupy: t2t_ref's steps replay a CUDA graph of the forward and "
-                        "backward (train --cuda-graphs; inference: of the forward); "
-                        "PyTorch stays eager")
+                        "backward (as train runs them; inference: of the forward); PyTorch "
+                        "stays eager (default: on with --backend cupy, as in train; "
+                        "--no-cuda-graphs times eager steps)")
     parser.add_argument("--threads", type=int, default=os.cpu_count(),
                         help="threads for both sides (NumPy's BLAS and PyTorch)")
     parser.add_argument("--repeats", type=int, default=MIN_REPEATS,
@@ -1166,6 +1167,8 @@ def main(argv=None):
         return user_error(f"--warmup {args.warmup}: at least {MIN_WARMUP} warm-up steps")
     if args.threads < 1 or args.workers < 0 or (args.pause or 0.0) < 0.0:
         return user_error("--threads must be >= 1, --workers and --pause >= 0")
+    if args.cuda_graphs is None:  # what train runs
+        args.cuda_graphs = args.backend == "cupy"
     if args.cuda_graphs and args.backend != "cupy":
         return user_error(NEEDS_CUPY)
     if args.pause is None:
