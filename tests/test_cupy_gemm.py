@@ -116,8 +116,9 @@ def _stacks(case, rng):
     return a, b, am, bm
 
 
-CASES = ("2-D", "q @ k^T", "q^T @ dscores", "square, transposed", "both transposed", "batch slice", "padded rows",
-         "length-1 axes", "new axes", "new axes, a", "permuted batch", "permuted batch, b")
+CASES = ("2-D", "q @ k^T", "q^T @ dscores", "square, transposed", "both transposed",
+         "batch slice", "padded rows", "length-1 axes", "new axes", "new axes, a",
+         "permuted batch", "permuted batch, b")
 
 
 @pytest.mark.parametrize("case", CASES)
