@@ -64,6 +64,7 @@ from .data import (SHAPE_CLASSES, ArrayDataset, DataError, FileDataset, Loader,
                    default_workers, find_splits, make_shapes_splits, model_input)
 from .data.erasing import MODES
 from .data.randaugment import rand_augment
+from .data.upload import GpuWait
 from .data.transforms import RESAMPLE, TRAIN_INTERPOLATIONS
 from .data.folder import short_list
 from .data.workers import workers_that_fit
@@ -491,8 +492,9 @@ class Position:
 @dataclass
 class Timings:
     """Where this process's wall-clock seconds went, for the run's last line. On a GPU the
-    training loop also waits for the device (at each log interval's one read); `data` is the
-    host's wait for the loader (and, on CuPy, the upload's queueing) alone."""
+    training loop also waits for the device (at each log interval's one read, and when the
+    upload's pinned buffers are all still being copied from); `data` is the host's wait for
+    the loader (and, on CuPy, the upload's queueing) alone."""
 
     started: float = dataclasses.field(default_factory=time.perf_counter)
     training: float = 0.0    # the epochs' step loops, the data wait included
@@ -510,17 +512,21 @@ class Timings:
                 f"validating, {self.saving:.1f} s writing checkpoints and plots")
 
 
-def waited(batches, position, timings):
+def waited(batches, position, timings, gpu_wait=None):
     """The loader's batches, the time spent waiting for each added to the epoch's (position)
-    and the run's (timings) data seconds."""
+    and the run's (timings) data seconds; less, on CuPy, the upload's wait for the GPU
+    (gpu_wait, a data.upload.GpuWait): the host running ahead of the GPU is not data late."""
     batches = iter(batches)
     while True:
         asked = time.perf_counter()
+        on_gpu = 0.0 if gpu_wait is None else gpu_wait.seconds
         try:
             batch = next(batches)
         except StopIteration:
             return
         waited_for = time.perf_counter() - asked
+        if gpu_wait is not None:
+            waited_for = max(0.0, waited_for - (gpu_wait.seconds - on_gpu))
         position.epoch_data_seconds += waited_for
         timings.data += waited_for
         yield batch
@@ -857,13 +863,14 @@ def batch_inputs(run, batch, partners):
     return x, t
 
 
-def on_device(batches, backend):
+def on_device(batches, backend, gpu_wait=None):
     """A loader's batches as the step takes them: on CuPy uploaded from pinned memory one
-    batch ahead (data/upload.py); on the CPU as they are."""
+    batch ahead (data/upload.py; its waits for the GPU added to gpu_wait); on the CPU as they
+    are."""
     if backend != "cupy":
         return batches
     from .data.upload import ahead
-    return ahead(batches)
+    return ahead(batches, gpu_wait=gpu_wait)
 
 
 def save_run_state(path, run):
@@ -1007,8 +1014,10 @@ def fit(run):
                                **progress_options(world.size > 1))
                     loop_began = time.perf_counter()  # this process's share of the epoch
                     started = loop_began - position.epoch_seconds  # a resumed epoch's too
+                    gpu_wait = GpuWait()
                     batches = waited(on_device(run.loader.epoch_batches(epoch, position.batch),
-                                               config["backend"]), position, run.timings)
+                                               config["backend"], gpu_wait),
+                                     position, run.timings, gpu_wait)
                     partners = on_device(run.partners.epoch_batches(epoch, position.batch),
                                          config["backend"]) \
                         if run.partners is not None else itertools.repeat(None)

@@ -21,13 +21,24 @@ stand-in for CuPy.
 """
 
 import collections
+import time
 
 import numpy as np
 
 
-def ahead(batches, depth=2):
+class GpuWait:
+    """Seconds the host spent in ahead() waiting for the GPU: for a pinned buffer's previous
+    copy, which had itself waited for the steps queued before it. Time the GPU bounds, not the
+    loader: the training loop does not count it as waiting for data."""
+
+    def __init__(self):
+        self.seconds = 0.0
+
+
+def ahead(batches, depth=2, gpu_wait=None):
     """Yield the loader's Batches with images as CuPy arrays on the current device, uploaded
-    one batch ahead of the consumer (depth - 1 batches in flight)."""
+    one batch ahead of the consumer (depth - 1 batches in flight). gpu_wait: a GpuWait that
+    the time spent waiting for the GPU is added to."""
     import cupy
     import cupyx
 
@@ -43,7 +54,10 @@ def ahead(batches, depth=2):
             continue
         i = k % depth
         if copied[i] is not None:
+            began = time.perf_counter()
             copied[i].synchronize()     # the buffer's previous copy has left it
+            if gpu_wait is not None:
+                gpu_wait.seconds += time.perf_counter() - began
         if staging[i] is None or staging[i].size < images.size:
             staging[i] = cupyx.empty_pinned(images.size, dtype=np.uint8)
         host = staging[i][:images.size].reshape(images.shape)
