@@ -32,6 +32,7 @@ import t2t_ref
 from gpu_parity import rel_error  # scripts/ is on the path when a script runs from it
 from gpu_parity import run as run_with_grads
 from t2t_ref.backend import get_namespace, to_device, to_numpy
+from t2t_ref.instrument import is_op, wrapped
 
 
 def run(model, x, dlogits):
@@ -54,7 +55,7 @@ def _arrays(value):
 def recording(log):
     """Every t2t_ref.ops function named *_forward / *_backward appends (name, [arrays as
     float64 NumPy]) to log while the block runs (each module's reference to it is wrapped)."""
-    wrappers, patched, running = {}, [], set()
+    running = set()
 
     def wrap(function):
         name = f"{function.__module__.rsplit('.', 1)[-1]}.{function.__name__}"
@@ -73,18 +74,8 @@ def recording(log):
             return out
         return recorded
 
-    for module in [m for n, m in sys.modules.items() if n.startswith("t2t_ref")]:
-        for attr, obj in list(vars(module).items()):
-            if (callable(obj) and getattr(obj, "__module__", "").startswith("t2t_ref.ops")
-                    and getattr(obj, "__name__", "").endswith(("_forward", "_backward"))):
-                wrapper = wrappers.setdefault(id(obj), wrap(obj))
-                setattr(module, attr, wrapper)
-                patched.append((module, attr, obj))
-    try:
+    with wrapped(is_op, wrap):
         yield log
-    finally:
-        for module, attr, obj in patched:
-            setattr(module, attr, obj)
 
 
 def differing_ops(theirs, reference, tolerance, show, backend="the backend"):

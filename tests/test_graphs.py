@@ -407,7 +407,7 @@ RECORDED_VARIANTS = ("t2t_vit_7", "t2t_vit_t_14", "t2t_vit_14_resnext", "t2t_vit
 
 @pytest.mark.parametrize("name, precision", [(n, "float32") for n in RECORDED_VARIANTS]
                          + [("t2t_vit_7", "bf16"), ("t2t_vit_t_14", "fp16")])
-def test_every_product_of_a_recorded_step_is_one_cublas_call(name, precision, monkeypatch):
+def test_every_product_of_a_recorded_step_is_one_cublas_call(name, precision):
     """While a CUDA graph records, CuPy's matmul may not call cuBLAS, so every product of the
     recorded forward and backward must be one cupy_gemm could make: gaps.matmul routes it
     there (cupy_gemm.takes) and, once the operand cuBLAS cannot read in place is copied
@@ -415,6 +415,7 @@ def test_every_product_of_a_recorded_step_is_one_cublas_call(name, precision, mo
     --cuda-graphs failed at the performer's qp @ kp_sum[:, :, None], whose new axis has
     stride 0 (plan() then refused the contiguous copy too). NumPy stands in for CuPy here."""
     from t2t_ref import capture, cupy_gemm, gaps
+    from t2t_ref.instrument import wrapped
 
     def elements(x):
         return tuple(s // x.itemsize for s in x.strides)
@@ -434,10 +435,6 @@ def test_every_product_of_a_recorded_step_is_one_cublas_call(name, precision, mo
                                f"{b.strides}: no plan")
         return real(a, b, out_dtype)
 
-    for module in list(sys.modules.values()):  # every `from ..gaps import matmul` too
-        if (getattr(module, "__name__", "").startswith("t2t_ref")
-                and getattr(module, "matmul", None) is real):
-            monkeypatch.setattr(module, "matmul", checked)
     model = DataParallel(t2t_ref.create_model(name, num_classes=5, img_size=32, seed=0,
                                               drop_rate=0.1, drop_path_rate=0.1,
                                               precision=precision)).train()
@@ -445,7 +442,8 @@ def test_every_product_of_a_recorded_step_is_one_cublas_call(name, precision, mo
     x = rng.normal(size=(2, 3, 32, 32)).astype(np.float32)
     y = rng.integers(0, 5, 2)
     model.rng = make_rng(np, step_seed(0, 0))
-    with capture.recording():
+    # (every `from ..gaps import matmul` too)
+    with capture.recording(), wrapped(lambda f: f is real, lambda f: checked):
         train.forward_backward(model, x, y, 0.1)
     assert products, "no product went through gaps.matmul"
     assert not refused, f"{name} {precision}: {len(refused)} of {len(products)} products " \

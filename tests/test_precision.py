@@ -14,6 +14,7 @@ from t2t_ref.gaps import matmul, make_rng
 from t2t_ref.layers.token_performer import token_performer_forward
 from t2t_ref.parallel import DataParallel
 from t2t_ref.precision import PrecisionError
+from t2t_ref.instrument import is_op, wrapped
 from t2t_ref.torch_port import Token_performer
 
 from conftest import rel_error
@@ -115,7 +116,6 @@ def _gradients_checked_against_outputs(failures):
     dtype differs. (CuPy's fused kernels read a gradient and a cache as one dtype: a gradient
     that changed dtype reads garbage there, while NumPy's plain ops compute on.)"""
     noted, kept, running = {}, [], set()
-    originals = {}
 
     def wrap(function):
         name = function.__name__
@@ -139,17 +139,8 @@ def _gradients_checked_against_outputs(failures):
             return out
         return checked
 
-    for module in [m for n, m in sys.modules.items() if n.startswith("t2t_ref")]:
-        for attr, obj in list(vars(module).items()):
-            if (callable(obj) and getattr(obj, "__module__", "").startswith("t2t_ref.ops")
-                    and getattr(obj, "__name__", "").endswith(("_forward", "_backward"))):
-                originals[(module, attr)] = obj
-                setattr(module, attr, wrap(obj))
-    try:
+    with wrapped(is_op, wrap):
         yield
-    finally:
-        for (module, attr), obj in originals.items():
-            setattr(module, attr, obj)
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
