@@ -78,6 +78,7 @@ from .atomic import file_path_problem, write_atomic
 from .backend import keep_freed_memory, to_device, to_numpy
 from .cli import HelpFormatter, run as run_cli, user_error
 from .gaps import make_rng
+from . import graphs
 from .graphs import NEEDS_CUPY
 from .loss_scale import DynamicLossScale
 from .model import PATCH, create_model
@@ -1167,8 +1168,7 @@ def main(argv=None):
         return user_error(f"--warmup {args.warmup}: at least {MIN_WARMUP} warm-up steps")
     if args.threads < 1 or args.workers < 0 or (args.pause or 0.0) < 0.0:
         return user_error("--threads must be >= 1, --workers and --pause >= 0")
-    if args.cuda_graphs is None:  # what train runs
-        args.cuda_graphs = args.backend == "cupy"
+    args.cuda_graphs = graphs.wanted(args.cuda_graphs, args.backend)  # as train runs them
     if args.cuda_graphs and args.backend != "cupy":
         return user_error(NEEDS_CUPY)
     if args.pause is None:

@@ -46,6 +46,7 @@ from .data import (ArrayDataset, DataError, FileDataset, Loader, default_workers
 from .data.folder import scan_split, short_list
 from .data.transforms import RESAMPLE
 from .data.workers import workers_that_fit
+from . import graphs
 from .graphs import NEEDS_CUPY
 from .guard import quiet_float_warnings
 from .model import T2TViT, create_model
@@ -352,8 +353,7 @@ def prepare(argv, world):
     """The command line -> a Job (a user error raised as it comes)."""
     args = build_parser().parse_args(argv)
     piece = (world.rank, world.size) if world.size > 1 else None
-    if args.cuda_graphs is None:  # the same logits as eager ones (the device script's check)
-        args.cuda_graphs = args.backend == "cupy" and world.size == 1
+    args.cuda_graphs = graphs.wanted(args.cuda_graphs, args.backend, world.size)
     if args.cuda_graphs and args.backend != "cupy":
         raise UsageError(NEEDS_CUPY)
     if args.cuda_graphs and world.size > 1:

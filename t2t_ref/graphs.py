@@ -55,10 +55,23 @@ import numpy as np
 
 from . import capture, device_cache
 
-__all__ = ["CupyRecorder", "StepGraph", "NEEDS_CUPY"]
+__all__ = ["CupyRecorder", "StepGraph", "NEEDS_CUPY", "ON_BY_DEFAULT", "wanted"]
 
 # what train, evaluate and bench say to --cuda-graphs off CuPy
 NEEDS_CUPY = "--cuda-graphs records CUDA kernels: use it with --backend cupy"
+# --cuda-graphs when neither it nor --no-cuda-graphs is given: on for CuPy in one process
+# (replayed steps trained as eager ones on an H200, bit for bit: the device script's graphs
+# stage; the default training run took 14.6 s instead of 73 s)
+ON_BY_DEFAULT = True
+
+
+def wanted(flag, backend, processes=1):
+    """Do train, evaluate and bench replay CUDA graphs? The flag if given (True or False),
+    else the default: CuPy in one process (under MPI the ranks' sums would sit between the
+    recorded kernels)."""
+    if flag is not None:
+        return flag
+    return ON_BY_DEFAULT and backend == "cupy" and processes == 1
 
 
 class _Recording:

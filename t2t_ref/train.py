@@ -71,6 +71,7 @@ from .data.workers import workers_that_fit
 from .ema import WeightEMA
 from .evaluate import evaluate, json_line, top_k
 from .gaps import KeyedRandom, make_rng, seed_array
+from . import graphs
 from .graphs import NEEDS_CUPY, CupyRecorder, StepGraph
 from .guard import StepMonitor, grad_norm, quiet_float_warnings
 from .mixup import mix_batch
@@ -92,10 +93,6 @@ from .stop import exit_code as stop_exit_code
 from .variants import list_models
 
 LOG_EVERY = 10  # steps between reads of the loss and the non-finite counters: one host sync
-# --cuda-graphs when neither it nor --no-cuda-graphs is given: on for --backend cupy in one
-# process (replayed steps trained as eager ones on an H200, bit for bit: the device script's
-# graphs stage; the default run took 14.6 s instead of 73 s)
-CUDA_GRAPHS_BY_DEFAULT = True
 # Flags that may differ when resuming: where the run is, not what it computes.
 RESUME_MAY_CHANGE = ("data", "workers", "backend", "cuda_graphs", "out", "resume",
                      "stop_after", "max_nonfinite_steps")
@@ -258,7 +255,7 @@ def build_parser(defaults=True):
         help="cupy: record each step's forward and backward once as a CUDA graph and replay "
         "it (t2t_ref/graphs.py): one launch where there were thousands of array calls, for "
         "small images whose steps the launches bound; one process only (default: "
-        + ("on with --backend cupy in one process" if CUDA_GRAPHS_BY_DEFAULT else "off") + ")")
+        + ("on with --backend cupy in one process" if graphs.ON_BY_DEFAULT else "off") + ")")
     add("--dtype", default="float32", choices=["float32", "float64"],
         help="the weights' dtype (and the computation's, under --precision float32)")
     add("--precision", default="float32", choices=list(PRECISIONS),
@@ -780,11 +777,9 @@ def prepare(config, resume=None, world=None):
     if scaler is not None and resume is not None and "loss_scale" in resume[1]:
         scaler.load_state_dict(resume[1]["loss_scale"])
     # --cuda-graphs: the forward and backward recorded once, replayed each step (graphs.py)
-    graphs = config.get("cuda_graphs")
-    if graphs is None:
-        graphs = CUDA_GRAPHS_BY_DEFAULT and config["backend"] == "cupy" and world.size == 1
     recorded = RecordedForwardBackward(model, config["label_smoothing"], scaler,
-                                       CupyRecorder()) if graphs else None
+                                       CupyRecorder()) \
+        if graphs.wanted(config.get("cuda_graphs"), config["backend"], world.size) else None
     data = dataset_fingerprint(config, class_names, train_set, val_set)
     if resume is not None and resume[1].get("data", data) != data:  # (older checkpoints: none)
         run.say(f"note: the data is not what the checkpoint was trained on ({resume[1]['data']} "

@@ -379,12 +379,14 @@ def test_a_replayed_step_leaves_few_calls_outside_the_graph():
 
 
 def test_graphs_by_default_only_where_they_can_run(tmp_path, monkeypatch):
-    """CUDA graphs are on by default for CuPy runs (train.CUDA_GRAPHS_BY_DEFAULT; evaluate
-    likewise); a run without the flag records nothing on NumPy, and says nothing about it;
+    """CUDA graphs are on by default for CuPy runs in one process (graphs.wanted, for train,
+    evaluate and bench); a run without the flag records nothing on NumPy, and says nothing about it;
     --no-cuda-graphs is accepted there too; only an explicit --cuda-graphs off CuPy is
     refused."""
     from t2t_ref import evaluate
-    assert train.CUDA_GRAPHS_BY_DEFAULT
+    from t2t_ref.graphs import wanted
+    assert wanted(None, "cupy") and not wanted(None, "cupy", processes=2)
+    assert not wanted(None, "numpy") and wanted(False, "cupy") is False
     for flags, chosen in (([], None), (["--cuda-graphs"], True), (["--no-cuda-graphs"], False)):
         assert evaluate.build_parser().parse_args(["--checkpoint", "c"] + flags).cuda_graphs \
             is chosen
@@ -414,7 +416,7 @@ def test_every_product_of_a_recorded_step_is_one_cublas_call(name, precision):
     contiguous as cupy_gemm.matmul copies it, plan() has its arguments. The first GPU run of
     --cuda-graphs failed at the performer's qp @ kp_sum[:, :, None], whose new axis has
     stride 0 (plan() then refused the contiguous copy too). NumPy stands in for CuPy here."""
-    from t2t_ref import capture, cupy_gemm, gaps
+    from t2t_ref import cupy_gemm, gaps
     from t2t_ref.instrument import wrapped
 
     def elements(x):
@@ -442,8 +444,9 @@ def test_every_product_of_a_recorded_step_is_one_cublas_call(name, precision):
     x = rng.normal(size=(2, 3, 32, 32)).astype(np.float32)
     y = rng.integers(0, 5, 2)
     model.rng = make_rng(np, step_seed(0, 0))
-    # (every `from ..gaps import matmul` too)
-    with capture.recording(), wrapped(lambda f: f is real, lambda f: checked):
+    # (every `from ..gaps import matmul` too; the check is of layouts, so it needs no
+    # recording: capture.active() is thread-local, and DataParallel's pieces run in threads)
+    with wrapped(lambda f: f is real, lambda f: checked):
         train.forward_backward(model, x, y, 0.1)
     assert products, "no product went through gaps.matmul"
     assert not refused, f"{name} {precision}: {len(refused)} of {len(products)} products " \
